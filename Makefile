@@ -1,0 +1,66 @@
+# Secure Your Server: set-up and everyday commands.
+#   make run    serve the site on http://$(HOST):$(PORT)/
+#   make test   install everything the tests need and run them
+# `make help` lists every target.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+HOST        ?= 127.0.0.1
+PORT        ?= 8000
+PYTEST_ARGS ?=
+
+VENV_PYTHON := $(VENV)/bin/python
+VENV_PIP    := $(VENV)/bin/pip
+PIP_INSTALL := $(VENV_PIP) install --disable-pip-version-check
+# Stamps: (re)install only when pyproject.toml is newer than the last install.
+RUN_STAMP   := $(VENV)/.installed-run.stamp
+TEST_STAMP  := $(VENV)/.installed-test.stamp
+
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+.PHONY: help run test venv install install-test debian-packages clean distclean
+
+help: ## List the targets
+	@echo "Usage: make TARGET [HOST=$(HOST)] [PORT=$(PORT)] [PYTEST_ARGS='...'] [PYTHON=$(PYTHON)]"
+	@echo
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) \
+		| awk 'BEGIN {FS = ":.*## "} {printf "  %-16s %s\n", $$1, $$2}'
+
+run: install | var ## Serve the site on HOST:PORT (creates .venv and ./var if needed)
+	$(VENV)/bin/secure-your-server serve --host $(HOST) --port $(PORT)
+
+test: install-test | var ## Install test deps and Debian packages, then run pytest (PYTEST_ARGS='...')
+	bash scripts/install-debian-packages.sh
+	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
+
+venv: $(VENV_PYTHON) ## Create the virtualenv .venv
+
+install: $(RUN_STAMP) ## pip install -e . into .venv (when pyproject.toml changed)
+
+install-test: $(TEST_STAMP) ## pip install -e '.[test]' into .venv (when pyproject.toml changed)
+
+debian-packages: ## Install the Debian packages the tests need (as root; see scripts/debian-packages.txt)
+	bash scripts/install-debian-packages.sh
+
+clean: ## Remove caches and build leftovers (keeps .venv and ./var)
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+	rm -rf .pytest_cache build dist *.egg-info
+
+distclean: clean ## Also remove .venv (./var, the site's data, is kept)
+	rm -rf $(VENV)
+
+$(VENV_PYTHON):
+	$(PYTHON) -m venv $(VENV)
+
+$(RUN_STAMP): pyproject.toml | $(VENV_PYTHON)
+	$(PIP_INSTALL) -e .
+	touch $@
+
+# The test extra includes the project itself, so it also satisfies `install`.
+$(TEST_STAMP): pyproject.toml | $(VENV_PYTHON)
+	$(PIP_INSTALL) -e '.[test]'
+	touch $@ $(RUN_STAMP)
+
+var:
+	mkdir -p $@

@@ -1,0 +1,7 @@
+"""Secure Your Server: a self-service open-relay and open-proxy audit site."""
+
+__version__ = "0.1.0"
+
+# The version of the checks that produce a verdict; stored with every audit so that an old permalink can be
+# told apart from a result of today's logic. Bump it whenever a probe's behaviour or a verdict rule changes.
+ENGINE_VERSION = "2026.11.1"

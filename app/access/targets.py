@@ -1,0 +1,97 @@
+"""Targets and the public-address guard (first version; issue 5 hardens it).
+
+Only public unicast addresses are tested, unless SECURE_ALLOW_NETWORKS lists the address (tests, intranets).
+The site never plans a check against its own listeners.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Sequence
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+
+
+class ForbiddenTarget(Exception):
+    """The address may not be tested; the message says why, in plain words."""
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 form carries (mapped, compatible, 6to4, Teredo client, NAT64), if any."""
+    if address.ipv4_mapped:
+        return address.ipv4_mapped
+    if address.sixtofour:
+        return address.sixtofour
+    if address.teredo:
+        return address.teredo[1]
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    packed = int(address)
+    if packed >> 32 == 0 and packed > 1:  # deprecated IPv4-compatible ::a.b.c.d
+        return ipaddress.IPv4Address(packed)
+    return None
+
+
+def why_not_public(address: IPAddress) -> str | None:
+    """None for a public unicast address, else the plain reason it is not one."""
+    if address.is_loopback:
+        return "it is a loopback address (the computer itself)"
+    if address.is_multicast:
+        return "it is a multicast address"
+    if address.is_link_local:
+        return "it is a link-local address (valid only on one local network segment)"
+    if address.is_unspecified:
+        return "it is the unspecified address"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.is_site_local:
+            return "it is a site-local IPv6 address"
+        if address in _NAT64_LOCAL:
+            return "it is a local-use NAT64 address"
+        inner = embedded_ipv4(address)
+        if inner is not None:
+            reason = why_not_public(inner)
+            if reason:
+                return f"it embeds the IPv4 address {inner}, and {reason}"
+            return None
+    if address.is_private or not address.is_global:
+        return "it is a private or reserved address, not reachable from the Internet"
+    if address.is_reserved:
+        return "it is a reserved address"
+    return None
+
+
+def guard(address: IPAddress, allow_networks: Sequence[Network]) -> None:
+    """Raise ForbiddenTarget unless the address is public or in an allowed network."""
+    if any(address in network for network in allow_networks):
+        return
+    reason = why_not_public(address)
+    if reason:
+        raise ForbiddenTarget(
+            f"We only test servers on the public Internet. The address {address} cannot be tested because {reason}. "
+            "If you are behind a company network or a VPN, run the test from the server itself "
+            "or prove a domain you control.")
+
+
+@dataclass(frozen=True)
+class Listener:
+    host: str  # an address, or "0.0.0.0" / "::" for every address
+    port: int
+
+
+def is_own_listener(address: IPAddress, port: int, listeners: Sequence[Listener]) -> bool:
+    """Whether (address, port) reaches one of the site's own listeners (the app, the sink, the canaries)."""
+    for listener in listeners:
+        if listener.port != port:
+            continue
+        try:
+            bound = ipaddress.ip_address(listener.host)
+        except ValueError:
+            return True  # a name we did not resolve: stay on the safe side for this port
+        if bound == address or bound.is_unspecified and (address.is_loopback or address.is_private):
+            return True
+    return False

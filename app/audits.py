@@ -1,0 +1,207 @@
+"""The audit lifecycle: plan -> run checks concurrently -> persist each result -> stream events.
+
+Checks of one audit run concurrently, at most SECURE_MAX_CONNECTIONS_PER_HOST at once against one address
+(relay and proxy together), under a per-audit deadline. Each result is stored as soon as it lands and then
+published to whoever follows the audit's event stream. A check cut by the deadline still gets its own row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Sequence
+
+from app import ENGINE_VERSION
+from app.access.targets import Listener, is_own_listener
+from app.config import Settings
+from app.logs import get_logger
+from app.probes import PLANNERS, PlannedCheck, Planner, ProbeOptions
+from app.store import Audit, Store, new_id
+from app.verdicts import CheckResult, TranscriptLine, Verdict, summarize_audit
+
+log = get_logger("audits")
+
+
+@dataclass
+class Event:
+    kind: str  # "check" or "done"
+    seq: int
+    data: Any
+
+
+class EventHub:
+    """In-process fan-out of an audit's events to its followers."""
+
+    def __init__(self) -> None:
+        self._followers: dict[str, set[asyncio.Queue[Event]]] = {}
+
+    def subscribe(self, audit_id: str) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._followers.setdefault(audit_id, set()).add(queue)
+        return queue
+
+    def unsubscribe(self, audit_id: str, queue: asyncio.Queue[Event]) -> None:
+        followers = self._followers.get(audit_id)
+        if followers is not None:
+            followers.discard(queue)
+            if not followers:
+                del self._followers[audit_id]
+
+    def publish(self, audit_id: str, event: Event) -> None:
+        for queue in self._followers.get(audit_id, ()):
+            queue.put_nowait(event)
+
+
+def probe_options(settings: Settings) -> ProbeOptions:
+    return ProbeOptions(connect_timeout=settings.connect_timeout)
+
+
+class Auditor:
+    def __init__(self, settings: Settings, store: Store, listeners: Sequence[Listener] = (),
+                 planners: dict[str, Planner] | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.listeners = list(listeners)
+        self.planners = planners or PLANNERS
+        self.events = EventHub()
+        self._slots = asyncio.Semaphore(settings.max_running_audits)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def recover(self) -> int:
+        count = await self.store.interrupt_unfinished()
+        if count:
+            log.warning("audits.interrupted_at_start", extra={"count": count})
+        return count
+
+    def plan(self, hosts: Sequence[str], services: Sequence[str]) -> list[PlannedCheck]:
+        options = probe_options(self.settings)
+        ports = {"relay": self.settings.relay_ports, "proxy": self.settings.proxy_ports}
+        planned: list[PlannedCheck] = []
+        for host in hosts:
+            address = ipaddress.ip_address(host)
+            for service in services:
+                usable = [p for p in ports[service] if not is_own_listener(address, p, self.listeners)]
+                planned.extend(self.planners[service](host, usable, options))
+        return planned
+
+    async def start(self, *, target: str, requester: str, hosts: Sequence[str], services: Sequence[str],
+                    previous_id: str | None = None, verification_id: str | None = None) -> Audit:
+        planned = self.plan(hosts, services)
+        audit = Audit(id=new_id(), created_at=time.time(), status="queued", target=target, requester=requester,
+                      hosts=list(hosts), services=list(services), planned=len(planned),
+                      engine_version=ENGINE_VERSION, previous_id=previous_id, verification_id=verification_id)
+        await self.store.create_audit(audit)
+        log.info("audit.created", extra={"audit": audit.id, "target": target, "requester": requester,
+                                         "hosts": list(hosts), "services": list(services), "planned": len(planned),
+                                         "previous": previous_id})
+        task = asyncio.create_task(self._run(audit, planned), name=f"audit-{audit.id}")
+        self._tasks[audit.id] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(audit.id, None))
+        return audit
+
+    async def _run(self, audit: Audit, planned: list[PlannedCheck]) -> None:
+        try:
+            async with self._slots:
+                await self.store.mark_running(audit.id)
+                log.info("audit.running", extra={"audit": audit.id})
+                started = time.monotonic()
+                results = await self._run_checks(audit.id, planned)
+                summary = summarize_audit(((r.service, r.verdict, r.reason) for r in results), audit.services)
+                await self.store.finish_audit(audit.id, "done", summary)
+                log.info("audit.done", extra={"audit": audit.id, "summary": summary, "checks": len(results),
+                                              "seconds": round(time.monotonic() - started, 3)})
+                self.events.publish(audit.id, Event("done", -1, {"status": "done", "summary": summary}))
+        except asyncio.CancelledError:
+            # the site is shutting down: what ran is stored, the rest can never finish
+            await asyncio.shield(self.store.finish_audit(audit.id, "interrupted", None, "the site shut down"))
+            self.events.publish(audit.id, Event("done", -1, {"status": "interrupted", "summary": None}))
+            raise
+        except Exception as exc:  # a bug of ours: say so, never leave the audit hanging
+            log.exception("audit.failed", extra={"audit": audit.id})
+            await self.store.finish_audit(audit.id, "failed", None, f"internal error: {type(exc).__name__}")
+            self.events.publish(audit.id, Event("done", -1, {"status": "failed", "summary": None}))
+
+    async def _run_checks(self, audit_id: str, planned: list[PlannedCheck]) -> list[CheckResult]:
+        host_slots = {host: asyncio.Semaphore(self.settings.max_connections_per_host)
+                      for host in {c.host for c in planned}}
+        results: list[CheckResult] = []
+        seq = 0
+        record_lock = asyncio.Lock()
+
+        async def record(result: CheckResult) -> None:
+            nonlocal seq
+            async with record_lock:  # seq follows the order in which results are stored
+                seq += 1
+                await self.store.add_check(audit_id, seq, result)
+                results.append(result)
+                self.events.publish(audit_id, Event("check", seq, result))
+
+        async def run_one(check: PlannedCheck) -> None:
+            async with host_slots[check.host]:
+                try:
+                    result = await check.run()
+                except Exception as exc:
+                    log.exception("check.crashed", extra={"audit": audit_id, "check": check.name,
+                                                          "host": check.host, "port": check.port})
+                    result = _row(check, Verdict.ERROR, "internal_error", f"the check crashed: {type(exc).__name__}")
+            await record(result)
+
+        tasks = {asyncio.create_task(run_one(c)): c for c in planned}
+        if not tasks:
+            return results
+        _done, pending = await asyncio.wait(tasks, timeout=self.settings.audit_deadline)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+            log.warning("audit.deadline", extra={"audit": audit_id, "unfinished": len(pending)})
+            for task in pending:
+                check = tasks[task]
+                await record(_row(check, Verdict.INCONCLUSIVE, "audit_deadline",
+                                  f"not finished after {self.settings.audit_deadline:g} s"))
+        return results
+
+    async def follow(self, audit_id: str, keepalive: float = 15.0) -> AsyncIterator[Event | None]:
+        """Every event of an audit: the stored checks first, then the live ones, then `done`.
+
+        Yields None as a keep-alive when nothing happened for `keepalive` seconds.
+        """
+        queue = self.events.subscribe(audit_id)  # before reading the store, so nothing falls in between
+        try:
+            sent: set[int] = set()
+            while True:
+                audit = await self.store.get_audit(audit_id)
+                if audit is None:
+                    return
+                for stored in audit.checks:
+                    if stored.seq not in sent:
+                        sent.add(stored.seq)
+                        yield Event("check", stored.seq, stored.result)
+                if audit.finished:
+                    yield Event("done", -1, {"status": audit.status, "summary": audit.summary})
+                    return
+                try:
+                    while True:
+                        event = await asyncio.wait_for(queue.get(), keepalive)
+                        if event.kind == "done":
+                            break  # re-read the store: it holds every check and the final status
+                        if event.seq not in sent:
+                            sent.add(event.seq)
+                            yield event
+                except TimeoutError:
+                    yield None
+        finally:
+            self.events.unsubscribe(audit_id, queue)
+
+    async def shutdown(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _row(check: PlannedCheck, verdict: Verdict, reason: str, note: str) -> CheckResult:
+    return CheckResult(service=check.service, host=check.host, port=check.port, name=check.name, verdict=verdict,
+                       reason=reason, transcript=[TranscriptLine(0.0, "info", note)], detail=note)

@@ -1,0 +1,57 @@
+"""`secure-your-server serve | check-guides`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from app.access.targets import Listener
+
+
+def serve(host: str, port: int) -> None:
+    import uvicorn
+
+    from app.config import get_settings
+    from app.main import create_app
+
+    settings = get_settings()
+    app = create_app(settings, listeners=[Listener(host, port)])
+    # uvicorn's own proxy-header handling stays OFF: by default it believes X-Forwarded-For from 127.0.0.1,
+    # which would let anyone on the host aim `self` anywhere. access/requester.py alone decides.
+    uvicorn.run(app, host=host, port=port, proxy_headers=False, server_header=False, access_log=False,
+                log_level=settings.log_level.lower())
+
+
+def check_guides() -> int:
+    from pathlib import Path
+
+    from app.guides import GuideError, GuideLibrary
+
+    root = Path(__file__).resolve().parent.parent / "guides"
+    try:
+        library = GuideLibrary(root)
+    except GuideError as exc:
+        print(f"guide error: {exc}", file=sys.stderr)
+        return 1
+    for guide in library.all():
+        print(f"{guide.service:8} {guide.slug:32} {guide.title}")
+    print(f"{len(library.guides)} guides OK")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="secure-your-server")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the site (one uvicorn process)")
+    serve_cmd.add_argument("--host", default="127.0.0.1")
+    serve_cmd.add_argument("--port", type=int, default=8000)
+    commands.add_parser("check-guides", help="parse every guide and list it")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(args.host, args.port)
+        return 0
+    return check_guides()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

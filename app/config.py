@@ -1,0 +1,139 @@
+"""Settings from the environment (prefix SECURE_); every one is documented in the README with its default."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from functools import lru_cache
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_PROXY_PORTS = [23, 80, 443, 1080, 3128, 6588, 8000, 8080, 8118, 8123, 8888, 9050]
+
+
+def _split_list(value: Any) -> Any:
+    """Accept a JSON list or a comma-separated string, as the README promises."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` -> (host, port)."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"expected [v6]:port, got {value!r}")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(f"expected host:port or [v6]:port, got {value!r}")
+    port_number = int(port)
+    if not 0 <= port_number <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    return host, port_number
+
+
+PortList = Annotated[list[int], NoDecode]
+NetworkList = Annotated[list[str], NoDecode]
+StrList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SECURE_", extra="ignore")
+
+    database_url: str = "sqlite:///./var/secure-your-server.db"
+    public_url: str = "http://127.0.0.1:8000"
+    secret_key: str = ""  # empty: generated once and kept in the database
+
+    allow_networks: NetworkList = Field(default_factory=list)
+    trusted_proxies: NetworkList = Field(default_factory=list)
+
+    relay_ports: PortList = Field(default_factory=lambda: [25, 587, 465])
+    proxy_ports: PortList = Field(default_factory=lambda: list(DEFAULT_PROXY_PORTS))
+
+    probe_domain: str = "probe.invalid"
+    probe_helo: str = "probe.invalid"
+    sink_listen: str = ""
+    sink_wait: float = 20.0
+    canary_http_listen: str = ""
+    canary_smtp_listen: str = ""
+    canary_tls_listen: str = ""
+    canary_address: str = ""
+    dns_servers: StrList = Field(default_factory=list)
+
+    audit_deadline: float = 300.0
+    connect_timeout: float = 10.0
+    smtp_command_timeout: float = 30.0
+    smtp_port_deadline: float = 180.0
+    greylist_max_wait: float = 0.0
+    proxy_step_timeout: float = 10.0
+
+    max_connections_per_host: int = Field(default=3, ge=1, le=50)
+    audits_per_hour: int = Field(default=20, ge=1)
+    verifications_per_hour: int = Field(default=20, ge=1)
+    max_running_per_requester: int = Field(default=2, ge=1)
+    max_running_audits: int = Field(default=20, ge=1)
+    target_cooldown: float = Field(default=60.0, ge=0)
+
+    contact_email: str = "abuse@example.org"
+    verification_days: int = Field(default=30, ge=1)
+    retention_days: int = Field(default=90, ge=1)
+    limits_storage: str = "memory://"
+    partners_file: str = "data/partners.json"
+    log_level: str = "INFO"
+
+    @field_validator("allow_networks", "trusted_proxies", "dns_servers", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("relay_ports", "proxy_ports", mode="before")
+    @classmethod
+    def _ports(cls, value: Any) -> Any:
+        value = _split_list(value)
+        ports = [int(p) for p in value]
+        for port in ports:
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port out of range: {port}")
+        return list(dict.fromkeys(ports))
+
+    @field_validator("allow_networks", "trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return [str(ipaddress.ip_network(item, strict=False)) for item in value]
+
+    @field_validator("sink_listen", "canary_http_listen", "canary_smtp_listen", "canary_tls_listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value:
+            parse_listen(value)
+        return value
+
+    @property
+    def allowed_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n) for n in self.allow_networks]
+
+    @property
+    def trusted_proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n) for n in self.trusted_proxies]
+
+    @property
+    def sqlite_path(self) -> str:
+        prefix = "sqlite:///"
+        if not self.database_url.startswith(prefix):
+            raise ValueError("only sqlite:///PATH database URLs are supported")
+        return self.database_url[len(prefix):]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

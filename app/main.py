@@ -1,0 +1,93 @@
+"""create_app(settings) -> FastAPI: routers, middleware, error handlers, lifespan."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import __version__, logs
+from app.access.targets import Listener
+from app.audits import Auditor
+from app.config import Settings, get_settings
+from app.guides import GuideLibrary
+from app.store import Store
+from app.web import api, pages
+from app.web.common import AppState
+from app.web.docs import install_docs
+from app.web.security import SecurityHeadersMiddleware, security_headers
+
+ROOT = Path(__file__).resolve().parent.parent
+log = logs.get_logger("app")
+
+
+def create_app(settings: Settings | None = None, listeners: Sequence[Listener] = ()) -> FastAPI:
+    """Build the site. `listeners` are the site's own listening sockets, which are never tested."""
+    settings = settings or get_settings()
+    logs.configure(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = Store(settings.sqlite_path)
+        await store.open()
+        auditor = Auditor(settings, store, listeners)
+        await auditor.recover()
+        secret = settings.secret_key or await store.secret()
+        app.state.sys = AppState(settings=settings, store=store, auditor=auditor,
+                                 guides=GuideLibrary(ROOT / "guides"), secret=secret)
+        log.info("app.started", extra={"version": __version__, "database": settings.sqlite_path})
+        try:
+            yield
+        finally:
+            await auditor.shutdown()
+            await store.close()
+            log.info("app.stopped")
+
+    app = FastAPI(title="Secure Your Server", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
+                  description="Test whether your own server is an open mail relay or an open proxy.")
+    app.add_middleware(SecurityHeadersMiddleware, public_https=settings.public_url.startswith("https://"))
+    app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    install_docs(app, title="Secure Your Server API")
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz(request: Request) -> dict[str, object]:
+        store: Store = request.app.state.sys.store
+        return {"status": "ok", "version": __version__, "schema": await store.schema_version()}
+
+    def wants_json(request: Request) -> bool:
+        return request.url.path.startswith("/api/") or request.url.path == "/healthz"
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if wants_json(request) or not hasattr(request.app.state, "sys"):
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        return pages.error_page(request, exc.status_code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.exception("request.failed", extra={"path": request.url.path})
+        # this handler runs outside the middleware stack, so it adds the security headers itself
+        headers = security_headers(settings.public_url.startswith("https://"))
+        if wants_json(request) or not hasattr(request.app.state, "sys"):
+            return JSONResponse({"detail": "Internal error; it has been logged."}, status_code=500,
+                                headers=headers)
+        response = pages.error_page(request, 500, "Something went wrong on our side; it has been logged.")
+        response.headers.update(headers)
+        return response
+
+    return app

@@ -1,0 +1,275 @@
+"""Persistence: audits, checks and verifications in SQLite (WAL, schema version).
+
+All database work runs on one dedicated thread, so async code never blocks the event loop on disk I/O and the
+single connection is never shared between threads. Every write commits at once: a process killed at any moment
+loses nothing it has stored (WAL survives a process crash; only power loss may drop the last transaction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from app.verdicts import CheckResult, TranscriptLine
+
+SCHEMA_VERSION = 1
+UNFINISHED = ("queued", "running")
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audits (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    status TEXT NOT NULL,
+    target TEXT NOT NULL,
+    requester TEXT NOT NULL,
+    verification_id TEXT,
+    hosts TEXT NOT NULL,
+    services TEXT NOT NULL,
+    planned INTEGER NOT NULL DEFAULT 0,
+    previous_id TEXT REFERENCES audits(id),
+    engine_version TEXT NOT NULL,
+    summary TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS audits_target ON audits(target, created_at);
+CREATE INDEX IF NOT EXISTS audits_status ON audits(status);
+CREATE TABLE IF NOT EXISTS checks (
+    audit_id TEXT NOT NULL REFERENCES audits(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    finished_at REAL NOT NULL,
+    service TEXT NOT NULL,
+    host TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    verdict TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    confirmed INTEGER NOT NULL,
+    fingerprint TEXT,
+    transcript TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    PRIMARY KEY (audit_id, seq)
+);
+CREATE TABLE IF NOT EXISTS verifications (
+    id_hash TEXT PRIMARY KEY,
+    domain TEXT NOT NULL,
+    token TEXT NOT NULL,
+    requester TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    verified_at REAL,
+    method TEXT
+);
+"""
+
+
+def new_id() -> str:
+    """A random, URL-safe id of 128 bits (22 characters)."""
+    return secrets.token_urlsafe(16)
+
+
+@dataclass
+class StoredCheck:
+    seq: int
+    finished_at: float
+    result: CheckResult
+
+
+@dataclass
+class Audit:
+    id: str
+    created_at: float
+    status: str
+    target: str
+    requester: str
+    hosts: list[str]
+    services: list[str]
+    planned: int
+    engine_version: str
+    previous_id: str | None = None
+    verification_id: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    summary: dict[str, str | None] | None = None
+    error: str | None = None
+    checks: list[StoredCheck] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.status not in UNFINISHED
+
+
+def _audit_from_row(row: sqlite3.Row) -> Audit:
+    return Audit(
+        id=row["id"], created_at=row["created_at"], status=row["status"], target=row["target"],
+        requester=row["requester"], hosts=json.loads(row["hosts"]), services=json.loads(row["services"]),
+        planned=row["planned"], engine_version=row["engine_version"], previous_id=row["previous_id"],
+        verification_id=row["verification_id"], started_at=row["started_at"], finished_at=row["finished_at"],
+        summary=json.loads(row["summary"]) if row["summary"] else None, error=row["error"],
+    )
+
+
+def _check_from_row(row: sqlite3.Row) -> StoredCheck:
+    result = CheckResult(
+        service=row["service"], host=row["host"], port=row["port"], name=row["name"], verdict=row["verdict"],
+        reason=row["reason"], confirmed=bool(row["confirmed"]),
+        fingerprint=json.loads(row["fingerprint"]) if row["fingerprint"] else None,
+        transcript=[TranscriptLine(**line) for line in json.loads(row["transcript"])], detail=row["detail"],
+    )
+    return StoredCheck(seq=row["seq"], finished_at=row["finished_at"], result=result)
+
+
+class Store:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._conn: sqlite3.Connection | None = None
+
+    # --- plumbing -------------------------------------------------------------------------------------------
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is None:
+            raise RuntimeError("store is not open")
+        with self._conn:  # one transaction per call, committed before we return
+            return fn(self._conn)
+
+    def _open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=30)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        with conn:
+            conn.executescript(_SCHEMA)
+            row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row["value"]) > SCHEMA_VERSION:
+                raise RuntimeError(f"database schema {row['value']} is newer than this code ({SCHEMA_VERSION})")
+        self._conn = conn
+
+    async def open(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
+
+    async def close(self) -> None:
+        def _close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+        await asyncio.get_running_loop().run_in_executor(self._executor, _close)
+        self._executor.shutdown(wait=True)
+
+    # --- meta -----------------------------------------------------------------------------------------------
+    async def schema_version(self) -> int:
+        return await self._run(
+            lambda c: int(c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()["value"]))
+
+    async def secret(self) -> str:
+        """The server secret, made once and kept, for HMACs (CSRF tokens, canary tokens)."""
+        def _secret(c: sqlite3.Connection) -> str:
+            row = c.execute("SELECT value FROM meta WHERE key='secret'").fetchone()
+            if row:
+                return str(row["value"])
+            value = secrets.token_urlsafe(32)
+            c.execute("INSERT INTO meta(key, value) VALUES ('secret', ?)", (value,))
+            return value
+        return await self._run(_secret)
+
+    # --- audits ---------------------------------------------------------------------------------------------
+    async def create_audit(self, audit: Audit) -> None:
+        def _insert(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO audits(id, created_at, status, target, requester, verification_id, hosts, services,"
+                " planned, previous_id, engine_version) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (audit.id, audit.created_at, audit.status, audit.target, audit.requester, audit.verification_id,
+                 json.dumps(audit.hosts), json.dumps(audit.services), audit.planned, audit.previous_id,
+                 audit.engine_version))
+        await self._run(_insert)
+
+    async def mark_running(self, audit_id: str) -> None:
+        await self._run(lambda c: c.execute(
+            "UPDATE audits SET status='running', started_at=? WHERE id=? AND status='queued'", (time.time(), audit_id)))
+
+    async def finish_audit(self, audit_id: str, status: str, summary: dict[str, str | None] | None,
+                           error: str | None = None) -> None:
+        await self._run(lambda c: c.execute(
+            "UPDATE audits SET status=?, summary=?, error=?, finished_at=? WHERE id=?",
+            (status, json.dumps(summary) if summary is not None else None, error, time.time(), audit_id)))
+
+    async def add_check(self, audit_id: str, seq: int, result: CheckResult) -> float:
+        finished_at = time.time()
+        data = result.to_dict()
+        await self._run(lambda c: c.execute(
+            "INSERT INTO checks(audit_id, seq, finished_at, service, host, port, name, verdict, reason, confirmed,"
+            " fingerprint, transcript, detail) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (audit_id, seq, finished_at, result.service, result.host, result.port, result.name,
+             result.verdict.value, result.reason, int(result.confirmed),
+             json.dumps(data["fingerprint"]) if data["fingerprint"] is not None else None,
+             json.dumps(data["transcript"]), result.detail)))
+        return finished_at
+
+    async def get_audit(self, audit_id: str, with_checks: bool = True) -> Audit | None:
+        def _get(c: sqlite3.Connection) -> Audit | None:
+            row = c.execute("SELECT * FROM audits WHERE id=?", (audit_id,)).fetchone()
+            if row is None:
+                return None
+            audit = _audit_from_row(row)
+            if with_checks:
+                audit.checks = [_check_from_row(r) for r in c.execute(
+                    "SELECT * FROM checks WHERE audit_id=? ORDER BY seq", (audit_id,))]
+            return audit
+        return await self._run(_get)
+
+    async def retest_chain(self, audit_id: str, limit: int = 50) -> list[Audit]:
+        """The audit and its predecessors, newest first (bounded)."""
+        chain: list[Audit] = []
+        current: str | None = audit_id
+        while current and len(chain) < limit:
+            audit = await self.get_audit(current, with_checks=False)
+            if audit is None:
+                break
+            chain.append(audit)
+            current = audit.previous_id
+        return chain
+
+    async def interrupt_unfinished(self) -> int:
+        """Called at start-up: audits a previous process left queued or running can never finish now."""
+        def _interrupt(c: sqlite3.Connection) -> int:
+            cur = c.execute(
+                "UPDATE audits SET status='interrupted', finished_at=?, error='the site restarted during this audit'"
+                " WHERE status IN ('queued', 'running')", (time.time(),))
+            return cur.rowcount
+        return await self._run(_interrupt)
+
+    async def count_running(self, requester: str | None = None) -> int:
+        if requester is None:
+            return await self._run(lambda c: c.execute(
+                "SELECT COUNT(*) FROM audits WHERE status IN ('queued','running')").fetchone()[0])
+        return await self._run(lambda c: c.execute(
+            "SELECT COUNT(*) FROM audits WHERE status IN ('queued','running') AND requester=?",
+            (requester,)).fetchone()[0])
+
+    async def purge_older_than(self, cutoff: float) -> int:
+        def _purge(c: sqlite3.Connection) -> int:
+            # a re-test keeps a link to its predecessor; drop the link before the predecessor goes
+            c.execute("UPDATE audits SET previous_id=NULL WHERE previous_id IN"
+                      " (SELECT id FROM audits WHERE created_at < ? AND status NOT IN ('queued','running'))",
+                      (cutoff,))
+            return c.execute("DELETE FROM audits WHERE created_at < ? AND status NOT IN ('queued','running')",
+                             (cutoff,)).rowcount
+        return await self._run(_purge)

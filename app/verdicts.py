@@ -1,0 +1,164 @@
+"""The vocabulary of the whole house: verdicts, reason codes with their texts, check results, the summary rule.
+
+Pages, API, CLI and store all render from here; a reason code is never renamed, only added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any, Iterable
+
+
+class Verdict(StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"
+    AUTH_REQUIRED = "auth_required"
+    INCONCLUSIVE = "inconclusive"
+    UNREACHABLE = "unreachable"
+    ERROR = "error"
+
+
+SERVICES = ("relay", "proxy")
+
+
+@dataclass(frozen=True)
+class Reason:
+    code: str
+    services: tuple[str, ...]
+    explanation: str  # what happened, in plain words
+    next_step: str  # what the visitor can do about it
+
+
+_REASONS = [
+    # relay
+    Reason("delivered", ("relay",), "Your server accepted a message for a stranger's address and delivered it to us.",
+           "Your server is an open relay. Follow the guide for your mail server, then re-test."),
+    Reason("accepted_unconfirmed", ("relay",),
+           "Your server accepted a message for a stranger's address through the end of the message, but it has not "
+           "reached us (yet). Some servers accept and then silently discard such mail; most deliver it.",
+           "Treat this as an open relay: check your relay settings with the guide, then re-test."),
+    Reason("accepts_then_rejects", ("relay",),
+           "Your server accepted the recipient at first but refused the message itself.",
+           "Nothing was relayed. Rejecting earlier (at RCPT) is cleaner, but this is not an open relay."),
+    Reason("relay_denied", ("relay",), "Your server refused to relay mail for a stranger's address.",
+           "Nothing to do: this is what a closed relay does."),
+    Reason("greylisted", ("relay",), "Your server asked us to come back later (greylisting).",
+           "Re-test in a few minutes; greylisting lets the second attempt through."),
+    Reason("auth_required_for_relay", ("relay",), "Your server relays only for users who log in.",
+           "Nothing to do, as long as passwords are strong."),
+    Reason("starttls_required", ("relay",), "Your server insisted on encryption and we could not start it.",
+           "Check the server's TLS certificate and settings, then re-test."),
+    Reason("sender_rejected", ("relay",), "Your server refused our sender address, so this variant could not be tried.",
+           "Nothing to do for this variant; the other variants still test relaying."),
+    Reason("client_blocked", ("relay",), "Your server refused to talk to our test address at all.",
+           "If you block us on purpose, no verdict is possible: allow our address for one test, or test from "
+           "another address."),
+    # proxy
+    Reason("token_returned", ("proxy",),
+           "Your server fetched our secret test page for a stranger and passed its contents back.",
+           "Your server is an open proxy. Follow the guide for your proxy software, then re-test."),
+    Reason("auth_required", ("proxy",), "Your proxy asks for a user name and password.",
+           "Nothing to do, as long as passwords are strong."),
+    Reason("destination_denied", ("proxy",), "Your proxy refused to connect us to our test server.",
+           "Nothing to do: this is what a closed proxy does."),
+    Reason("answers_without_tunnel", ("proxy",),
+           "The port answered, but did not pass our secret test page through (for example an ordinary web server).",
+           "Nothing to do: this is not an open proxy."),
+    Reason("not_a_proxy", ("proxy",), "The port answered, but not as a proxy.", "Nothing to do."),
+    Reason("destination_unreachable", ("proxy",),
+           "Your proxy accepted the request but could not reach our test server.",
+           "A firewall may block it on the way out. Re-test; if it persists, check the proxy's access rules."),
+    # both
+    Reason("timeout", ("relay", "proxy"), "Your server stopped answering in the middle of the test.",
+           "It may be slow or tarpitting us. Re-test later; if it persists, check its logs for our address."),
+    Reason("refused", ("relay", "proxy"), "Nothing listens on this port (the connection was refused).",
+           "Nothing to do: a closed port can be neither a relay nor a proxy."),
+    Reason("filtered", ("relay", "proxy"), "The port did not answer at all (probably a firewall drops it).",
+           "Nothing to do if you block it on purpose. If the service should be reachable, check the firewall."),
+    Reason("forbidden_address", ("relay", "proxy"),
+           "This address is private or reserved, so we do not test it.",
+           "Test a public address of your server."),
+    Reason("internal_error", ("relay", "proxy"), "Our test failed for a reason on our side.",
+           "Re-test in a few minutes; if it persists, write to us."),
+    Reason("port_open", ("relay", "proxy"),
+           "The port accepts connections. This version of the site checks reachability only, so it cannot tell "
+           "yet whether the port is an open relay or proxy.",
+           "Keep the port closed if you do not need it; the full relay and proxy checks will tell more."),
+    Reason("audit_deadline", ("relay", "proxy"),
+           "The test ran out of time before this check finished.",
+           "Re-test; if it happens again, your server may be slowing us down on purpose."),
+]
+
+REASONS: dict[str, Reason] = {r.code: r for r in _REASONS}
+
+
+@dataclass
+class TranscriptLine:
+    t: float  # seconds since the check started
+    dir: str  # "out" (we sent), "in" (we received), "info" (what happened)
+    text: str
+
+
+@dataclass
+class CheckResult:
+    service: str
+    host: str
+    port: int
+    name: str  # stable id "service.check", e.g. relay.v12
+    verdict: Verdict
+    reason: str
+    confirmed: bool = False
+    fingerprint: dict[str, Any] | None = None
+    transcript: list[TranscriptLine] = field(default_factory=list)
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reason not in REASONS:
+            raise ValueError(f"unknown reason code {self.reason!r}")
+        self.verdict = Verdict(self.verdict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["verdict"] = self.verdict.value
+        return data
+
+
+def escape_bytes(data: bytes, limit: int = 2000) -> str:
+    """Render remote bytes as printable text: non-printable bytes become \\xNN; long input is cut and marked."""
+    cut = data[:limit]
+    out = []
+    for byte in cut:
+        ch = chr(byte)
+        if ch in "\r":
+            out.append("\\r")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t" or 0x20 <= byte < 0x7F:
+            out.append(ch)
+        else:
+            out.append(f"\\x{byte:02x}")
+    if len(data) > limit:
+        out.append(f"... [{len(data) - limit} more bytes]")
+    return "".join(out)
+
+
+def summarize(verdicts: Iterable[tuple[Verdict | str, str]]) -> Verdict:
+    """DESIGN.md's summary rule for one service, from its checks' (verdict, reason) pairs."""
+    pairs = [(Verdict(v), r) for v, r in verdicts]
+    if any(v is Verdict.OPEN for v, _ in pairs):
+        return Verdict.OPEN
+    if any(v in (Verdict.INCONCLUSIVE, Verdict.ERROR) and r != "sender_rejected" for v, r in pairs):
+        return Verdict.INCONCLUSIVE
+    if any(v in (Verdict.CLOSED, Verdict.AUTH_REQUIRED) for v, _ in pairs):
+        return Verdict.CLOSED
+    return Verdict.UNREACHABLE
+
+
+def summarize_audit(results: Iterable[tuple[str, Verdict | str, str]], services: Iterable[str]) -> dict[str, str | None]:
+    """Summary per service: None for a service that was not requested."""
+    requested = set(services)
+    by_service: dict[str, list[tuple[Verdict | str, str]]] = {s: [] for s in SERVICES}
+    for service, verdict, reason in results:
+        by_service.setdefault(service, []).append((verdict, reason))
+    return {s: (summarize(by_service[s]).value if s in requested else None) for s in SERVICES}

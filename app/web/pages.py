@@ -1,0 +1,166 @@
+"""HTML pages: home, start a test, the audit page, guides, privacy, errors. Forms carry a CSRF token."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from fastapi import APIRouter, Form, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
+
+from app import ENGINE_VERSION
+from app.verdicts import REASONS, SERVICES
+from app.web.common import load_audit, requester, self_hosts, start_audit, state
+from app.web.security import CSRF_COOKIE, csrf_token, csrf_valid, new_csrf_cookie
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+templates = Jinja2Templates(directory=ROOT / "templates")
+router = APIRouter(include_in_schema=False)
+
+
+def _utc(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp)) if timestamp else ""
+
+
+templates.env.filters["utc"] = _utc
+
+SERVICE_NAMES = {"relay": "Mail relay", "proxy": "Proxy"}
+SUMMARY_SENTENCES = {
+    ("relay", "open"): "Your server is an open relay: anyone on the Internet can send mail through it.",
+    ("relay", "closed"): "We found no open relay.",
+    ("relay", "inconclusive"): "We could not finish the mail relay test; see the details below for why.",
+    ("relay", "unreachable"): "No mail port answered, so your server cannot be an open relay from the Internet.",
+    ("proxy", "open"): "Your server is an open proxy: anyone on the Internet can route traffic through it.",
+    ("proxy", "closed"): "We found no open proxy.",
+    ("proxy", "inconclusive"): "We could not finish the proxy test; see the details below for why.",
+    ("proxy", "unreachable"): "No proxy port answered, so your server cannot be an open proxy from the Internet.",
+}
+
+
+def load_partners(partners_file: str) -> dict[str, Any]:
+    """The operation's partner agencies, from the data file the operator edits (read per request: it is small)."""
+    path = Path(partners_file)
+    if not path.is_absolute():
+        path = ROOT / path
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"partners": []}
+    return data if isinstance(data, dict) else {"partners": []}
+
+
+def render(request: Request, name: str, context: Mapping[str, Any] | None = None, status_code: int = 200,
+           headers: Mapping[str, str] | None = None) -> HTMLResponse:
+    app_state = state(request)
+    cookie = request.cookies.get(CSRF_COOKIE) or new_csrf_cookie()
+    full: dict[str, Any] = {
+        "settings": app_state.settings,
+        "csrf": csrf_token(app_state.secret, cookie),
+        "service_names": SERVICE_NAMES,
+        "reasons": REASONS,
+        "engine_version": ENGINE_VERSION,
+    }
+    full.update(context or {})
+    response = templates.TemplateResponse(request, name, full, status_code=status_code, headers=headers)
+    if request.cookies.get(CSRF_COOKIE) != cookie:
+        response.set_cookie(CSRF_COOKIE, cookie, httponly=True, samesite="strict",
+                            secure=app_state.settings.public_url.startswith("https://"), path="/")
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+def error_page(request: Request, status_code: int, message: str,
+               headers: Mapping[str, str] | None = None) -> HTMLResponse:
+    titles = {400: "Bad request", 403: "Not yours to test", 404: "Page not found", 405: "Not allowed",
+              409: "Not yet", 422: "Please check what you entered", 429: "Too many tests", 500: "Internal error"}
+    return render(request, "error.html", {"status": status_code, "title": titles.get(status_code, "Error"),
+                                          "message": message}, status_code=status_code, headers=headers)
+
+
+def _check_csrf(request: Request, token: str | None) -> None:
+    origin = request.headers.get("origin")
+    if origin and origin != "null":
+        expected = state(request).settings.public_url.rstrip("/")
+        own = f"{request.url.scheme}://{request.url.netloc}"
+        if origin not in (expected, own):
+            raise HTTPException(403, "This form was sent from another site. Open the page again and retry.")
+    if not csrf_valid(state(request).secret, request.cookies.get(CSRF_COOKIE), token):
+        raise HTTPException(403, "The form expired or cookies are blocked. Reload the page and try again.")
+
+
+@router.get("/", response_class=HTMLResponse)
+async def home(request: Request) -> HTMLResponse:
+    return render(request, "home.html", {"partners": load_partners(state(request).settings.partners_file)})
+
+
+@router.get("/start", response_class=HTMLResponse)
+async def start_page(request: Request) -> HTMLResponse:
+    return render(request, "start.html", {"address": requester(request), "error": None})
+
+
+@router.post("/start")
+async def start_submit(request: Request, csrf: str = Form(""), checks: list[str] = Form([])) -> Response:
+    _check_csrf(request, csrf)
+    services = [s for s in SERVICES if s in checks] or list(SERVICES)
+    try:
+        requester_addr, hosts = self_hosts(request)
+    except HTTPException as exc:
+        return render(request, "start.html", {"address": requester(request), "error": exc.detail},
+                      status_code=exc.status_code)
+    audit = await start_audit(request, target="self", requester_addr=requester_addr, hosts=hosts,
+                              services=services)
+    return RedirectResponse(f"/audits/{audit.id}", status_code=303)
+
+
+@router.get("/audits/{audit_id}", response_class=HTMLResponse)
+async def audit_page(request: Request, audit_id: str) -> HTMLResponse:
+    audit = await load_audit(request, audit_id)
+    app_state = state(request)
+    chain = await app_state.store.retest_chain(audit.id, limit=20)
+    rows = [{"check": c.result, "guides": app_state.guides.for_check(c.result)} for c in audit.checks]
+    sentences = {s: SUMMARY_SENTENCES.get((s, (audit.summary or {}).get(s) or ""), "")
+                 for s in audit.services}
+    elapsed = time.time() - (audit.started_at or audit.created_at)
+    return render(request, "audit.html", {
+        "audit": audit, "rows": rows, "sentences": sentences, "chain": chain[1:],
+        "elapsed": elapsed, "can_retest": audit.finished and audit.target == "self",
+    })
+
+
+@router.post("/audits/{audit_id}/retest")
+async def retest_submit(request: Request, audit_id: str, csrf: str = Form("")) -> Response:
+    _check_csrf(request, csrf)
+    previous = await load_audit(request, audit_id)
+    if not previous.finished:
+        raise HTTPException(409, "This audit is still running; re-test when it has finished.")
+    if previous.target != "self":
+        raise HTTPException(403, "Only the holder of the domain's verification can re-test it.")
+    requester_addr, hosts = self_hosts(request)
+    if requester_addr != previous.requester:
+        raise HTTPException(403, f"A re-test must come from the address that was tested ({previous.requester}).")
+    audit = await start_audit(request, target="self", requester_addr=requester_addr, hosts=hosts,
+                              services=previous.services, previous_id=previous.id)
+    return RedirectResponse(f"/audits/{audit.id}", status_code=303)
+
+
+@router.get("/guides", response_class=HTMLResponse)
+async def guides_index(request: Request) -> HTMLResponse:
+    return render(request, "guides.html", {"guides": state(request).guides.all()})
+
+
+@router.get("/guides/{slug}", response_class=HTMLResponse)
+async def guide_page(request: Request, slug: str) -> HTMLResponse:
+    library = state(request).guides
+    guide = library.get(slug)
+    if guide is None:
+        raise HTTPException(404, "No guide with this name.")
+    return render(request, "guide.html", {"guide": guide, "body": Markup(library.render(guide))})
+
+
+@router.get("/privacy", response_class=HTMLResponse)
+async def privacy(request: Request) -> HTMLResponse:
+    return render(request, "privacy.html")

@@ -1,0 +1,44 @@
+// Live progress of a running audit through the server-sent event stream. Without JS the page refreshes itself.
+(function () {
+  "use strict";
+  var root = document.getElementById("audit");
+  if (!root || !window.EventSource) { return; }
+  var id = root.getAttribute("data-audit-id");
+  var planned = parseInt(root.getAttribute("data-planned"), 10) || 0;
+  var rows = document.getElementById("check-rows");
+  var progress = document.getElementById("progress");
+  var bar = document.getElementById("progress-bar");
+  var status = document.getElementById("status");
+  var seen = {};
+  var count = rows ? rows.children.length : 0;
+
+  function cell(tr, text, cls) {
+    var td = document.createElement("td");
+    if (cls) { var span = document.createElement("span"); span.className = cls; span.textContent = text; td.appendChild(span); }
+    else { td.textContent = text; }
+    tr.appendChild(td);
+    return td;
+  }
+
+  var source = new EventSource("/api/v1/audits/" + encodeURIComponent(id) + "/events");
+  if (status) { status.textContent = "running"; }
+  source.addEventListener("check", function (ev) {
+    var check = JSON.parse(ev.data);
+    if (seen[check.seq]) { return; }
+    seen[check.seq] = true;
+    if (check.seq <= count) { return; }  // already rendered by the server
+    count += 1;
+    var tr = document.createElement("tr");
+    tr.className = "verdict-" + check.verdict;
+    cell(tr, check.host); cell(tr, String(check.port)); cell(tr, check.name);
+    cell(tr, check.verdict + " (" + check.reason + ")", "badge");
+    cell(tr, check.detail || "");
+    rows.appendChild(tr);
+    if (progress) { progress.textContent = count + " of " + planned; }
+    if (bar) { bar.value = count; }
+  });
+  source.addEventListener("done", function () {
+    source.close();
+    window.location.reload();  // the finished page renders the summary and the evidence
+  });
+})();

@@ -1,0 +1,76 @@
+"""Shared fixtures: settings on a temporary database, the app with its lifespan, loopback ports in every state.
+
+Tests only ever touch loopback. A test that needs a real server (chromium, postfix, ...) calls
+`support.require_binary`, which fails under CI=true and skips otherwise.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+
+import httpx
+import pytest
+from support import free_port, running_app
+
+from app.config import Settings
+
+
+@pytest.fixture
+def refused_port() -> int:
+    """A loopback port where nothing listens."""
+    return free_port()
+
+
+@pytest.fixture
+def open_port() -> Iterator[int]:
+    """A loopback port that accepts connections (and then closes them)."""
+    server = socket.create_server(("127.0.0.1", 0), backlog=64)
+    yield server.getsockname()[1]
+    server.close()
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A loopback port that drops new connection attempts, like a firewall that drops SYNs.
+
+    A listening socket whose accept queue is full (backlog 0, never accepted, filled by our own connections)
+    makes the kernel drop further SYNs, so connect() hangs until the client's timeout.
+    """
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(8):  # bounded: the queue fills after one or two
+        filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        filler.setblocking(False)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    yield port
+    for filler in fillers:
+        filler.close()
+    server.close()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, refused_port: int, open_port: int) -> Settings:
+    return Settings(
+        database_url=f"sqlite:///{tmp_path / 'test.db'}",
+        public_url="http://testserver",
+        allow_networks=["127.0.0.0/8"],
+        relay_ports=[refused_port],
+        proxy_ports=[open_port],
+        connect_timeout=2,
+        audit_deadline=20,
+    )
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with running_app(settings) as client:
+        yield client

@@ -1,0 +1,132 @@
+import asyncio
+
+import pytest
+
+from app.access.targets import Listener
+from app.audits import Auditor
+from app.probes import PlannedCheck, ProbeOptions
+from app.store import Store
+from app.verdicts import CheckResult, Verdict
+
+
+@pytest.fixture
+async def store(tmp_path):
+    store = Store(str(tmp_path / "db.sqlite"))
+    await store.open()
+    yield store
+    await store.close()
+
+
+def fake_planner(behaviour, tracker=None):
+    """A planner whose checks sleep, crash or answer as told, and record how many run at once per host."""
+    def plan(host, ports, options: ProbeOptions):
+        checks = []
+        for port in ports:
+            async def run(port=port):
+                if tracker is not None:
+                    tracker["now"] += 1
+                    tracker["max"] = max(tracker["max"], tracker["now"])
+                try:
+                    action = behaviour(port)
+                    if action == "crash":
+                        raise RuntimeError("boom")
+                    if isinstance(action, float):
+                        await asyncio.sleep(action)
+                    return CheckResult("proxy", host, port, "proxy.fake", Verdict.CLOSED, "destination_denied")
+                finally:
+                    if tracker is not None:
+                        tracker["now"] -= 1
+            checks.append(PlannedCheck("proxy", host, port, "proxy.fake", run))
+        return checks
+    return plan
+
+
+async def run_audit(auditor, services=("proxy",), hosts=("127.0.0.1",)):
+    audit = await auditor.start(target="self", requester="127.0.0.1", hosts=list(hosts), services=list(services))
+    task = auditor._tasks.get(audit.id)
+    if task:
+        await asyncio.wait_for(asyncio.shield(task), 30)
+    return await auditor.store.get_audit(audit.id)
+
+
+async def test_per_host_connection_limit_is_respected(settings, store):
+    settings.proxy_ports = list(range(20000, 20012))
+    settings.max_connections_per_host = 3
+    tracker = {"now": 0, "max": 0}
+    auditor = Auditor(settings, store, planners={"proxy": fake_planner(lambda p: 0.05, tracker)})
+    audit = await run_audit(auditor)
+    assert audit.status == "done" and len(audit.checks) == 12
+    assert tracker["max"] == 3  # concurrent, but never more than the limit
+
+
+async def test_deadline_gives_every_unfinished_check_its_own_row(settings, store):
+    settings.proxy_ports = [20001, 20002, 20003]
+    settings.audit_deadline = 0.3
+    auditor = Auditor(settings, store, planners={"proxy": fake_planner(lambda p: 0.0 if p == 20001 else 30.0)})
+    audit = await run_audit(auditor)
+    assert audit.status == "done"
+    by_port = {c.result.port: c.result for c in audit.checks}
+    assert by_port[20001].reason == "destination_denied"
+    assert by_port[20002].reason == by_port[20003].reason == "audit_deadline"
+    assert by_port[20002].verdict is Verdict.INCONCLUSIVE
+    assert audit.summary["proxy"] == "inconclusive"
+
+
+async def test_a_crashing_check_becomes_an_error_row_not_a_lost_one(settings, store):
+    settings.proxy_ports = [20001, 20002]
+    auditor = Auditor(settings, store, planners={"proxy": fake_planner(lambda p: "crash" if p == 20002 else 0.0)})
+    audit = await run_audit(auditor)
+    by_port = {c.result.port: c.result for c in audit.checks}
+    assert (by_port[20002].verdict, by_port[20002].reason) == (Verdict.ERROR, "internal_error")
+    assert audit.summary == {"relay": None, "proxy": "inconclusive"}
+
+
+async def test_own_listeners_are_never_planned(settings, store):
+    settings.proxy_ports = [8000, 8080]
+    settings.relay_ports = [25]
+    auditor = Auditor(settings, store, listeners=[Listener("127.0.0.1", 8000), Listener("0.0.0.0", 25)])
+    planned = auditor.plan(["127.0.0.1"], ["relay", "proxy"])
+    assert [(c.service, c.port) for c in planned] == [("proxy", 8080)]
+    # another address is not the site's own listener
+    planned = auditor.plan(["192.0.2.1"], ["proxy"])
+    assert [c.port for c in planned] == [8000, 8080]
+
+
+async def test_real_reachability_audit_end_to_end(settings, store, open_port, refused_port):
+    auditor = Auditor(settings, store)
+    audit = await run_audit(auditor, services=("relay", "proxy"))
+    rows = {(c.result.service, c.result.port): (c.result.verdict, c.result.reason) for c in audit.checks}
+    assert rows == {("relay", refused_port): (Verdict.UNREACHABLE, "refused"),
+                    ("proxy", open_port): (Verdict.INCONCLUSIVE, "port_open")}
+    assert audit.summary == {"relay": "unreachable", "proxy": "inconclusive"}
+    assert [c.seq for c in audit.checks] == [1, 2]
+
+
+async def test_follow_replays_stored_checks_then_live_ones_then_done(settings, store):
+    settings.proxy_ports = [20001, 20002, 20003]
+    gate = asyncio.Event()
+
+    def behaviour(port):
+        return 0.0 if port == 20001 else 0.2
+    auditor = Auditor(settings, store, planners={"proxy": fake_planner(behaviour)})
+    audit = await auditor.start(target="self", requester="127.0.0.1", hosts=["127.0.0.1"], services=["proxy"])
+    await asyncio.sleep(0.1)  # the first check has landed; the others are still running
+    events = []
+    async for event in auditor.follow(audit.id, keepalive=5):
+        events.append(event)
+        if event.kind == "done":
+            break
+    gate.set()
+    kinds = [e.kind for e in events]
+    assert kinds == ["check", "check", "check", "done"]
+    assert sorted(e.seq for e in events[:3]) == [1, 2, 3]
+    assert events[-1].data["status"] == "done"
+
+
+async def test_shutdown_marks_running_audits_interrupted(settings, store):
+    settings.proxy_ports = [20001]
+    auditor = Auditor(settings, store, planners={"proxy": fake_planner(lambda p: 30.0)})
+    audit = await auditor.start(target="self", requester="127.0.0.1", hosts=["127.0.0.1"], services=["proxy"])
+    await asyncio.sleep(0.1)
+    await auditor.shutdown()
+    assert (await store.get_audit(audit.id)).status == "interrupted"

@@ -1,0 +1,50 @@
+import pytest
+from pydantic import ValidationError
+
+from app.config import DEFAULT_PROXY_PORTS, Settings, parse_listen
+
+
+def test_defaults_match_the_design():
+    s = Settings(_env_file=None)
+    assert s.database_url == "sqlite:///./var/secure-your-server.db"
+    assert s.relay_ports == [25, 587, 465]
+    assert s.proxy_ports == DEFAULT_PROXY_PORTS == [23, 80, 443, 1080, 3128, 6588, 8000, 8080, 8118, 8123, 8888, 9050]
+    assert s.allow_networks == [] and s.trusted_proxies == []
+    assert s.max_connections_per_host == 3
+
+
+def test_lists_from_environment_comma_or_json(monkeypatch):
+    monkeypatch.setenv("SECURE_RELAY_PORTS", "25, 2525")
+    monkeypatch.setenv("SECURE_PROXY_PORTS", "[3128, 8080]")
+    monkeypatch.setenv("SECURE_ALLOW_NETWORKS", "127.0.0.0/8,::1")
+    monkeypatch.setenv("SECURE_TRUSTED_PROXIES", "")
+    s = Settings()
+    assert s.relay_ports == [25, 2525]
+    assert s.proxy_ports == [3128, 8080]
+    assert s.allow_networks == ["127.0.0.0/8", "::1/128"]
+    assert s.trusted_proxies == []
+
+
+@pytest.mark.parametrize("name,value", [
+    ("SECURE_RELAY_PORTS", "0"), ("SECURE_RELAY_PORTS", "70000"), ("SECURE_RELAY_PORTS", "smtp"),
+    ("SECURE_ALLOW_NETWORKS", "not-a-network"), ("SECURE_SINK_LISTEN", "127.0.0.1"),
+    ("SECURE_SINK_LISTEN", "::1:25"), ("SECURE_MAX_CONNECTIONS_PER_HOST", "0"),
+])
+def test_bad_settings_are_refused(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises((ValidationError, ValueError)):
+        Settings()
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("127.0.0.1:2525", ("127.0.0.1", 2525)), ("[::1]:25", ("::1", 25)), ("0.0.0.0:25", ("0.0.0.0", 25)),
+    ("localhost:80", ("localhost", 80)),
+])
+def test_parse_listen(text, expected):
+    assert parse_listen(text) == expected
+
+
+def test_only_sqlite_urls():
+    assert Settings(database_url="sqlite:////tmp/x.db").sqlite_path == "/tmp/x.db"
+    with pytest.raises(ValueError):
+        _ = Settings(database_url="postgresql://x/y").sqlite_path

@@ -1,0 +1,195 @@
+import asyncio
+import json
+
+import pytest
+from support import running_app, wait_done
+
+
+async def test_self_audit_runs_end_to_end(client, refused_port, open_port):
+    response = await client.post("/api/v1/audits/self")
+    assert response.status_code == 202
+    body = response.json()
+    assert body["status"] == "queued" and body["url"] == f"http://testserver/audits/{body['id']}"
+    data = await wait_done(client, body["id"])
+    assert data["status"] == "done" and data["target"] == "self" and data["hosts"] == ["127.0.0.1"]
+    assert data["summary"] == {"relay": "unreachable", "proxy": "inconclusive"}
+    rows = {(c["service"], c["port"]): c for c in data["checks"]}
+    assert rows[("relay", refused_port)]["reason"] == "refused"
+    assert rows[("proxy", open_port)]["verdict"] == "inconclusive"
+    assert rows[("proxy", open_port)]["reason"] == "port_open"
+    for check in data["checks"]:
+        assert set(check) >= {"service", "host", "port", "name", "verdict", "reason", "confirmed", "fingerprint",
+                              "transcript", "guides"}
+        assert check["host"] == "127.0.0.1" and check["confirmed"] is False
+        assert all(set(line) == {"t", "dir", "text"} for line in check["transcript"])
+
+
+async def test_generic_endpoint_and_check_choice(client):
+    response = await client.post("/api/v1/audits", json={"target": "self", "checks": ["proxy"]})
+    assert response.status_code == 202
+    data = await wait_done(client, response.json()["id"])
+    assert data["summary"]["relay"] is None and {c["service"] for c in data["checks"]} == {"proxy"}
+
+
+async def test_loopback_is_refused_without_allow_networks(settings):
+    settings.allow_networks = []
+    async with running_app(settings) as client:
+        response = await client.post("/api/v1/audits/self")
+        assert response.status_code == 403
+        detail = response.json()["detail"]
+        assert "127.0.0.1" in detail and "public Internet" in detail
+
+
+@pytest.mark.parametrize("peer", ["10.1.2.3", "192.168.1.1", "169.254.1.1", "100.64.0.1", "::1", "fe80::1",
+                                  "fc00::1", "::ffff:10.0.0.1"])
+async def test_private_peers_are_refused(settings, peer):
+    settings.allow_networks = []
+    async with running_app(settings, peer=peer) as client:
+        response = await client.post("/api/v1/audits/self")
+        assert response.status_code == 403, peer
+
+
+async def test_spoofed_forwarding_headers_from_an_untrusted_peer_change_nothing(client):
+    response = await client.post("/api/v1/audits/self", headers={"X-Forwarded-For": "203.0.113.9",
+                                                                  "Forwarded": "for=198.51.100.4"})
+    data = await wait_done(client, response.json()["id"])
+    assert data["hosts"] == ["127.0.0.1"]
+
+
+async def test_trusted_proxy_forwards_the_client(settings):
+    settings.trusted_proxies = ["10.0.0.0/8"]
+    async with running_app(settings, peer="10.9.9.9") as client:
+        response = await client.post("/api/v1/audits/self", headers={"X-Forwarded-For": "6.6.6.6, 127.0.0.5"})
+        assert response.status_code == 202
+        data = await wait_done(client, response.json()["id"])
+        assert data["hosts"] == ["127.0.0.5"]  # the right-most untrusted hop, not the left-most claim
+
+
+BAD_BODIES = [
+    (b"{", "application/json"), (b"[]", "application/json"), (b'"self"', "application/json"),
+    (b'{"target": ""}', "application/json"), (b'{"target": 5}', "application/json"),
+    (b'{"target": "self", "checks": []}', "application/json"),
+    (b'{"target": "self", "checks": ["smtp"]}', "application/json"),
+    (b'{"target": "self", "checks": "relay"}', "application/json"),
+    (b'{"target": "self", "extra": 1}', "application/json"),
+    (b'{"target": "' + b"a" * 300 + b'.com"}', "application/json"),
+    (b'{"target": "exa mple.com"}', "application/json"),
+    (b'{"target": "-bad-.com"}', "application/json"),
+    (b'{"target": "\\u0000.com"}', "application/json"),
+    (b'{"target": "self", "verification": "x"}', "application/json"),
+    (b"\xff\xfe", "application/json"),
+    (b"target=self", "application/x-www-form-urlencoded"),
+]
+
+
+@pytest.mark.parametrize("body,ctype", BAD_BODIES)
+async def test_bad_input_is_4xx_json(client, body, ctype):
+    response = await client.post("/api/v1/audits", content=body, headers={"Content-Type": ctype})
+    assert 400 <= response.status_code < 500, response.text
+    assert "detail" in response.json()
+
+
+@pytest.mark.parametrize("body", [b"{", b'{"checks": ["x"]}', b'{"target": "self"}', b"[1]"])
+async def test_bad_input_to_self_endpoint_is_422(client, body):
+    response = await client.post("/api/v1/audits/self", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and "detail" in response.json()
+
+
+async def test_domain_without_verification_is_403(client):
+    response = await client.post("/api/v1/audits", json={"target": "Example.COM."})
+    assert response.status_code == 403
+    assert "example.com" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("audit_id", ["nope", "A" * 22, "../../etc/passwd", "%00", "a" * 500, "' or 1=1 --"])
+async def test_unknown_or_malformed_ids_are_404(client, audit_id):
+    for path in (f"/api/v1/audits/{audit_id}", f"/api/v1/audits/{audit_id}/events"):
+        response = await client.get(path)
+        assert response.status_code == 404, path
+        assert response.json()["detail"]
+    response = await client.post(f"/api/v1/audits/{audit_id}/retest")
+    assert response.status_code == 404
+
+
+async def test_events_replay_then_done(client):
+    audit_id = (await client.post("/api/v1/audits/self")).json()["id"]
+    async with client.stream("GET", f"/api/v1/audits/{audit_id}/events") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        text = ""
+        async for chunk in response.aiter_text():
+            text += chunk
+            if "event: done" in text:
+                break
+    events = [block for block in text.split("\n\n") if block.startswith("event:")]
+    kinds = [block.split("\n")[0] for block in events]
+    assert kinds == ["event: check", "event: check", "event: done"]
+    done = json.loads(events[-1].split("data: ", 1)[1])
+    assert done["status"] == "done" and done["summary"]["proxy"] == "inconclusive"
+    # a finished audit replays everything, then done
+    async with client.stream("GET", f"/api/v1/audits/{audit_id}/events") as response:
+        replay = (await response.aread()).decode()
+    assert replay.count("event: check") == 2 and replay.count("event: done") == 1
+
+
+async def test_retest_links_to_the_previous_audit(client):
+    first = (await client.post("/api/v1/audits/self")).json()["id"]
+    await wait_done(client, first)
+    response = await client.post(f"/api/v1/audits/{first}/retest")
+    assert response.status_code == 202
+    second = await wait_done(client, response.json()["id"])
+    assert second["previous_id"] == first and second["id"] != first
+
+
+async def test_retest_from_another_address_is_403(settings):
+    async with running_app(settings) as client:
+        first = (await client.post("/api/v1/audits/self")).json()["id"]
+        await wait_done(client, first)
+        transport = client._transport  # same app, another peer
+        transport.client = ("127.0.0.2", 40000)
+        response = await client.post(f"/api/v1/audits/{first}/retest")
+        assert response.status_code == 403
+        assert "127.0.0.1" in response.json()["detail"]
+
+
+async def test_retest_while_running_is_409(settings, silent_port):
+    settings.proxy_ports = [silent_port]
+    settings.connect_timeout = 5
+    async with running_app(settings) as client:
+        first = (await client.post("/api/v1/audits/self")).json()["id"]
+        response = await client.post(f"/api/v1/audits/{first}/retest")
+        assert response.status_code == 409
+
+
+async def test_running_audits_per_requester_are_limited(settings, silent_port):
+    settings.proxy_ports = [silent_port]
+    settings.connect_timeout = 5
+    settings.max_running_per_requester = 2
+    async with running_app(settings) as client:
+        codes = [(await client.post("/api/v1/audits/self")).status_code for _ in range(3)]
+        assert codes == [202, 202, 429]
+
+
+async def test_reasons_matrix(client):
+    data = (await client.get("/api/v1/reasons")).json()
+    assert data["port_open"]["explanation"] and "relay" in data["refused"]["services"]
+
+
+async def test_healthz(client):
+    response = await client.get("/healthz")
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+
+
+async def test_openapi_lists_the_contract(client):
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    for path in ("/api/v1/audits", "/api/v1/audits/self", "/api/v1/audits/{audit_id}",
+                 "/api/v1/audits/{audit_id}/events", "/api/v1/audits/{audit_id}/retest"):
+        assert path in paths
+
+
+async def test_concurrent_audits_from_one_requester_do_not_mix(settings):
+    settings.max_running_per_requester = 5
+    async with running_app(settings) as client:
+        ids = [(await client.post("/api/v1/audits/self")).json()["id"] for _ in range(4)]
+        results = await asyncio.gather(*(wait_done(client, i) for i in ids))
+        assert all(len(r["checks"]) == 2 for r in results)
