@@ -57,3 +57,66 @@ async def wait_done(client: httpx.AsyncClient, audit_id: str, seconds: float = 2
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"audit {audit_id} still {data['status']} after {seconds} s")
         await asyncio.sleep(0.05)
+
+
+class ServedSite:
+    """The real site in its own process (`secure-your-server serve`), as an operator runs it."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str], port: int | None = None) -> None:
+        import subprocess
+        import sys
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db = tmp_path / "site.db"
+        self.log = tmp_path / "site.log"
+        full_env = {**os.environ, "SECURE_DATABASE_URL": f"sqlite:///{self.db}", "SECURE_PUBLIC_URL": self.url,
+                    **env}
+        self._log_file = open(self.log, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT, env=full_env, stdout=self._log_file, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    def _wait_ready(self, seconds: float = 20.0) -> None:
+        import time
+
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the site exited: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"the site did not start within {seconds} s: {self.log.read_text()[-2000:]}")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process.poll() is None:
+            if kill:
+                self.process.kill()
+            else:
+                self.process.terminate()
+            self.process.wait(timeout=15)
+        self._log_file.close()
+
+    def __enter__(self) -> "ServedSite":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_done_sync(url: str, audit_id: str, seconds: float = 30.0) -> dict:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        data = httpx.get(f"{url}/api/v1/audits/{audit_id}", timeout=5).json()
+        if data["status"] not in ("queued", "running"):
+            return data
+        if time.monotonic() > deadline:
+            raise AssertionError(f"audit {audit_id} still {data['status']} after {seconds} s")
+        time.sleep(0.1)

@@ -1,0 +1,57 @@
+"""A visitor in a real browser (Debian's chromium through Playwright): home, start a test, watch it finish."""
+
+from __future__ import annotations
+
+import pytest
+from support import ARTIFACTS, ServedSite, require_binary
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture
+def browser_page():
+    executable = require_binary("/usr/bin/chromium", "chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.problems = problems  # type: ignore[attr-defined]
+        yield page
+        browser.close()
+
+
+def test_home_start_and_audit_done(tmp_path, browser_page, refused_port, open_port, silent_port):
+    page = browser_page
+    # the silent port keeps the audit running for 2 s, so the page shows progress and follows the event stream
+    env = {"SECURE_ALLOW_NETWORKS": "127.0.0.0/8", "SECURE_RELAY_PORTS": f"{refused_port},{silent_port}",
+           "SECURE_PROXY_PORTS": str(open_port), "SECURE_CONNECT_TIMEOUT": "2"}
+    with ServedSite(tmp_path, env) as site:
+        page.goto(site.url + "/")
+        assert "Did you receive a letter" in page.inner_text("h1")
+        page.click("text=Test my server")
+        page.wait_for_url("**/start")
+        button = page.get_by_role("button", name="Test my server at 127.0.0.1")
+        button.click()
+        page.wait_for_url("**/audits/*")
+        assert page.locator("#progress").count() == 1  # still running: the live progress is shown
+        # the page follows the event stream and reloads itself when the audit is done
+        page.wait_for_selector("#status:text('done')", timeout=30000)
+        summary = page.inner_text(".summary")
+        assert "Mail relay: unreachable" in summary
+        assert "Proxy: inconclusive" in summary
+        rows = page.locator("#check-rows tr")
+        assert rows.count() == 3
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "audit-done.png"), full_page=True)
+        # the dialogue is there, escaped, behind a disclosure
+        page.locator("details summary").first.click()
+        assert "connecting to 127.0.0.1" in page.locator("pre.transcript").first.inner_text()
+        page.goto(site.url + "/docs")
+        page.wait_for_selector(".swagger-ui .opblock", timeout=20000)
+    csp_errors = [p for p in page.problems if "Content Security Policy" in p]
+    assert csp_errors == []

@@ -1,0 +1,142 @@
+import re
+
+import pytest
+from support import running_app, wait_done
+
+from app.web.security import CSRF_COOKIE
+
+
+def csrf_of(html: str) -> str:
+    return re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+
+
+@pytest.mark.parametrize("path,needle", [
+    ("/", "Did you receive a letter"), ("/start", "Test my server at 127.0.0.1"), ("/guides", "What is an open"),
+    ("/guides/what-is-an-open-relay", "RFC 5321"), ("/privacy", "For how long"),
+])
+async def test_pages_render(client, path, needle):
+    response = await client.get(path)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    assert needle in response.text
+
+
+async def test_home_lists_partners_from_the_data_file(settings, tmp_path):
+    partners = tmp_path / "partners.json"
+    partners.write_text('{"partners": [{"name": "Agence <Test>", "country": "FR", "url": "https://example.org/"}]}')
+    settings.partners_file = str(partners)
+    settings.contact_email = "help@example.org"
+    async with running_app(settings) as client:
+        html = (await client.get("/")).text
+    assert "Agence &lt;Test&gt;" in html and "help@example.org" in html
+
+
+async def test_security_headers_on_pages_api_and_errors(client):
+    for path in ("/", "/api/v1/reasons", "/missing", "/api/v1/audits/missing", "/static/style.css"):
+        response = await client.get(path)
+        csp = response.headers["content-security-policy"]
+        assert "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp and "script-src 'self'" in csp
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["referrer-policy"] == "no-referrer"
+        assert "strict-transport-security" not in response.headers
+
+
+async def test_hsts_when_served_over_https(settings):
+    settings.public_url = "https://audit.example.org"
+    async with running_app(settings) as client:
+        response = await client.get("/")
+    assert response.headers["strict-transport-security"].startswith("max-age=")
+
+
+async def test_no_inline_script_or_style_in_pages(client):
+    for path in ("/", "/start", "/guides", "/privacy"):
+        html = (await client.get(path)).text
+        assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", html), path
+        assert " style=" not in html and "<style" not in html and " on" + "click=" not in html
+
+
+async def test_404_and_errors_are_html_pages_outside_the_api(client):
+    response = await client.get("/no-such-page")
+    assert response.status_code == 404 and "Page not found" in response.text
+    response = await client.get("/audits/AAAAAAAAAAAAAAAAAAAAAA")
+    assert response.status_code == 404 and "<html" in response.text
+
+
+async def test_500_page_has_security_headers(settings):
+    async with running_app(settings) as client:
+        app = client.app
+
+        @app.get("/boom")
+        async def boom():
+            raise RuntimeError("boom")
+
+        transport = client._transport
+        transport.raise_app_exceptions = False
+        response = await client.get("/boom")
+        assert response.status_code == 500 and "Internal error" in response.text
+        assert "boom" not in response.text
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+
+
+async def test_start_form_needs_a_valid_csrf_token(client):
+    page = await client.get("/start")
+    token = csrf_of(page.text)
+    assert CSRF_COOKIE in page.cookies or client.cookies.get(CSRF_COOKIE)
+    response = await client.post("/start", data={"csrf": "0" * 64, "checks": ["relay"]})
+    assert response.status_code == 403
+    response = await client.post("/start", data={"csrf": token, "checks": ["relay"]},
+                                 headers={"Origin": "https://evil.example"})
+    assert response.status_code == 403
+    response = await client.post("/start", data={"csrf": token, "checks": ["relay"]})
+    assert response.status_code == 303
+    audit_url = response.headers["location"]
+    audit_id = audit_url.rsplit("/", 1)[1]
+    data = await wait_done(client, audit_id)
+    assert data["services"] == ["relay"]
+    page = await client.get(audit_url)
+    assert "We found no open relay" not in page.text  # refused only: unreachable, not closed
+    assert "No mail port answered" in page.text
+    assert "Re-test 127.0.0.1" in page.text
+
+
+async def test_start_form_for_a_private_address_explains_and_does_not_start(settings):
+    settings.allow_networks = []
+    async with running_app(settings) as client:
+        token = csrf_of((await client.get("/start")).text)
+        response = await client.post("/start", data={"csrf": token, "checks": ["relay", "proxy"]})
+    assert response.status_code == 403
+    assert "We cannot test this address" in response.text and "public Internet" in response.text
+
+
+async def test_retest_form_and_chain(client):
+    token = csrf_of((await client.get("/start")).text)
+    first = (await client.post("/start", data={"csrf": token})).headers["location"].rsplit("/", 1)[1]
+    await wait_done(client, first)
+    response = await client.post(f"/audits/{first}/retest", data={"csrf": token})
+    assert response.status_code == 303
+    second = response.headers["location"].rsplit("/", 1)[1]
+    await wait_done(client, second)
+    page = (await client.get(f"/audits/{second}")).text
+    assert f'href="/audits/{first}"' in page
+
+
+async def test_running_audit_page_refreshes_without_js(settings, silent_port):
+    settings.proxy_ports = [silent_port]
+    settings.connect_timeout = 5
+    async with running_app(settings) as client:
+        audit_id = (await client.post("/api/v1/audits/self")).json()["id"]
+        html = (await client.get(f"/audits/{audit_id}")).text
+    assert '<noscript><meta http-equiv="refresh"' in html and "audit.js" in html
+
+
+async def test_transcripts_are_escaped_on_the_page(settings):
+    from app.verdicts import CheckResult, TranscriptLine, Verdict
+
+    async with running_app(settings) as client:
+        audit_id = (await client.post("/api/v1/audits/self")).json()["id"]
+        await wait_done(client, audit_id)
+        store = client.app.state.sys.store
+        await store.add_check(audit_id, 99, CheckResult(
+            "relay", "127.0.0.1", 25, "relay.reachable", Verdict.INCONCLUSIVE, "port_open",
+            transcript=[TranscriptLine(0.1, "in", "220 <script>alert(1)</script>")]))
+        html = (await client.get(f"/audits/{audit_id}")).text
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
