@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator, Sequence
@@ -27,6 +29,15 @@ ROOT = Path(__file__).resolve().parent.parent
 log = logs.get_logger("app")
 
 
+async def _purge_old_audits(store: Store, days: int, every: float = 3600.0) -> None:
+    """Delete finished audits older than SECURE_RETENTION_DAYS, at start and then hourly."""
+    while True:
+        removed = await store.purge_older_than(time.time() - days * 86400)
+        if removed:
+            log.info("audits.purged", extra={"count": removed, "retention_days": days})
+        await asyncio.sleep(every)
+
+
 def create_app(settings: Settings | None = None, listeners: Sequence[Listener] = ()) -> FastAPI:
     """Build the site. `listeners` are the site's own listening sockets, which are never tested."""
     settings = settings or get_settings()
@@ -42,9 +53,12 @@ def create_app(settings: Settings | None = None, listeners: Sequence[Listener] =
         app.state.sys = AppState(settings=settings, store=store, auditor=auditor,
                                  guides=GuideLibrary(ROOT / "guides"), secret=secret)
         log.info("app.started", extra={"version": __version__, "database": settings.sqlite_path})
+        retention = asyncio.create_task(_purge_old_audits(store, settings.retention_days), name="retention")
         try:
             yield
         finally:
+            retention.cancel()
+            await asyncio.gather(retention, return_exceptions=True)
             await auditor.shutdown()
             await store.close()
             log.info("app.stopped")

@@ -32,11 +32,11 @@ SERVICE_NAMES = {"relay": "Mail relay", "proxy": "Proxy"}
 SUMMARY_SENTENCES = {
     ("relay", "open"): "Your server is an open relay: anyone on the Internet can send mail through it.",
     ("relay", "closed"): "We found no open relay.",
-    ("relay", "inconclusive"): "We could not finish the mail relay test; see the details below for why.",
+    ("relay", "inconclusive"): "We could not reach a final answer for the mail relay test:",
     ("relay", "unreachable"): "No mail port answered, so your server cannot be an open relay from the Internet.",
     ("proxy", "open"): "Your server is an open proxy: anyone on the Internet can route traffic through it.",
     ("proxy", "closed"): "We found no open proxy.",
-    ("proxy", "inconclusive"): "We could not finish the proxy test; see the details below for why.",
+    ("proxy", "inconclusive"): "We could not reach a final answer for the proxy test:",
     ("proxy", "unreachable"): "No proxy port answered, so your server cannot be an open proxy from the Internet.",
 }
 
@@ -124,10 +124,12 @@ async def audit_page(request: Request, audit_id: str) -> HTMLResponse:
     rows = [{"check": c.result, "guides": app_state.guides.for_check(c.result)} for c in audit.checks]
     sentences = {s: SUMMARY_SENTENCES.get((s, (audit.summary or {}).get(s) or ""), "")
                  for s in audit.services}
-    elapsed = time.time() - (audit.started_at or audit.created_at)
+    # for an unfinished verdict, say which steps could not finish (each reason once), not just "inconclusive"
+    why = {s: sorted({c.result.reason for c in audit.checks if c.result.service == s
+                      and c.result.verdict.value in ("inconclusive", "error")}) for s in audit.services}
     return render(request, "audit.html", {
-        "audit": audit, "rows": rows, "sentences": sentences, "chain": chain[1:],
-        "elapsed": elapsed, "can_retest": audit.finished and audit.target == "self",
+        "audit": audit, "rows": rows, "sentences": sentences, "why": why, "chain": chain[1:],
+        "can_retest": audit.finished and audit.target == "self",
     })
 
 

@@ -193,3 +193,46 @@ async def test_concurrent_audits_from_one_requester_do_not_mix(settings):
         ids = [(await client.post("/api/v1/audits/self")).json()["id"] for _ in range(4)]
         results = await asyncio.gather(*(wait_done(client, i) for i in ids))
         assert all(len(r["checks"]) == 2 for r in results)
+
+
+async def test_old_audits_are_purged_at_start(settings):
+    import time
+
+    async with running_app(settings) as client:
+        audit_id = (await client.post("/api/v1/audits/self")).json()["id"]
+        await wait_done(client, audit_id)
+        store = client.app.state.sys.store
+        await store._run(lambda c: c.execute("UPDATE audits SET created_at=? WHERE id=?",
+                                             (time.time() - (settings.retention_days + 1) * 86400, audit_id)))
+    async with running_app(settings) as client:
+        await asyncio.sleep(0.1)
+        assert (await client.get(f"/api/v1/audits/{audit_id}")).status_code == 404
+
+
+async def test_random_junk_never_makes_a_500(client):
+    """A bounded, seeded fuzz of every API endpoint with junk bodies, content types and ids."""
+    import random
+
+    rng = random.Random(20261127)
+    audit_id = (await client.post("/api/v1/audits/self")).json()["id"]
+    await wait_done(client, audit_id)
+    paths = ["/api/v1/audits", "/api/v1/audits/self", f"/api/v1/audits/{audit_id}/retest", "/api/v1/audits/x/retest"]
+    atoms = [None, True, 0, -1, 1e308, "", "self", "x" * 1000, "é.com", "a..b", [], {}, ["relay"] * 5,
+             {"target": "self"}, "\u0000", "127.0.0.1", "[::1]", "*", "relay", "proxy"]
+    for _ in range(150):
+        kind = rng.random()
+        if kind < 0.4:
+            body = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64)))
+        else:
+            obj = {rng.choice(["target", "checks", "verification", "x"]): rng.choice(atoms)
+                   for _ in range(rng.randint(0, 4))}
+            body = json.dumps(obj).encode()
+        ctype = rng.choice(["application/json", "text/plain", "application/x-www-form-urlencoded", ""])
+        path = rng.choice(paths)
+        response = await client.post(path, content=body, headers={"Content-Type": ctype} if ctype else {})
+        assert response.status_code < 500, (path, body, response.text)
+        assert response.headers["content-type"].startswith("application/json")
+    for _ in range(50):
+        junk = "".join(rng.choice("abcXYZ019-_%./~") for _ in range(rng.randint(1, 40)))
+        response = await client.get(f"/api/v1/audits/{junk}")
+        assert response.status_code in (307, 404, 405), junk  # 307: a trailing slash is dropped

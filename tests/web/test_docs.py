@@ -10,6 +10,7 @@ import fastapi
 import pytest
 from fastapi.testclient import TestClient
 
+from app.web import docs as docs_module
 from app.web.docs import install_docs
 
 TITLE = 'Secure <Your> "Server" & API'
@@ -158,3 +159,30 @@ def test_docs_routes_not_in_schema(client: TestClient) -> None:
 def test_requires_builtin_docs_disabled() -> None:
     with pytest.raises(ValueError):
         install_docs(fastapi.FastAPI(redoc_url=None), title="x")
+
+
+def test_init_js_oas31_compat_only_for_swagger_ui_4(client: TestClient) -> None:
+    # FastAPI emits OpenAPI 3.1, which Swagger UI < 5 refuses to render.
+    assert client.get("/openapi.json").json()["openapi"].startswith("3.1.")
+    major = docs_module._swagger_ui_major(docs_module._swagger_ui_dist())
+    assert major is not None and major >= 4
+    js = client.get("/docs/init.js").text
+    assert ("responseInterceptor: asOas30" in js) == (major < 5)
+
+
+@pytest.mark.parametrize(
+    ("name", "major"),
+    [("swagger-ui-4.15.5", 4), ("swagger-ui-5.31.0", 5), ("dist", None)],
+)
+def test_swagger_ui_major(name: str, major: int | None) -> None:
+    assert docs_module._swagger_ui_major(docs_module.Path(name)) == major
+
+
+def test_root_path_prefixes_urls() -> None:
+    app = fastapi.FastAPI(docs_url=None, redoc_url=None)
+    install_docs(app, title="x")
+    with TestClient(app, root_path="/prefix") as c:
+        body = c.get("/docs").text
+        assert 'src="/prefix/docs/assets/swagger-ui-bundle.js"' in body
+        assert 'src="/prefix/docs/init.js"' in body
+        assert '"/prefix/openapi.json"' in c.get("/docs/init.js").text
