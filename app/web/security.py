@@ -31,7 +31,7 @@ def security_headers(https: bool) -> dict[str, str]:
 
 
 class SecurityHeadersMiddleware:
-    """Adds the headers to every HTTP response that does not set its own (the docs page sets its own CSP)."""
+    """Adds the headers to every HTTP response that does not already set them."""
 
     def __init__(self, app: ASGIApp, public_https: bool) -> None:
         self.app = app
