@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.audits import Event
 from app.verdicts import REASONS, CheckResult
-from app.web.common import (AUDIT_ID, audit_json, check_json, load_audit, self_hosts, start_audit, state)
+from app.web.common import (AUDIT_ID, audit_json, check_json, load_audit, retest_audit, self_hosts, start_audit, state)
 
 router = APIRouter(prefix="/api/v1", tags=["audits"])
 
@@ -52,10 +52,10 @@ def _accepted(audit: Any, request: Request) -> JSONResponse:
                         status_code=202, headers={"Location": url})
 
 
-async def _start_self(request: Request, services: list[str], previous_id: str | None = None) -> JSONResponse:
+async def _start_self(request: Request, services: list[str]) -> JSONResponse:
     requester_addr, hosts = self_hosts(request)
     audit = await start_audit(request, target="self", requester_addr=requester_addr, hosts=hosts,
-                              services=services, previous_id=previous_id)
+                              services=services)
     return _accepted(audit, request)
 
 
@@ -89,16 +89,7 @@ async def get_audit(request: Request, audit_id: str) -> dict[str, Any]:
              responses={403: {"description": "not yours"}, 404: {"description": "unknown audit"},
                         409: {"description": "still running"}})
 async def retest(request: Request, audit_id: str) -> JSONResponse:
-    previous = await load_audit(request, audit_id)
-    if not previous.finished:
-        raise HTTPException(409, "This audit is still running; re-test when it has finished.")
-    if previous.target != "self":
-        raise HTTPException(403, "Only the holder of the domain's verification can re-test it.")
-    requester_addr, hosts = self_hosts(request)
-    if requester_addr != previous.requester:
-        raise HTTPException(403, "A re-test must come from the same address as the audit it repeats "
-                                 f"({previous.requester}); you are visiting from {requester_addr}.")
-    return await _start_self(request, previous.services, previous_id=previous.id)
+    return _accepted(await retest_audit(request, audit_id), request)
 
 
 def _sse(event: str, data: Any) -> str:

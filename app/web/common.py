@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from ipaddress import ip_address
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -43,8 +44,6 @@ def requester(request: Request) -> str:
 def self_hosts(request: Request) -> tuple[str, list[str]]:
     """(requester, hosts) for a `self` audit, or 403 with a plain explanation."""
     address = requester(request)
-    from ipaddress import ip_address
-
     try:
         guard(ip_address(address), state(request).settings.allowed_networks)
     except ForbiddenTarget as exc:
@@ -72,14 +71,27 @@ async def start_audit(request: Request, *, target: str, requester_addr: str, hos
                                          previous_id=previous_id)
 
 
+async def retest_audit(request: Request, audit_id: str) -> Audit:
+    """A new audit of the same target, linked to the previous one; only its own requester may ask for it."""
+    previous = await load_audit(request, audit_id)
+    if not previous.finished:
+        raise HTTPException(409, "This audit is still running; re-test when it has finished.")
+    if previous.target != "self":
+        raise HTTPException(403, "Only the holder of the domain's verification can re-test it.")
+    requester_addr, hosts = self_hosts(request)
+    if requester_addr != previous.requester:
+        raise HTTPException(403, "A re-test must come from the same address as the audit it repeats "
+                                 f"({previous.requester}); you are visiting from {requester_addr}.")
+    return await start_audit(request, target="self", requester_addr=requester_addr, hosts=hosts,
+                             services=previous.services, previous_id=previous.id)
+
+
 def absolute_url(settings: Settings, path: str) -> str:
     return settings.public_url.rstrip("/") + path
 
 
 def check_json(result: CheckResult, guides: GuideLibrary, settings: Settings) -> dict[str, Any]:
     data = result.to_dict()
-    data.pop("detail", None)
-    data["detail"] = result.detail
     data["guides"] = [{"slug": g.slug, "title": g.title, "url": absolute_url(settings, f"/guides/{g.slug}")}
                       for g in guides.for_check(result)]
     return data

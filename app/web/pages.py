@@ -14,7 +14,7 @@ from markupsafe import Markup
 
 from app import ENGINE_VERSION
 from app.verdicts import REASONS, SERVICES
-from app.web.common import load_audit, requester, self_hosts, start_audit, state
+from app.web.common import load_audit, requester, retest_audit, self_hosts, start_audit, state
 from app.web.security import CSRF_COOKIE, csrf_token, csrf_valid, new_csrf_cookie
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -136,16 +136,7 @@ async def audit_page(request: Request, audit_id: str) -> HTMLResponse:
 @router.post("/audits/{audit_id}/retest")
 async def retest_submit(request: Request, audit_id: str, csrf: str = Form("")) -> Response:
     _check_csrf(request, csrf)
-    previous = await load_audit(request, audit_id)
-    if not previous.finished:
-        raise HTTPException(409, "This audit is still running; re-test when it has finished.")
-    if previous.target != "self":
-        raise HTTPException(403, "Only the holder of the domain's verification can re-test it.")
-    requester_addr, hosts = self_hosts(request)
-    if requester_addr != previous.requester:
-        raise HTTPException(403, f"A re-test must come from the address that was tested ({previous.requester}).")
-    audit = await start_audit(request, target="self", requester_addr=requester_addr, hosts=hosts,
-                              services=previous.services, previous_id=previous.id)
+    audit = await retest_audit(request, audit_id)
     return RedirectResponse(f"/audits/{audit.id}", status_code=303)
 
 
