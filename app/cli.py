@@ -15,6 +15,9 @@ def serve(host: str, port: int) -> None:
     from app.main import create_app
 
     settings = get_settings()
+    if not settings.public_url:  # links then point where this process listens
+        shown = f"[{host}]" if ":" in host else host
+        settings = settings.model_copy(update={"public_url": f"http://{shown}:{port}"})
     app = create_app(settings, listeners=[Listener(host, port)])
     # uvicorn's own proxy-header handling stays OFF: by default it believes X-Forwarded-For from 127.0.0.1,
     # which would let anyone on the host aim `self` anywhere. access/requester.py alone decides.

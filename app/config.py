@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -51,11 +52,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SECURE_", extra="ignore")
 
     database_url: str = "sqlite:///./var/secure-your-server.db"
-    public_url: str = "http://127.0.0.1:8000"
+    public_url: str = ""  # empty: http://HOST:PORT of `serve`
+
     secret_key: str = ""  # empty: generated once and kept in the database
 
     allow_networks: NetworkList = Field(default_factory=list)
     trusted_proxies: NetworkList = Field(default_factory=list)
+    # the one header the trusted proxies set; the other is ignored, since a proxy passes on what it does not set
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
 
     relay_ports: PortList = Field(default_factory=lambda: [25, 587, 465])
     proxy_ports: PortList = Field(default_factory=lambda: list(DEFAULT_PROXY_PORTS))
@@ -105,6 +109,19 @@ class Settings(BaseSettings):
             if not 1 <= port <= 65535:
                 raise ValueError(f"port out of range: {port}")
         return list(dict.fromkeys(ports))
+
+    @field_validator("forwarded_header", mode="before")
+    @classmethod
+    def _header(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not re.match(r"^https?://[^/?#\s]+$", value):
+            raise ValueError("SECURE_PUBLIC_URL must be http(s)://host[:port], without a path")
+        return value
 
     @field_validator("allow_networks", "trusted_proxies")
     @classmethod

@@ -41,6 +41,8 @@ async def _purge_old_audits(store: Store, days: int, every: float = 3600.0) -> N
 def create_app(settings: Settings | None = None, listeners: Sequence[Listener] = ()) -> FastAPI:
     """Build the site. `listeners` are the site's own listening sockets, which are never tested."""
     settings = settings or get_settings()
+    if not settings.public_url:
+        settings = settings.model_copy(update={"public_url": "http://127.0.0.1:8000"})
     logs.configure(settings.log_level)
 
     @asynccontextmanager

@@ -48,3 +48,24 @@ def test_only_sqlite_urls():
     assert Settings(database_url="sqlite:////tmp/x.db").sqlite_path == "/tmp/x.db"
     with pytest.raises(ValueError):
         _ = Settings(database_url="postgresql://x/y").sqlite_path
+
+
+def test_public_url_must_be_a_bare_origin():
+    assert Settings(public_url="https://audit.example.org/").public_url == "https://audit.example.org"
+    for bad in ("ftp://x", "https://x/path", "javascript:alert(1)", "https://"):
+        with pytest.raises(ValidationError):
+            Settings(public_url=bad)
+
+
+def test_forwarded_header_choice():
+    assert Settings(forwarded_header="Forwarded").forwarded_header == "forwarded"
+    with pytest.raises(ValidationError):
+        Settings(forwarded_header="x-real-ip")
+
+
+def test_every_setting_is_documented_in_the_readme():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert f"`SECURE_{name.upper()}`" in readme, name

@@ -42,19 +42,21 @@ def parse_address(text: str) -> IPAddress:
 _FORWARDED_FOR = re.compile(r'(?:^|[;,\s])for=("[^"]*"|[^;,\s]*)', re.IGNORECASE)
 
 
-def forwarded_chain(request: Request) -> list[str]:
-    """The client addresses that proxies added, oldest first (RFC 7239 Forwarded wins over X-Forwarded-For)."""
-    forwarded = request.headers.getlist("forwarded")
-    if forwarded:
-        chain: list[str] = []
-        for header in forwarded:
-            for element in header.split(","):
+def forwarded_chain(request: Request, header: str = "x-forwarded-for") -> list[str]:
+    """The client addresses that proxies added to `header` (X-Forwarded-For or RFC 7239 Forwarded), oldest first.
+
+    Only the header the trusted proxies are configured to set is read: a proxy passes on the other one
+    untouched, so a client could write anything there.
+    """
+    chain: list[str] = []
+    if header == "forwarded":
+        for value in request.headers.getlist("forwarded"):
+            for element in value.split(","):
                 match = _FORWARDED_FOR.search(element)
                 chain.append(match.group(1) if match else "unknown")
         return chain
-    chain = []
-    for header in request.headers.getlist("x-forwarded-for"):
-        chain.extend(part.strip() for part in header.split(",") if part.strip())
+    for value in request.headers.getlist("x-forwarded-for"):
+        chain.extend(part.strip() for part in value.split(",") if part.strip())
     return chain
 
 
@@ -62,13 +64,13 @@ def _trusted(address: IPAddress, trusted: Sequence[Network]) -> bool:
     return any(address in network for network in trusted)
 
 
-def requester_address(request: Request, trusted: Sequence[Network]) -> IPAddress:
+def requester_address(request: Request, trusted: Sequence[Network], header: str = "x-forwarded-for") -> IPAddress:
     if request.client is None or not request.client.host:
         raise RequesterError("the connection has no peer address")
     current = parse_address(request.client.host)
     if not trusted or not _trusted(current, trusted):
         return current
-    chain = forwarded_chain(request)
+    chain = forwarded_chain(request, header)
     if len(chain) > MAX_HOPS:
         raise RequesterError("too many forwarding hops")
     for hop in reversed(chain):

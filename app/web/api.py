@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.audits import Event
 from app.verdicts import REASONS, CheckResult
-from app.web.common import (AUDIT_ID, audit_json, check_json, load_audit, retest_audit, self_hosts, start_audit, state)
+from app.web.common import (AUDIT_ID, absolute_url, audit_json, check_json, load_audit, retest_audit, self_hosts, start_audit, state)
 
 router = APIRouter(prefix="/api/v1", tags=["audits"])
 
@@ -46,9 +46,9 @@ class Accepted(BaseModel):
 
 def _accepted(audit: Any, request: Request) -> JSONResponse:
     settings = state(request).settings
-    url = settings.public_url.rstrip("/") + f"/audits/{audit.id}"
+    url = absolute_url(settings, f"/audits/{audit.id}")
     return JSONResponse({"id": audit.id, "status": audit.status, "url": url,
-                         "api_url": settings.public_url.rstrip("/") + f"/api/v1/audits/{audit.id}"},
+                         "api_url": absolute_url(settings, f"/api/v1/audits/{audit.id}")},
                         status_code=202, headers={"Location": url})
 
 

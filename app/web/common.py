@@ -36,7 +36,7 @@ def state(request: Request) -> AppState:
 def requester(request: Request) -> str:
     settings = state(request).settings
     try:
-        return str(requester_address(request, settings.trusted_proxy_networks))
+        return str(requester_address(request, settings.trusted_proxy_networks, settings.forwarded_header))
     except RequesterError as exc:
         raise HTTPException(400, f"Cannot tell where this request comes from: {exc}") from None
 

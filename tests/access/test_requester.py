@@ -13,28 +13,35 @@ def request(peer: str, headers: dict[str, str] | None = None) -> Request:
     return Request({"type": "http", "client": (peer, 1234), "headers": raw, "method": "GET", "path": "/"})
 
 
-@pytest.mark.parametrize("peer,headers,trusted,expected", [
-    ("203.0.113.1", {"X-Forwarded-For": "8.8.8.8"}, TRUSTED, "203.0.113.1"),  # untrusted peer: header ignored
-    ("203.0.113.1", {"X-Forwarded-For": "8.8.8.8"}, [], "203.0.113.1"),
-    ("10.0.0.1", {"X-Forwarded-For": "198.51.100.7"}, TRUSTED, "198.51.100.7"),
-    ("10.0.0.1", {"X-Forwarded-For": "6.6.6.6, 198.51.100.7"}, TRUSTED, "198.51.100.7"),  # spoofed left part
-    ("10.0.0.1", {"X-Forwarded-For": "198.51.100.7, 10.0.0.2"}, TRUSTED, "198.51.100.7"),  # two trusted hops
-    ("10.0.0.1", {}, TRUSTED, "10.0.0.1"),
-    ("10.0.0.1", {"Forwarded": 'for="[2001:db8:cafe::17]:4711"'}, TRUSTED, "2001:db8:cafe::17"),
+XFF, FWD = "x-forwarded-for", "forwarded"
+
+
+@pytest.mark.parametrize("peer,headers,trusted,header,expected", [
+    ("203.0.113.1", {"X-Forwarded-For": "8.8.8.8"}, TRUSTED, XFF, "203.0.113.1"),  # untrusted peer: header ignored
+    ("203.0.113.1", {"X-Forwarded-For": "8.8.8.8"}, [], XFF, "203.0.113.1"),
+    ("10.0.0.1", {"X-Forwarded-For": "198.51.100.7"}, TRUSTED, XFF, "198.51.100.7"),
+    ("10.0.0.1", {"X-Forwarded-For": "6.6.6.6, 198.51.100.7"}, TRUSTED, XFF, "198.51.100.7"),  # spoofed left part
+    ("10.0.0.1", {"X-Forwarded-For": "198.51.100.7, 10.0.0.2"}, TRUSTED, XFF, "198.51.100.7"),  # two trusted hops
+    ("10.0.0.1", {}, TRUSTED, XFF, "10.0.0.1"),
+    ("10.0.0.1", {"Forwarded": 'for="[2001:db8:cafe::17]:4711"'}, TRUSTED, FWD, "2001:db8:cafe::17"),
     ("10.0.0.1", {"Forwarded": "for=192.0.2.60;proto=http;by=203.0.113.43", "X-Forwarded-For": "1.1.1.1"},
-     TRUSTED, "192.0.2.60"),
-    ("10.0.0.1", {"X-Forwarded-For": "198.51.100.7:5555"}, TRUSTED, "198.51.100.7"),
-    ("::ffff:203.0.113.5", {}, [], "203.0.113.5"),
+     TRUSTED, FWD, "192.0.2.60"),
+    # the header the proxy does not set is passed on from the client: it is never read
+    ("10.0.0.1", {"Forwarded": "for=192.0.2.60", "X-Forwarded-For": "198.51.100.7"}, TRUSTED, XFF, "198.51.100.7"),
+    ("10.0.0.1", {"Forwarded": "for=192.0.2.60"}, TRUSTED, XFF, "10.0.0.1"),
+    ("10.0.0.1", {"X-Forwarded-For": "198.51.100.7"}, TRUSTED, FWD, "10.0.0.1"),
+    ("10.0.0.1", {"X-Forwarded-For": "198.51.100.7:5555"}, TRUSTED, XFF, "198.51.100.7"),
+    ("::ffff:203.0.113.5", {}, [], XFF, "203.0.113.5"),
 ])
-def test_requester_address(peer, headers, trusted, expected):
-    assert str(requester_address(request(peer, headers), trusted)) == expected
+def test_requester_address(peer, headers, trusted, header, expected):
+    assert str(requester_address(request(peer, headers), trusted, header)) == expected
 
 
-@pytest.mark.parametrize("headers", [{"X-Forwarded-For": "not-an-ip"}, {"Forwarded": "for=unknown"},
-                                     {"X-Forwarded-For": ",".join(["10.0.0.1"] * 50)}])
-def test_junk_from_a_trusted_proxy_is_an_error(headers):
+@pytest.mark.parametrize("headers,header", [({"X-Forwarded-For": "not-an-ip"}, XFF), ({"Forwarded": "for=unknown"}, FWD),
+                                            ({"X-Forwarded-For": ",".join(["10.0.0.1"] * 50)}, XFF)])
+def test_junk_from_a_trusted_proxy_is_an_error(headers, header):
     with pytest.raises(RequesterError):
-        requester_address(request("10.0.0.1", headers), TRUSTED)
+        requester_address(request("10.0.0.1", headers), TRUSTED, header)
 
 
 def test_parse_address_forms():
