@@ -8,9 +8,10 @@ published to whoever follows the audit's event stream. A check cut by the deadli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Sequence
 
 from app import ENGINE_VERSION
@@ -18,6 +19,7 @@ from app.access.targets import Listener, is_own_listener
 from app.config import Settings
 from app.logs import get_logger
 from app.probes import PLANNERS, PlannedCheck, Planner, ProbeOptions
+from app.probes.sink import Sink
 from app.store import Audit, Store, new_id
 from app.verdicts import CheckResult, TranscriptLine, Verdict, summarize_audit
 
@@ -54,17 +56,22 @@ class EventHub:
             queue.put_nowait(event)
 
 
-def probe_options(settings: Settings) -> ProbeOptions:
-    return ProbeOptions(connect_timeout=settings.connect_timeout)
+def probe_options(settings: Settings, audit_id: str, audited_domain: str | None = None) -> ProbeOptions:
+    return ProbeOptions(
+        audit_id=audit_id, site_url=settings.public_url, probe_domain=settings.probe_domain,
+        probe_helo=settings.probe_helo, connect_timeout=settings.connect_timeout,
+        smtp_command_timeout=settings.smtp_command_timeout, smtp_port_deadline=settings.smtp_port_deadline,
+        greylist_max_wait=settings.greylist_max_wait, audited_domain=audited_domain)
 
 
 class Auditor:
     def __init__(self, settings: Settings, store: Store, listeners: Sequence[Listener] = (),
-                 planners: dict[str, Planner] | None = None) -> None:
+                 planners: dict[str, Planner] | None = None, sink: Sink | None = None) -> None:
         self.settings = settings
         self.store = store
         self.listeners = list(listeners)
         self.planners = planners or PLANNERS
+        self.sink = sink
         self.events = EventHub()
         self._slots = asyncio.Semaphore(settings.max_running_audits)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -75,8 +82,8 @@ class Auditor:
             log.warning("audits.interrupted_at_start", extra={"count": count})
         return count
 
-    def plan(self, hosts: Sequence[str], services: Sequence[str]) -> list[PlannedCheck]:
-        options = probe_options(self.settings)
+    def plan(self, hosts: Sequence[str], services: Sequence[str], audit_id: str = "") -> list[PlannedCheck]:
+        options = probe_options(self.settings, audit_id)
         ports = {"relay": self.settings.relay_ports, "proxy": self.settings.proxy_ports}
         planned: list[PlannedCheck] = []
         for host in hosts:
@@ -88,9 +95,10 @@ class Auditor:
 
     async def start(self, *, target: str, requester: str, hosts: Sequence[str], services: Sequence[str],
                     previous_id: str | None = None, verification_id: str | None = None) -> Audit:
-        planned = self.plan(hosts, services)
-        audit = Audit(id=new_id(), created_at=time.time(), status="queued", target=target, requester=requester,
-                      hosts=list(hosts), services=list(services), planned=len(planned),
+        audit_id = new_id()
+        planned = self.plan(hosts, services, audit_id)
+        audit = Audit(id=audit_id, created_at=time.time(), status="queued", target=target, requester=requester,
+                      hosts=list(hosts), services=list(services), planned=sum(len(c.names) for c in planned),
                       engine_version=ENGINE_VERSION, previous_id=previous_id, verification_id=verification_id)
         await self.store.create_audit(audit)
         log.info("audit.created", extra={"audit": audit.id, "target": target, "requester": requester,
@@ -126,7 +134,7 @@ class Auditor:
     async def _run_checks(self, audit_id: str, planned: list[PlannedCheck]) -> list[CheckResult]:
         host_slots = {host: asyncio.Semaphore(self.settings.max_connections_per_host)
                       for host in {c.host for c in planned}}
-        results: list[CheckResult] = []
+        results: dict[int, CheckResult] = {}
         seq = 0
         record_lock = asyncio.Lock()
 
@@ -135,33 +143,77 @@ class Auditor:
             async with record_lock:  # seq follows the order in which results are stored
                 seq += 1
                 await self.store.add_check(audit_id, seq, result)
-                results.append(result)
+                results[seq] = result
                 self.events.publish(audit_id, Event("check", seq, result))
 
-        async def run_one(check: PlannedCheck) -> None:
-            async with host_slots[check.host]:
-                try:
-                    result = await check.run()
-                except Exception as exc:
-                    log.exception("check.crashed", extra={"audit": audit_id, "check": check.name,
-                                                          "host": check.host, "port": check.port})
-                    result = _row(check, Verdict.ERROR, "internal_error", f"the check crashed: {type(exc).__name__}")
-            await record(result)
+        emitted: dict[int, set[str]] = {id(unit): set() for unit in planned}
 
-        tasks = {asyncio.create_task(run_one(c)): c for c in planned}
-        if not tasks:
-            return results
-        _done, pending = await asyncio.wait(tasks, timeout=self.settings.audit_deadline)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-            log.warning("audit.deadline", extra={"audit": audit_id, "unfinished": len(pending)})
+        async def run_unit(unit: PlannedCheck) -> None:
+            async def emit(result: CheckResult) -> None:
+                if result.name in emitted[id(unit)] or result.name not in unit.names:
+                    log.error("check.unexpected_row", extra={"audit": audit_id, "check": result.name})
+                    return
+                emitted[id(unit)].add(result.name)
+                await record(result)
+
+            @contextlib.asynccontextmanager
+            async def slot() -> AsyncIterator[None]:
+                async with host_slots[unit.host]:
+                    yield
+
+            try:
+                await unit.run(emit, slot)
+            except Exception as exc:
+                log.exception("check.crashed", extra={"audit": audit_id, "host": unit.host, "port": unit.port})
+                note = f"the check crashed: {type(exc).__name__}"
+                for name in unit.names:
+                    if name not in emitted[id(unit)]:
+                        await emit(_row(unit, name, Verdict.ERROR, "internal_error", note))
+            for name in unit.names:  # a unit that returned without a promised row is a bug: say so
+                if name not in emitted[id(unit)]:
+                    await emit(_row(unit, name, Verdict.ERROR, "internal_error", "the check ended without a result"))
+
+        tasks = {asyncio.create_task(run_unit(u)): u for u in planned}
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=self.settings.audit_deadline)
             for task in pending:
-                check = tasks[task]
-                await record(_row(check, Verdict.INCONCLUSIVE, "audit_deadline",
-                                  f"not finished after {self.settings.audit_deadline:g} s"))
-        return results
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+                log.warning("audit.deadline", extra={"audit": audit_id, "unfinished": len(pending)})
+                for task in pending:
+                    unit = tasks[task]
+                    for name in unit.names:
+                        if name not in emitted[id(unit)]:
+                            emitted[id(unit)].add(name)
+                            await record(_row(unit, name, Verdict.INCONCLUSIVE, "audit_deadline",
+                                              f"not finished after {self.settings.audit_deadline:g} s"))
+        await self._await_deliveries(audit_id, results)
+        return list(results.values())
+
+    async def _await_deliveries(self, audit_id: str, results: dict[int, CheckResult]) -> None:
+        """Give relayed probes up to SECURE_SINK_WAIT seconds to reach our sink (delivered() records them)."""
+        waiting = {r.tag for r in results.values() if r.reason == "accepted_unconfirmed" and r.tag}
+        if not waiting or self.sink is None:
+            return
+        arrived = await self.sink.wait_for(waiting, self.settings.sink_wait)
+        log.info("audit.deliveries", extra={"audit": audit_id, "expected": len(waiting), "arrived": len(arrived)})
+        for seq, result in list(results.items()):
+            if result.tag in arrived:
+                results[seq] = confirmed(result)
+
+    async def delivered(self, tag: str) -> None:
+        """Our sink received a tagged message: its check becomes `open`, `delivered`, confirmed (also late)."""
+        found = await self.store.find_check_by_tag(tag)
+        if found is None:
+            return
+        audit_id, stored = found
+        if stored.result.reason != "accepted_unconfirmed":
+            return
+        result = confirmed(stored.result)
+        await self.store.update_check(audit_id, stored.seq, result)
+        log.info("check.delivered", extra={"audit": audit_id, "check": result.name, "port": result.port})
+        self.events.publish(audit_id, Event("check", stored.seq, result))
 
     async def follow(self, audit_id: str, keepalive: float = 15.0) -> AsyncIterator[Event | None]:
         """Every event of an audit: the stored checks first, then the live ones, then `done`.
@@ -202,6 +254,13 @@ class Auditor:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _row(check: PlannedCheck, verdict: Verdict, reason: str, note: str) -> CheckResult:
-    return CheckResult(service=check.service, host=check.host, port=check.port, name=check.name, verdict=verdict,
+def _row(unit: PlannedCheck, name: str, verdict: Verdict, reason: str, note: str) -> CheckResult:
+    return CheckResult(service=unit.service, host=unit.host, port=unit.port, name=name, verdict=verdict,
                        reason=reason, transcript=[TranscriptLine(0.0, "info", note)], detail=note)
+
+
+def confirmed(result: CheckResult) -> CheckResult:
+    last = result.transcript[-1].t if result.transcript else 0.0
+    note = "our sink received the tagged message: this server relays mail for strangers"
+    return replace(result, verdict=Verdict.OPEN, reason="delivered", confirmed=True, detail=note,
+                   transcript=[*result.transcript, TranscriptLine(last, "info", note)])

@@ -19,7 +19,7 @@ from typing import Any, Callable, TypeVar
 
 from app.verdicts import CheckResult, TranscriptLine
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 UNFINISHED = ("queued", "running")
 T = TypeVar("T")
 
@@ -58,8 +58,10 @@ CREATE TABLE IF NOT EXISTS checks (
     fingerprint TEXT,
     transcript TEXT NOT NULL,
     detail TEXT NOT NULL,
+    tag TEXT,
     PRIMARY KEY (audit_id, seq)
 );
+CREATE INDEX IF NOT EXISTS checks_tag ON checks(tag) WHERE tag IS NOT NULL;
 CREATE TABLE IF NOT EXISTS verifications (
     id_hash TEXT PRIMARY KEY,
     domain TEXT NOT NULL,
@@ -71,6 +73,12 @@ CREATE TABLE IF NOT EXISTS verifications (
     method TEXT
 );
 """
+
+
+# Statements that bring a database of version N-1 to version N (a new database gets _SCHEMA directly).
+_MIGRATIONS: dict[int, list[str]] = {
+    2: ["ALTER TABLE checks ADD COLUMN tag TEXT"],
+}
 
 
 def new_id() -> str:
@@ -125,6 +133,7 @@ def _check_from_row(row: sqlite3.Row) -> StoredCheck:
         reason=row["reason"], confirmed=bool(row["confirmed"]),
         fingerprint=json.loads(row["fingerprint"]) if row["fingerprint"] else None,
         transcript=[TranscriptLine(**line) for line in json.loads(row["transcript"])], detail=row["detail"],
+        tag=row["tag"],
     )
     return StoredCheck(seq=row["seq"], finished_at=row["finished_at"], result=result)
 
@@ -155,12 +164,18 @@ class Store:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         with conn:
+            found = None
+            if conn.execute("SELECT name FROM sqlite_master WHERE name='meta'").fetchone():
+                row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                found = int(row["value"]) if row else None
+            if found is not None and found > SCHEMA_VERSION:
+                raise RuntimeError(f"database schema {found} is newer than this code ({SCHEMA_VERSION})")
+            for version in range(found or SCHEMA_VERSION, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[version + 1]:
+                    conn.execute(statement)
             conn.executescript(_SCHEMA)
-            row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row["value"]) > SCHEMA_VERSION:
-                raise RuntimeError(f"database schema {row['value']} is newer than this code ({SCHEMA_VERSION})")
+            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
+                         (str(SCHEMA_VERSION),))
         self._conn = conn
 
     async def open(self) -> None:
@@ -216,12 +231,26 @@ class Store:
         data = result.to_dict()
         await self._run(lambda c: c.execute(
             "INSERT INTO checks(audit_id, seq, finished_at, service, host, port, name, verdict, reason, confirmed,"
-            " fingerprint, transcript, detail) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " fingerprint, transcript, detail, tag) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (audit_id, seq, finished_at, result.service, result.host, result.port, result.name,
              result.verdict.value, result.reason, int(result.confirmed),
              json.dumps(data["fingerprint"]) if data["fingerprint"] is not None else None,
-             json.dumps(data["transcript"]), result.detail)))
+             json.dumps(data["transcript"]), result.detail, result.tag)))
         return finished_at
+
+    async def update_check(self, audit_id: str, seq: int, result: CheckResult) -> None:
+        """A later finding about a stored check (our sink received its message)."""
+        data = result.to_dict()
+        await self._run(lambda c: c.execute(
+            "UPDATE checks SET verdict=?, reason=?, confirmed=?, transcript=?, detail=? WHERE audit_id=? AND seq=?",
+            (result.verdict.value, result.reason, int(result.confirmed), json.dumps(data["transcript"]),
+             result.detail, audit_id, seq)))
+
+    async def find_check_by_tag(self, tag: str) -> tuple[str, StoredCheck] | None:
+        def _find(c: sqlite3.Connection) -> tuple[str, StoredCheck] | None:
+            row = c.execute("SELECT * FROM checks WHERE tag=?", (tag,)).fetchone()
+            return (row["audit_id"], _check_from_row(row)) if row else None
+        return await self._run(_find)
 
     async def get_audit(self, audit_id: str, with_checks: bool = True) -> Audit | None:
         def _get(c: sqlite3.Connection) -> Audit | None:

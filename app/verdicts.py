@@ -85,6 +85,13 @@ _REASONS = [
            "The port accepts connections. This version of the site checks reachability only, so it cannot tell "
            "yet whether the port is an open relay or proxy.",
            "Keep the port closed if you do not need it; the full relay and proxy checks will tell more."),
+    Reason("not_smtp", ("relay",), "The port answered, but not as a mail server.",
+           "Nothing to do: a port that does not speak SMTP cannot relay mail."),
+    Reason("protocol_error", ("relay", "proxy"),
+           "Your server answered with something that does not follow the protocol, so we stopped.",
+           "Check what really listens on this port (a firewall or filter may be in the way), then re-test."),
+    Reason("dropped", ("relay", "proxy"), "Your server kept closing the connection in the middle of the test.",
+           "It may limit how many connections or errors it accepts from one address. Re-test later."),
     Reason("audit_deadline", ("relay", "proxy"),
            "The test ran out of time before this check finished.",
            "Re-test; if it happens again, your server may be slowing us down on purpose."),
@@ -112,6 +119,7 @@ class CheckResult:
     fingerprint: dict[str, Any] | None = None
     transcript: list[TranscriptLine] = field(default_factory=list)
     detail: str = ""
+    tag: str | None = None  # the proof tag of a relayed message we wait for at our sink
 
     def __post_init__(self) -> None:
         if self.reason not in REASONS:

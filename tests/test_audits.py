@@ -22,21 +22,25 @@ def fake_planner(behaviour, tracker=None):
     def plan(host, ports, options: ProbeOptions):
         checks = []
         for port in ports:
-            async def run(port=port):
-                if tracker is not None:
-                    tracker["now"] += 1
-                    tracker["max"] = max(tracker["max"], tracker["now"])
-                try:
-                    action = behaviour(port)
-                    if action == "crash":
-                        raise RuntimeError("boom")
-                    if isinstance(action, float):
-                        await asyncio.sleep(action)
-                    return CheckResult("proxy", host, port, "proxy.fake", Verdict.CLOSED, "destination_denied")
-                finally:
+            async def run(emit, slot, port=port):
+                async with slot():
                     if tracker is not None:
-                        tracker["now"] -= 1
-            checks.append(PlannedCheck("proxy", host, port, "proxy.fake", run))
+                        tracker["now"] += 1
+                        tracker["max"] = max(tracker["max"], tracker["now"])
+                    try:
+                        action = behaviour(port)
+                        if action == "crash":
+                            raise RuntimeError("boom")
+                        if action == "silent":
+                            return  # ends without the row it promised
+                        if isinstance(action, float):
+                            await asyncio.sleep(action)
+                        result = CheckResult("proxy", host, port, "proxy.fake", Verdict.CLOSED, "destination_denied")
+                    finally:
+                        if tracker is not None:
+                            tracker["now"] -= 1
+                await emit(result)
+            checks.append(PlannedCheck("proxy", host, port, ("proxy.fake",), run))
         return checks
     return plan
 
@@ -81,6 +85,13 @@ async def test_a_crashing_check_becomes_an_error_row_not_a_lost_one(settings, st
     assert audit.summary == {"relay": None, "proxy": "inconclusive"}
 
 
+async def test_a_unit_that_forgets_its_row_gets_an_error_row(settings, store):
+    settings.proxy_ports = [20001]
+    auditor = Auditor(settings, store, planners={"proxy": fake_planner(lambda p: "silent")})
+    audit = await run_audit(auditor)
+    assert [(c.result.verdict, c.result.reason) for c in audit.checks] == [(Verdict.ERROR, "internal_error")]
+
+
 async def test_own_listeners_are_never_planned(settings, store):
     settings.proxy_ports = [8000, 8080]
     settings.relay_ports = [25]
@@ -95,11 +106,13 @@ async def test_own_listeners_are_never_planned(settings, store):
 async def test_real_reachability_audit_end_to_end(settings, store, open_port, refused_port):
     auditor = Auditor(settings, store)
     audit = await run_audit(auditor, services=("relay", "proxy"))
-    rows = {(c.result.service, c.result.port): (c.result.verdict, c.result.reason) for c in audit.checks}
-    assert rows == {("relay", refused_port): (Verdict.UNREACHABLE, "refused"),
-                    ("proxy", open_port): (Verdict.INCONCLUSIVE, "port_open")}
+    rows = {(c.result.service, c.result.port, c.result.name): (c.result.verdict, c.result.reason)
+            for c in audit.checks}
+    assert rows[("proxy", open_port, "proxy.reachable")] == (Verdict.INCONCLUSIVE, "port_open")
+    relay = [v for (service, _, _), v in rows.items() if service == "relay"]
+    assert relay == [(Verdict.UNREACHABLE, "refused")] * 22  # every variant gets its own row
     assert audit.summary == {"relay": "unreachable", "proxy": "inconclusive"}
-    assert [c.seq for c in audit.checks] == [1, 2]
+    assert [c.seq for c in audit.checks] == list(range(1, 24))
 
 
 async def test_follow_replays_stored_checks_then_live_ones_then_done(settings, store):

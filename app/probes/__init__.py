@@ -1,23 +1,37 @@
 """The registry of checks: one planner per service. Pure asyncio network code, no web imports.
 
-A planner turns (host, ports, options) into PlannedCheck objects; the audit lifecycle runs them. Later issues
-replace the reachability planners with the relay and proxy checks.
+A planner turns (host, ports, options) into PlannedCheck units. A unit covers one port and promises the names of
+the check rows it will emit (a relay port: one row per variant). The audit lifecycle runs the units, gives each
+connection a slot under the per-host limit, and fills in a row for any promised name that a unit did not emit
+(cut by the deadline, or a bug), so no check is ever silently lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol
 
-from app.probes import reachability
+from app.probes import reachability, smtp
 from app.verdicts import CheckResult
+
+Emit = Callable[[CheckResult], Awaitable[None]]
+SlotFactory = Callable[[], contextlib.AbstractAsyncContextManager[None]]
 
 
 @dataclass(frozen=True)
 class ProbeOptions:
-    """What probes need to know, taken from the settings by the caller."""
+    """What probes need for one audit, taken from the settings by the caller."""
 
+    audit_id: str = ""
+    site_url: str = ""
+    probe_domain: str = "probe.invalid"
+    probe_helo: str = "probe.invalid"
     connect_timeout: float = 10.0
+    smtp_command_timeout: float = 30.0
+    smtp_port_deadline: float = 180.0
+    greylist_max_wait: float = 0.0
+    audited_domain: str | None = None
 
 
 @dataclass(frozen=True)
@@ -25,9 +39,8 @@ class PlannedCheck:
     service: str
     host: str
     port: int
-    name: str
-    run: Callable[[], Awaitable[CheckResult]]
-    connections: int = 1  # how many connections to the host it holds at once (for the per-host limit)
+    names: tuple[str, ...]  # the rows this unit promises
+    run: Callable[[Emit, SlotFactory], Awaitable[None]]
 
 
 class Planner(Protocol):
@@ -36,17 +49,32 @@ class Planner(Protocol):
 
 def _reachability_planner(service: str) -> Planner:
     def plan(host: str, ports: list[int], options: ProbeOptions) -> list[PlannedCheck]:
-        return [
-            PlannedCheck(
-                service=service, host=host, port=port, name=f"{service}.{reachability.NAME}",
-                run=lambda port=port: reachability.check(service, host, port, options.connect_timeout),
-            )
-            for port in ports
-        ]
+        def unit(port: int) -> PlannedCheck:
+            async def run(emit: Emit, slot: SlotFactory) -> None:
+                async with slot():
+                    result = await reachability.check(service, host, port, options.connect_timeout)
+                await emit(result)
+            return PlannedCheck(service, host, port, (f"{service}.{reachability.NAME}",), run)
+        return [unit(port) for port in ports]
     return plan
 
 
+def plan_relay(host: str, ports: list[int], options: ProbeOptions) -> list[PlannedCheck]:
+    relay_options = smtp.RelayOptions(
+        audit_id=options.audit_id, site_url=options.site_url, probe_domain=options.probe_domain,
+        probe_helo=options.probe_helo, connect_timeout=options.connect_timeout,
+        command_timeout=options.smtp_command_timeout, port_deadline=options.smtp_port_deadline,
+        greylist_max_wait=options.greylist_max_wait, audited_domain=options.audited_domain)
+    names = tuple(f"relay.{v}" for v in smtp.VARIANT_IDS)
+
+    def unit(port: int) -> PlannedCheck:
+        async def run(emit: Emit, slot: SlotFactory) -> None:
+            await smtp.run_port(emit, slot, host, port, relay_options)
+        return PlannedCheck("relay", host, port, names, run)
+    return [unit(port) for port in ports]
+
+
 PLANNERS: dict[str, Planner] = {
-    "relay": _reachability_planner("relay"),
+    "relay": plan_relay,
     "proxy": _reachability_planner("proxy"),
 }

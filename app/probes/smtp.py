@@ -1,0 +1,463 @@
+"""Open-relay checks: every variant of the relay table, on every mail port, each with its own verdict.
+
+A variant is open only with proof: a foreign recipient (always our own sink address) accepted through the end of
+the message; `confirmed` once the message reaches our sink. Refusals are classified from the parsed reply code,
+enhanced status code and text, at the step where they happen. Variants are spread over a few sessions so that no
+session runs into the server's error limits (Postfix slows down after 10 errors and hangs up after 20).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import ipaddress
+import re
+import time
+from dataclasses import dataclass, replace
+from typing import Awaitable, Callable
+
+from app.probes.fingerprint import identify
+from app.probes.sink import TAG_HEADER, new_tag
+from app.probes.smtp_wire import (Dropped, ProtocolError, Reply, SmtpConnection, SmtpError, Timeout, TlsFailed)
+from app.probes.transcript import Transcript
+from app.verdicts import CheckResult, Verdict
+
+SENDER_LOCAL = "sys-probe"
+IMPLICIT_TLS_PORTS = frozenset({465})
+VARIANTS_PER_SESSION = 8  # at most ~8 errors per session: under Postfix's smtpd_soft_error_limit of 10
+MAX_RECONNECTS = 3  # per session, after the server dropped us
+
+REASONS = ("delivered", "accepted_unconfirmed", "accepts_then_rejects", "relay_denied", "greylisted",
+           "auth_required_for_relay", "starttls_required", "sender_rejected", "client_blocked", "timeout",
+           "refused", "filtered", "not_smtp", "protocol_error", "dropped", "internal_error")
+
+
+@dataclass(frozen=True)
+class Variant:
+    id: str  # stable: relay.v1 ... relay.v22
+    mail_from: str  # templates: {s} sender local part, {t} tag, {T} probe domain, {H} target name,
+    rcpt_to: str  # {lit} the target's address literal (1.2.3.4 or IPv6:...), {D} the local-looking domain
+    explanation: str
+
+
+# The relay table (nmap's 16 smtp-open-relay tests, abuse.net's, DSBL's and mailradar's extra forms).
+# The recipient is always our own sink address, however the form disguises it.
+VARIANTS: tuple[Variant, ...] = (
+    Variant("v1", "<>", "<{t}@{T}>", "Empty sender (like a bounce) to a stranger's address."),
+    Variant("v2", "<{s}@{T}>", "<{t}@{T}>", "A stranger writing to a stranger: the classic relay test."),
+    Variant("v3", "<{s}@{H}>", "<{t}@{T}>", "A sender that claims to be your server's own name."),
+    Variant("v4", "<{s}@[{lit}]>", "<{t}@{T}>", "A sender at your server's own address literal."),
+    Variant("v5", "<{s}>", "<{t}@{T}>", "A sender without a domain, which some servers complete with their own."),
+    Variant("v6", "<{s}@localhost>", "<{t}@{T}>", "A sender that claims to be the server itself (localhost)."),
+    Variant("v7", "<{s}@{D}>", "<{t}@{T}>", "A sender in your own domain: servers that trust local senders relay."),
+    Variant("v8", "<{H}!{s}>", "<{t}@{T}>", "An old UUCP bang-path sender."),
+    Variant("v9", "<{s}@[{lit}]>", "{t}@{T}", "The recipient without angle brackets."),
+    Variant("v10", "<{s}@[{lit}]>", "<\"{t}@{T}\">", "The recipient address in quotes."),
+    Variant("v11", "<{s}@[{lit}]>", "<\"{t}%{T}\">", "A quoted percent-hack recipient."),
+    Variant("v12", "<{s}@[{lit}]>", "<{t}%{T}@[{lit}]>", "The percent hack via your address literal."),
+    Variant("v13", "<{s}@[{lit}]>", "<{t}%{T}@{H}>", "The percent hack via your server's name."),
+    Variant("v14", "<{s}@[{lit}]>", "<{t}@{T}@[{lit}]>", "A doubled @ ending in your address literal."),
+    Variant("v15", "<{s}@[{lit}]>", "<\"{t}@{T}\"@[{lit}]>", "A quoted foreign address at your address literal."),
+    Variant("v16", "<{s}@[{lit}]>", "<{t}@{T}@{H}>", "A doubled @ ending in your server's name."),
+    Variant("v17", "<{s}@[{lit}]>", "<@[{lit}]:{t}@{T}>", "A source route through your address literal."),
+    Variant("v18", "<{s}@[{lit}]>", "<@{H}:{t}@{T}>", "A source route through your server's name."),
+    Variant("v19", "<{s}@[{lit}]>", "<{T}!{t}>", "A bang-path recipient."),
+    Variant("v20", "<{s}@[{lit}]>", "<{T}!{t}@[{lit}]>", "A bang path at your address literal."),
+    Variant("v21", "<{s}@[{lit}]>", "<{T}!{t}@{H}>", "A bang path at your server's name."),
+    Variant("v22", "<{s}@[{lit}]>", "<{t}@{T}@>", "A recipient with an empty trailing domain."),
+)
+VARIANT_IDS = tuple(v.id for v in VARIANTS)
+
+_HOSTNAME = re.compile(r"^(?=.{4,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+
+
+def hostname_or_none(text: str) -> str | None:
+    """A DNS name taken from remote words, only if it is a plain multi-label hostname (no quoting games)."""
+    candidate = text.strip().rstrip(".")
+    return candidate.lower() if _HOSTNAME.match(candidate) and not candidate.replace(".", "").isdigit() else None
+
+
+def address_literal(host: str) -> str:
+    address = ipaddress.ip_address(host)
+    return f"IPv6:{address.compressed}" if address.version == 6 else str(address)
+
+
+def local_domain(name: str | None, audited_domain: str | None) -> str | None:
+    """D: the audited domain, or the domain part of the server's name (mx.example.com -> example.com)."""
+    if audited_domain:
+        return audited_domain
+    if name and name.count(".") >= 2:
+        return name.split(".", 1)[1]
+    return name
+
+
+@dataclass
+class Addresses:
+    tag: str
+    mail_from: str
+    rcpt_to: str
+
+
+def addresses_for(variant: Variant, *, tag: str, probe_domain: str, host: str, name: str | None,
+                  audited_domain: str | None) -> Addresses:
+    lit = address_literal(host)
+    values = {"s": SENDER_LOCAL, "t": tag, "T": probe_domain, "lit": lit,
+              "H": name or f"[{lit}]", "D": local_domain(name, audited_domain) or f"[{lit}]"}
+    if variant.id == "v8" and not name:  # a bang path needs a name; an address literal would not parse
+        values["H"] = probe_domain
+    return Addresses(tag, variant.mail_from.format(**values), variant.rcpt_to.format(**values))
+
+
+# --- classification of refusals ----------------------------------------------------------------------------
+_STARTTLS = re.compile(r"starttls|\btls\b|encrypt|secure connection", re.IGNORECASE)
+_AUTH = re.compile(r"authenticat|\bauth\b|log ?in|sasl|smtp after pop", re.IGNORECASE)
+_CLIENT = re.compile(r"client host|blocked using|listed (?:at|in|on)|spamhaus|\brbl\b|\bdnsbl\b|blocklist|"
+                     r"blacklist|\bpbl\b|reverse (?:dns|hostname)|your (?:ip|address)|too many (?:connections|errors)"
+                     r"|rate limit", re.IGNORECASE)
+_SENDER = re.compile(r"sender (?:address )?(?:rejected|refused|denied|unknown|invalid|verify failed)|"
+                     r"domain of sender|sender domain|unqualified sender|domain name required for sender|"
+                     r"bad sender|sender not", re.IGNORECASE)
+_RELAY = re.compile(r"relay|relaying|access denied|not permitted|unauthori[sz]ed|not allowed|"
+                    r"not local|we do not relay|no such (?:user|domain) here|not accepted here", re.IGNORECASE)
+_GREYLIST_DELAY = re.compile(r"(\d{1,5}(?:\.\d{1,3})?)\s*(seconds?|secs?|s\b|minutes?|mins?|m\b)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    verdict: Verdict
+    reason: str
+    note: str
+    retry_after: float | None = None  # what a temporary refusal said about when to come back
+
+
+def classify_refusal(reply: Reply, stage: str) -> Outcome:
+    """A negative reply at MAIL, RCPT, DATA or end of data -> its verdict. Order matters: the most specific first."""
+    text, enhanced = reply.text, reply.enhanced or ""
+    where = {"mail": "MAIL FROM", "rcpt": "RCPT TO", "data": "DATA", "end": "the end of the message"}[stage]
+    note = f"{where} answered {reply.code}{' ' + enhanced if enhanced else ''}"
+    if enhanced == "5.7.0" and _STARTTLS.search(text) or reply.code == 530 and _STARTTLS.search(text):
+        return Outcome(Verdict.INCONCLUSIVE, "starttls_required", note + ": encryption required first")
+    if reply.code in (530, 535) or enhanced in ("5.7.0", "5.7.8", "5.7.57") or (
+            reply.code >= 500 and _AUTH.search(text)):
+        return Outcome(Verdict.AUTH_REQUIRED, "auth_required_for_relay", note + ": login required to relay")
+    if _CLIENT.search(text):
+        return Outcome(Verdict.INCONCLUSIVE, "client_blocked", note + ": our test address is refused")
+    if stage == "mail" or enhanced.endswith((".1.7", ".1.8")) or _SENDER.search(text):
+        return Outcome(Verdict.INCONCLUSIVE, "sender_rejected", note + ": the sender was refused")
+    if reply.code < 500:
+        if _RELAY.search(text):  # "454 4.7.1 Relay access denied": a temporary form of a refusal
+            return Outcome(Verdict.CLOSED, "relay_denied", note + ": relaying refused")
+        return Outcome(Verdict.INCONCLUSIVE, "greylisted", note + ": come back later")
+    if stage == "rcpt":
+        return Outcome(Verdict.CLOSED, "relay_denied", note + ": recipient refused")
+    return Outcome(Verdict.CLOSED, "accepts_then_rejects", note + ": the message was refused after the recipient")
+
+
+def greylist_delay(reply: Reply) -> float | None:
+    match = _GREYLIST_DELAY.search(reply.text)
+    if not match:
+        return None
+    value = float(match.group(1))
+    return value * 60 if match.group(2).lower().startswith("m") else value
+
+
+# --- the tagged message ------------------------------------------------------------------------------------
+def probe_message(*, addresses: Addresses, audit_id: str, site_url: str, helo: str, host: str, port: int,
+                  variant: Variant) -> bytes:
+    date = email.utils.formatdate(usegmt=True)
+    lines = [
+        f"From: Secure Your Server relay test <{SENDER_LOCAL}@{helo}>",
+        f"To: <{addresses.tag}@{helo}>",
+        f"Subject: Open relay test {addresses.tag} ({variant.id}) requested by the owner of {host}",
+        f"Date: {date}",
+        f"Message-ID: <{addresses.tag}.{int(time.time())}@{helo}>",
+        f"{TAG_HEADER}: {addresses.tag}",
+        f"X-Secure-Your-Server-Audit: {audit_id}",
+        "Auto-Submitted: auto-generated",
+        "Precedence: bulk",
+        "MIME-Version: 1.0",
+        "Content-Type: text/plain; charset=us-ascii",
+        "",
+        f"This message tests whether the mail server at {host} port {port} is an open relay.",
+        "The owner of that address asked for the test. It is addressed only to the testing",
+        f"site's own mailbox; if it arrives there, the server relays mail for strangers.",
+        f"Audit: {site_url.rstrip('/')}/audits/{audit_id}",
+        f"Variant {variant.id}: MAIL FROM:{addresses.mail_from} RCPT TO:{addresses.rcpt_to}",
+    ]
+    return "\r\n".join(lines).encode("ascii", "replace")
+
+
+# --- sessions ---------------------------------------------------------------------------------------------
+Emit = Callable[[CheckResult], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class RelayOptions:
+    audit_id: str
+    site_url: str
+    probe_domain: str
+    probe_helo: str
+    connect_timeout: float
+    command_timeout: float
+    port_deadline: float
+    greylist_max_wait: float
+    audited_domain: str | None = None
+
+
+class SessionFailed(Exception):
+    """The whole session cannot go on: every variant still pending gets this outcome."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.note)
+        self.outcome = outcome
+
+
+@dataclass
+class Greeting:
+    name: str | None
+    fingerprint: dict[str, str | None] | None
+
+
+class RelaySession:
+    """One connection: greeting, EHLO/HELO, STARTTLS when offered, then variants separated by RSET."""
+
+    def __init__(self, host: str, port: int, options: RelayOptions, use_starttls: bool = True) -> None:
+        self.host, self.port, self.options = host, port, options
+        self.use_starttls = use_starttls
+        self.prelude = Transcript()
+        self.conn = SmtpConnection(host, port, self.prelude, options.command_timeout)
+        self.greeting: Greeting | None = None
+        self.starttls_offered = False
+        self.needs_rset = False
+
+    async def open(self) -> Greeting:
+        implicit = self.port in IMPLICIT_TLS_PORTS
+        self.prelude.info(f"connecting to {self.host} port {self.port}" + (" (TLS)" if implicit else ""))
+        try:
+            await self.conn.open(self.options.connect_timeout, implicit_tls=implicit)
+        except TimeoutError:
+            raise SessionFailed(Outcome(Verdict.UNREACHABLE, "filtered",
+                                        f"no answer within {self.options.connect_timeout:g} s")) from None
+        except TlsFailed as exc:
+            raise SessionFailed(Outcome(Verdict.INCONCLUSIVE, "protocol_error", str(exc))) from None
+        except OSError as exc:
+            if isinstance(exc, ConnectionRefusedError):
+                raise SessionFailed(Outcome(Verdict.UNREACHABLE, "refused", "connection refused")) from None
+            raise SessionFailed(Outcome(Verdict.UNREACHABLE, "filtered", f"no route: {exc.strerror or exc}")) from None
+        try:
+            banner = await self.conn.read_reply()
+        except ProtocolError as exc:
+            raise SessionFailed(Outcome(Verdict.CLOSED, "not_smtp", f"the port does not speak SMTP ({exc})")) from None
+        if banner.code != 220:
+            raise SessionFailed(Outcome(Verdict.INCONCLUSIVE, "client_blocked",
+                                        f"the greeting was {banner.code}: the server refuses to talk to us"))
+        ehlo = await self._hello()
+        if ehlo is not None and self.use_starttls and self._offers(ehlo, "STARTTLS") and not self.conn.tls:
+            self.starttls_offered = True
+            reply = await self.conn.command("STARTTLS")
+            if reply.code == 220:
+                await self.conn.starttls()
+                ehlo = await self._hello()
+        words = "\n".join([banner.text] + ([ehlo.lines[0]] if ehlo is not None else []))
+        first_word = banner.lines[0].split()[0] if banner.lines and banner.lines[0].split() else ""
+        ehlo_word = ehlo.lines[0].split()[0] if ehlo is not None and ehlo.lines[0].split() else ""
+        name = hostname_or_none(first_word) or hostname_or_none(ehlo_word)
+        self.greeting = Greeting(name=name, fingerprint=identify(words))
+        return self.greeting
+
+    async def _hello(self) -> Reply | None:
+        """EHLO, HELO as the fallback; None when only HELO worked."""
+        reply = await self.conn.command(f"EHLO {self.options.probe_helo}")
+        if reply.code == 250:
+            return reply
+        if reply.code == 421:
+            raise Dropped("421 at EHLO")
+        reply = await self.conn.command(f"HELO {self.options.probe_helo}")
+        if reply.code == 250:
+            return None
+        raise SessionFailed(Outcome(Verdict.INCONCLUSIVE, "client_blocked",
+                                    f"EHLO and HELO were both refused ({reply.code})"))
+
+    @staticmethod
+    def _offers(ehlo: Reply, keyword: str) -> bool:
+        return any(line.strip().upper().split(" ")[0] == keyword for line in ehlo.lines[1:])
+
+    async def run_variant(self, variant: Variant, tag: str,
+                          transcript: Transcript | None = None) -> tuple[Outcome, Transcript]:
+        """One attempt; a retry passes the first attempt's transcript to continue it."""
+        assert self.greeting is not None
+        if transcript is None:
+            transcript = self.prelude.fork()
+            transcript.info(f"variant {variant.id}: {variant.explanation}")
+        self.conn.transcript = transcript
+        addresses = addresses_for(variant, tag=tag, probe_domain=self.options.probe_domain, host=self.host,
+                                  name=self.greeting.name, audited_domain=self.options.audited_domain)
+        return await self._attempt(variant, addresses), transcript
+
+    async def _reset(self) -> None:
+        if self.needs_rset:
+            reply = await self.conn.command("RSET")
+            if reply.code == 421:
+                raise Dropped("421 at RSET")
+            if not reply.positive:
+                raise ProtocolError(f"RSET answered {reply.code}")
+            self.needs_rset = False
+
+    async def _attempt(self, variant: Variant, addresses: Addresses) -> Outcome:
+        await self._reset()
+        self.needs_rset = True
+        reply = await self._checked(f"MAIL FROM:{addresses.mail_from}")
+        if not reply.positive:
+            return _with_reply(classify_refusal(reply, "mail"), reply)
+        reply = await self._checked(f"RCPT TO:{addresses.rcpt_to}")
+        if reply.code // 100 != 2:
+            return _with_reply(classify_refusal(reply, "rcpt") if reply.code >= 400 else
+                               Outcome(Verdict.INCONCLUSIVE, "protocol_error", f"RCPT TO answered {reply.code}"),
+                               reply)
+        reply = await self._checked("DATA")
+        if reply.code != 354:
+            return _with_reply(classify_refusal(reply, "data") if reply.code >= 400 else
+                               Outcome(Verdict.INCONCLUSIVE, "protocol_error", f"DATA answered {reply.code}"), reply)
+        message = probe_message(addresses=addresses, audit_id=self.options.audit_id, site_url=self.options.site_url,
+                                helo=self.options.probe_helo, host=self.host, port=self.port, variant=variant)
+        reply = await self.conn.send_message(message)
+        if reply.code == 421:
+            raise Dropped("421 after the message")
+        self.needs_rset = False  # a finished transaction needs no RSET
+        if reply.code // 100 == 2:
+            return Outcome(Verdict.OPEN, "accepted_unconfirmed",
+                           f"accepted a message for {addresses.rcpt_to} through the end of data ({reply.code})")
+        if reply.code >= 400:
+            return _with_reply(classify_refusal(reply, "end"), reply)
+        return Outcome(Verdict.INCONCLUSIVE, "protocol_error", f"the end of the message answered {reply.code}")
+
+    async def _checked(self, command: str) -> Reply:
+        reply = await self.conn.command(command)
+        if reply.code == 421:  # the server is closing this session: the variant is retried on a new one
+            raise Dropped(f"421 at {command.split(':')[0]}")
+        return reply
+
+    async def close(self) -> None:
+        await self.conn.close(quit=True)
+
+
+def _with_reply(outcome: Outcome, reply: Reply) -> Outcome:
+    return replace(outcome, note=f"{outcome.note}: {reply.text[:200]}",
+                   retry_after=greylist_delay(reply) if outcome.reason == "greylisted" else None)
+
+
+# --- one port: variants spread over sessions ---------------------------------------------------------------
+SlotFactory = Callable[[], contextlib.AbstractAsyncContextManager[None]]
+
+
+async def run_port(emit: Emit, slot: SlotFactory, host: str, port: int, options: RelayOptions,
+                   variants: tuple[Variant, ...] = VARIANTS) -> None:
+    """Every variant on one port ends with exactly one emitted result, whatever the server does."""
+    done: set[str] = set()
+    fingerprints: dict[str, dict[str, str | None] | None] = {}
+
+    async def finish(variant: Variant, outcome: Outcome, transcript: Transcript, tag: str | None) -> None:
+        if variant.id in done:
+            return
+        done.add(variant.id)
+        transcript.info(f"verdict: {outcome.verdict.value} ({outcome.reason}) - {outcome.note}")
+        await emit(CheckResult(
+            service="relay", host=host, port=port, name=f"relay.{variant.id}", verdict=outcome.verdict,
+            reason=outcome.reason, fingerprint=fingerprints.get("port"), transcript=transcript.lines,
+            detail=outcome.note, tag=tag if outcome.reason == "accepted_unconfirmed" else None))
+
+    chunks = [variants[i:i + VARIANTS_PER_SESSION] for i in range(0, len(variants), VARIANTS_PER_SESSION)]
+    started = Transcript()
+    try:
+        async with asyncio.timeout(options.port_deadline):
+            await asyncio.gather(*(_run_chunk(chunk, finish, slot, host, port, options, fingerprints)
+                                   for chunk in chunks))
+    except TimeoutError:
+        pass
+    for variant in variants:  # cut by the port's deadline
+        if variant.id not in done:
+            transcript = started.fork()
+            await finish(variant, Outcome(Verdict.INCONCLUSIVE, "timeout",
+                                          f"the port's time limit of {options.port_deadline:g} s ran out"),
+                         transcript, None)
+
+
+async def _run_chunk(chunk: tuple[Variant, ...], finish: Callable[..., Awaitable[None]], slot: SlotFactory,
+                     host: str, port: int, options: RelayOptions,
+                     fingerprints: dict[str, dict[str, str | None] | None]) -> None:
+    pending = list(chunk)
+    tags = {v.id: new_tag() for v in chunk}  # one tag per variant, kept across a reconnect (greylisting)
+    retries: dict[str, Transcript] = {}  # greylisted once: the transcript that the retry continues
+    delays: list[float] = []
+    reconnects = 0
+    use_starttls = True
+    while pending:
+        async with slot():
+            session = RelaySession(host, port, options, use_starttls=use_starttls)
+            try:
+                greeting = await session.open()
+                fingerprints.setdefault("port", greeting.fingerprint)
+                while pending:
+                    variant = pending[0]
+                    outcome, transcript = await session.run_variant(variant, tags[variant.id],
+                                                                    retries.get(variant.id))
+                    if outcome.reason == "greylisted" and variant.id not in retries:
+                        # come back once with the same sender and recipient (greylisting remembers the triplet),
+                        # after the other variants, waiting once for all of them
+                        retries[variant.id] = transcript
+                        delays.append(outcome.retry_after or 0.0)
+                        pending.append(pending.pop(0))
+                        if all(v.id in retries for v in pending):
+                            delay = min(max(delays), options.greylist_max_wait)
+                            for v in pending:
+                                retries[v.id].info(f"temporary refusal: trying once more after {delay:g} s")
+                            await asyncio.sleep(delay)
+                        continue
+                    await finish(variant, outcome, transcript, tags[variant.id])
+                    pending.pop(0)
+                await session.close()
+                return
+            except SessionFailed as exc:
+                await _fail_all(pending, exc.outcome, session, finish)
+                await session.conn.close(quit=False)
+                return
+            except TlsFailed as exc:
+                await session.conn.close(quit=False)
+                if use_starttls and session.greeting is None:
+                    use_starttls = False  # try once more without STARTTLS, as a client that cannot do TLS
+                    session.conn.transcript.info(f"{exc}; retrying without STARTTLS")
+                    continue
+                await _fail_all(pending, Outcome(Verdict.INCONCLUSIVE, "starttls_required", str(exc)), session,
+                                finish)
+                return
+            except (Dropped, Timeout, ProtocolError) as exc:
+                await session.conn.close(quit=False)
+                if session.greeting is None:  # the greeting itself failed: nothing can be tested on this port
+                    reason = {Dropped: "dropped", Timeout: "timeout", ProtocolError: "protocol_error"}[type(exc)]
+                    await _fail_all(pending, Outcome(Verdict.INCONCLUSIVE, reason, str(exc)), session, finish)
+                    return
+                if isinstance(exc, Dropped):
+                    reconnects += 1
+                    session.conn.transcript.info(f"{exc}; reconnecting ({reconnects} of {MAX_RECONNECTS})")
+                    if reconnects > MAX_RECONNECTS:
+                        await _fail_all(pending, Outcome(Verdict.INCONCLUSIVE, "dropped",
+                                                         f"the server dropped us {reconnects} times"), session, finish)
+                        return
+                    continue
+                # a timeout or garbage in the middle of a variant: that variant ends here, the rest go on anew
+                reason = "timeout" if isinstance(exc, Timeout) else "protocol_error"
+                variant = pending.pop(0)
+                await finish(variant, Outcome(Verdict.INCONCLUSIVE, reason, str(exc)), session.conn.transcript, None)
+                reconnects += 1
+                if reconnects > MAX_RECONNECTS:
+                    await _fail_all(pending, Outcome(Verdict.INCONCLUSIVE, reason, f"{exc} (again)"), session, finish)
+                    return
+
+
+async def _fail_all(pending: list[Variant], outcome: Outcome, session: RelaySession,
+                    finish: Callable[..., Awaitable[None]]) -> None:
+    for variant in pending:
+        await finish(variant, outcome, session.conn.transcript.fork(), None)
+    pending.clear()

@@ -1,0 +1,291 @@
+"""Small asyncio SMTP servers with the behaviours real servers show only on bad days.
+
+Each fake is a Policy: how to greet, and what to answer to EHLO/HELO, MAIL, RCPT, DATA and the message. A fake
+that "relays" forwards the message to our sink with aiosmtplib, addressed to the tag it finds in the recipient,
+as a real open relay would after undoing a percent hack or a bang path. Everything listens on 127.0.0.1 only,
+and every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, field
+
+import aiosmtplib
+
+TAG = re.compile(r"sys[0-9a-f]{16}")
+MAX_LINES_PER_CONNECTION = 500
+
+
+@dataclass
+class Connection:
+    number: int
+    commands: int = 0
+    mail: str = ""
+    rcpts: list[str] = field(default_factory=list)
+
+
+class Policy:
+    """Postfix-like defaults: greets, refuses to relay anything."""
+
+    banner: bytes = b"220 fake.test.example ESMTP FakeMail 1.0\r\n"
+    ehlo_lines = ("fake.test.example", "PIPELINING", "SIZE 10240000", "8BITMIME")
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.sink: tuple[str, int, str] | None = None  # host, port, probe domain: where "relayed" mail goes
+
+    async def greet(self, conn: Connection, writer: asyncio.StreamWriter) -> bool:
+        writer.write(self.banner)
+        return True
+
+    def ehlo(self, conn: Connection, arg: str) -> bytes:
+        lines = list(self.ehlo_lines)
+        return b"".join(f"250{'-' if i < len(lines) - 1 else ' '}{line}\r\n".encode() for i, line in enumerate(lines))
+
+    def helo(self, conn: Connection, arg: str) -> bytes:
+        return b"250 fake.test.example\r\n"
+
+    def mail(self, conn: Connection, arg: str) -> bytes:
+        return b"250 2.1.0 Ok\r\n"
+
+    def rcpt(self, conn: Connection, arg: str) -> bytes:
+        return b"554 5.7.1 <" + arg.encode() + b">: Relay access denied\r\n"
+
+    def data(self, conn: Connection) -> bytes:
+        return b"354 End data with <CR><LF>.<CR><LF>\r\n"
+
+    async def message(self, conn: Connection, body: bytes) -> bytes:
+        return b"250 2.0.0 Ok: queued as FAKE\r\n"
+
+    def before_command(self, conn: Connection, line: str) -> bytes | None:
+        """A reply that replaces the normal one (e.g. 421); None to go on."""
+        return None
+
+    async def relay(self, conn: Connection, body: bytes) -> None:
+        """Deliver like an open relay: to the tag found in the recipients, at our sink."""
+        if self.sink is None:
+            return
+        host, port, domain = self.sink
+        for rcpt in conn.rcpts:
+            match = TAG.search(rcpt)
+            if match:
+                await aiosmtplib.send(body, sender="relay@fake.test.example",
+                                      recipients=[f"{match.group(0)}@{domain}"], hostname=host, port=port,
+                                      timeout=5, start_tls=False, use_tls=False)
+
+
+class FakeSmtpServer:
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._server: asyncio.base_events.Server | None = None
+
+    async def __aenter__(self) -> "FakeSmtpServer":
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        policy = self.policy
+        policy.connections += 1
+        conn = Connection(policy.connections)
+        try:
+            if not await policy.greet(conn, writer):
+                return
+            await writer.drain()
+            for _ in range(MAX_LINES_PER_CONNECTION):
+                raw = await asyncio.wait_for(reader.readline(), 30)
+                if not raw:
+                    return
+                line = raw.decode("latin-1").rstrip("\r\n")
+                conn.commands += 1
+                override = policy.before_command(conn, line)
+                if override is not None:
+                    writer.write(override)
+                    await writer.drain()
+                    if override.startswith(b"421"):
+                        return
+                    continue
+                verb, _, arg = line.partition(" ")
+                verb = verb.upper()
+                if verb == "EHLO":
+                    reply = policy.ehlo(conn, arg)
+                elif verb == "HELO":
+                    reply = policy.helo(conn, arg)
+                elif verb == "MAIL":
+                    conn.mail, conn.rcpts = arg, []
+                    reply = policy.mail(conn, arg.partition(":")[2])
+                elif verb == "RCPT":
+                    arg = arg.partition(":")[2]
+                    reply = policy.rcpt(conn, arg)
+                    if reply.startswith(b"25"):
+                        conn.rcpts.append(arg)
+                elif verb == "DATA":
+                    reply = policy.data(conn)
+                    if reply.startswith(b"354"):
+                        writer.write(reply)
+                        await writer.drain()
+                        body = await asyncio.wait_for(reader.readuntil(b"\r\n.\r\n"), 30)
+                        policy.messages.append((conn.mail, list(conn.rcpts), body))
+                        reply = await policy.message(conn, body)
+                elif verb == "RSET":
+                    conn.mail, conn.rcpts = "", []
+                    reply = b"250 2.0.0 Ok\r\n"
+                elif verb == "QUIT":
+                    writer.write(b"221 2.0.0 Bye\r\n")
+                    await writer.drain()
+                    return
+                else:
+                    reply = b"502 5.5.2 Error: command not recognized\r\n"
+                writer.write(reply)
+                await writer.drain()
+                if reply.startswith(b"421"):
+                    return
+        except (asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return
+        finally:
+            writer.close()
+
+
+# --- the behaviours ----------------------------------------------------------------------------------------
+class OpenRelay(Policy):
+    """Relays everything, and really delivers to the sink."""
+
+    def rcpt(self, conn: Connection, arg: str) -> bytes:
+        return b"250 2.1.5 Ok\r\n"
+
+    async def message(self, conn: Connection, body: bytes) -> bytes:
+        await self.relay(conn, body)
+        return b"250 2.0.0 Ok: queued as RELAYED\r\n"
+
+
+class PercentHackRelay(OpenRelay):
+    def rcpt(self, conn: Connection, arg: str) -> bytes:
+        return b"250 2.1.5 Ok\r\n" if "%" in arg else super(OpenRelay, self).rcpt(conn, arg)
+
+
+class BangPathRelay(OpenRelay):
+    def rcpt(self, conn: Connection, arg: str) -> bytes:
+        return b"250 2.1.5 Ok\r\n" if "!" in arg else super(OpenRelay, self).rcpt(conn, arg)
+
+
+class AcceptAndDiscard(Policy):
+    def rcpt(self, conn: Connection, arg: str) -> bytes:
+        return b"250 2.1.5 Ok\r\n"
+
+
+class RejectAtData(Policy):
+    def rcpt(self, conn: Connection, arg: str) -> bytes:
+        return b"250 2.1.5 Ok\r\n"
+
+    def data(self, conn: Connection) -> bytes:
+        return b"554 5.7.1 Relaying not allowed for this message\r\n"
+
+
+class RejectAfterBody(AcceptAndDiscard):
+    async def message(self, conn: Connection, body: bytes) -> bytes:
+        return b"550 5.7.1 Message refused: relaying denied\r\n"
+
+
+class Greylisting(OpenRelay):
+    """The first attempt of each (sender, recipient) triplet gets 450 with a delay; after it, mail relays."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.first_seen: dict[tuple[str, str], float] = {}
+
+    def rcpt(self, conn: Connection, arg: str) -> bytes:
+        key = (conn.mail, arg)
+        now = asyncio.get_running_loop().time()
+        first = self.first_seen.setdefault(key, now)
+        if now - first < self.delay:
+            return f"450 4.2.0 <{arg}>: Recipient address rejected: Greylisted, try again in {self.delay:g} seconds\r\n".encode()
+        return b"250 2.1.5 Ok\r\n"
+
+
+class TemporaryRelayDenied(Policy):
+    def rcpt(self, conn: Connection, arg: str) -> bytes:
+        return b"454 4.7.1 <" + arg.encode() + b">: Relay access denied\r\n"
+
+
+class AuthRequired(Policy):
+    ehlo_lines = ("fake.test.example", "AUTH PLAIN LOGIN", "8BITMIME")
+
+    def rcpt(self, conn: Connection, arg: str) -> bytes:
+        return b"530 5.7.0 Authentication required\r\n"
+
+
+class SenderRejected(Policy):
+    def mail(self, conn: Connection, arg: str) -> bytes:
+        return b"553 5.1.8 <" + arg.encode() + b">: Sender address rejected: Domain not found\r\n"
+
+
+class BlockedAtGreeting(Policy):
+    banner = b"554 5.7.1 Service unavailable; client [127.0.0.1] blocked using zen.spamhaus.org\r\n"
+
+
+class DropsAfter(Policy):
+    """Says 421 and hangs up after `limit` commands on each connection (like a server's error limit)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def before_command(self, conn: Connection, line: str) -> bytes | None:
+        if conn.commands > self.limit:
+            return b"421 4.7.0 fake.test.example Error: too many errors\r\n"
+        return None
+
+
+class TarpitBanner(Policy):
+    def __init__(self, wait: float) -> None:
+        super().__init__()
+        self.wait = wait
+
+    async def greet(self, conn: Connection, writer: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(self.wait)
+        writer.write(self.banner)
+        return True
+
+
+class EndlessMultiline(Policy):
+    async def greet(self, conn: Connection, writer: asyncio.StreamWriter) -> bool:
+        for i in range(5000):  # bounded: far more than any client may read
+            writer.write(f"220-fake.test.example line {i} of a greeting that never ends\r\n".encode())
+            if i % 100 == 0:
+                try:
+                    await writer.drain()
+                except ConnectionError:
+                    return False
+        return False
+
+
+class Garbage(Policy):
+    async def greet(self, conn: Connection, writer: asyncio.StreamWriter) -> bool:
+        writer.write(bytes(range(256)) + b"\r\nHTTP/1.1 400 Bad Request\r\n\r\n")
+        await writer.drain()
+        return False
+
+
+class HeloOnly(Policy):
+    banner = b"220 old.test.example SMTP ready\r\n"
+
+    def ehlo(self, conn: Connection, arg: str) -> bytes:
+        return b"502 5.5.2 Error: command not recognized\r\n"
+
+
+class LongLine(Policy):
+    def rcpt(self, conn: Connection, arg: str) -> bytes:
+        return b"250 " + b"x" * 10000 + b"\r\n"

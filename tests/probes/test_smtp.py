@@ -1,0 +1,308 @@
+"""Relay classification against asyncio fakes, and the pieces it is built of."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+from fakes import smtp as fakes
+
+from app.probes import smtp
+from app.probes.sink import Sink
+from app.probes.smtp_wire import Reply, check_command
+from app.verdicts import Verdict
+
+PROBE_DOMAIN = "sink.test.example"
+
+
+def options(**overrides) -> smtp.RelayOptions:
+    values = dict(audit_id="AUDIT", site_url="http://site.test", probe_domain=PROBE_DOMAIN,
+                  probe_helo="probe.test.example", connect_timeout=2, command_timeout=2, port_deadline=20,
+                  greylist_max_wait=0)
+    values.update(overrides)
+    return smtp.RelayOptions(**values)
+
+
+class Slots:
+    """The per-host limit as the audit gives it, recording the most connections open at once."""
+
+    def __init__(self, limit: int = 3) -> None:
+        self.semaphore = asyncio.Semaphore(limit)
+        self.now = self.most = self.total = 0
+
+    @contextlib.asynccontextmanager
+    async def __call__(self):
+        async with self.semaphore:
+            self.now += 1
+            self.total += 1
+            self.most = max(self.most, self.now)
+            try:
+                yield
+            finally:
+                self.now -= 1
+
+
+async def relay_port(port: int, sink: Sink | None = None, slots: Slots | None = None, **overrides):
+    results = {}
+
+    async def emit(result):
+        assert result.name not in results, f"{result.name} emitted twice"
+        results[result.name] = result
+
+    await smtp.run_port(emit, slots or Slots(), "127.0.0.1", port, options(**overrides))
+    assert sorted(results) == sorted(f"relay.{v}" for v in smtp.VARIANT_IDS)  # every variant, exactly once
+    return results
+
+
+def verdicts(results) -> set[tuple[str, str]]:
+    return {(r.verdict.value, r.reason) for r in results.values()}
+
+
+@pytest.fixture
+async def sink():
+    sink = Sink(PROBE_DOMAIN)
+    await sink.start("127.0.0.1", 0)
+    yield sink
+    await sink.stop()
+
+
+async def serve(policy, sink=None):
+    if sink is not None:
+        policy.sink = ("127.0.0.1", sink.port, PROBE_DOMAIN)
+    return fakes.FakeSmtpServer(policy)
+
+
+# --- behaviours --------------------------------------------------------------------------------------------
+async def test_closed_server_every_variant_relay_denied():
+    async with await serve(fakes.Policy()) as server:
+        results = await relay_port(server.port)
+    assert verdicts(results) == {("closed", "relay_denied")}
+    assert results["relay.v1"].fingerprint["product"] is None
+    assert "554 5.7.1" in results["relay.v2"].detail
+
+
+async def test_open_relay_is_open_and_confirmed_through_the_sink(sink):
+    policy = fakes.OpenRelay()
+    async with await serve(policy, sink) as server:
+        results = await relay_port(server.port)
+    accepted = {name for name, r in results.items() if r.reason == "accepted_unconfirmed"}
+    assert accepted == set(results)  # every variant accepted through the end of data
+    tags = {r.tag for r in results.values()}
+    assert await sink.wait_for(tags, 5) == tags  # and every tagged message really arrived
+    assert len(policy.messages) == 22
+    mail_from, rcpts, body = policy.messages[0]
+    assert b"X-Secure-Your-Server-Tag: sys" in body and b"requested by the owner of 127.0.0.1" in body
+
+
+async def test_open_only_via_percent_hack(sink):
+    async with await serve(fakes.PercentHackRelay(), sink) as server:
+        results = await relay_port(server.port)
+    open_ = {n for n, r in results.items() if r.verdict is Verdict.OPEN}
+    assert open_ == {"relay.v11", "relay.v12", "relay.v13"}
+    assert all(results[n].reason == "relay_denied" for n in set(results) - open_)
+    await sink.wait_for({results[n].tag for n in open_}, 5)
+    assert {results[n].tag for n in open_} <= set(sink.arrivals)
+
+
+async def test_open_only_via_bang_path(sink):
+    async with await serve(fakes.BangPathRelay(), sink) as server:
+        results = await relay_port(server.port)
+    open_ = {n for n, r in results.items() if r.verdict is Verdict.OPEN}
+    assert open_ == {"relay.v19", "relay.v20", "relay.v21"}  # the bang-path recipients
+
+
+async def test_greylisting_retries_once_then_is_inconclusive():
+    policy = fakes.Greylisting(delay=60)
+    async with await serve(policy) as server:
+        results = await relay_port(server.port)
+    assert verdicts(results) == {("inconclusive", "greylisted")}
+    assert "Greylisted" in results["relay.v2"].detail
+    assert sum("trying once more" in line.text
+               for line in results["relay.v2"].transcript) == 1
+
+
+async def test_greylisting_within_the_allowed_wait_gets_through(sink):
+    policy = fakes.Greylisting(delay=0.5)
+    async with await serve(policy, sink) as server:
+        results = await relay_port(server.port, greylist_max_wait=2)
+    assert verdicts(results) == {("open", "accepted_unconfirmed")}
+
+
+async def test_accept_then_reject_at_data_is_closed():
+    async with await serve(fakes.RejectAtData()) as server:
+        results = await relay_port(server.port)
+    assert verdicts(results) == {("closed", "accepts_then_rejects")}
+
+
+async def test_accept_then_reject_after_the_body_is_closed():
+    async with await serve(fakes.RejectAfterBody()) as server:
+        results = await relay_port(server.port)
+    assert verdicts(results) == {("closed", "accepts_then_rejects")}
+
+
+async def test_accept_and_discard_is_open_but_unconfirmed(sink):
+    async with await serve(fakes.AcceptAndDiscard(), sink) as server:
+        results = await relay_port(server.port)
+    assert verdicts(results) == {("open", "accepted_unconfirmed")}
+    assert all(not r.confirmed for r in results.values())
+    assert await sink.wait_for({r.tag for r in results.values()}, 0.3) == set()
+
+
+async def test_421_after_a_few_commands_reconnects_and_goes_on():
+    policy = fakes.DropsAfter(limit=12)
+    async with await serve(policy) as server:
+        results = await relay_port(server.port)
+    assert verdicts(results) == {("closed", "relay_denied")}
+    assert policy.connections > 3  # it had to reconnect
+
+
+async def test_a_server_that_always_drops_us_ends_in_dropped():
+    async with await serve(fakes.DropsAfter(limit=2)) as server:
+        results = await relay_port(server.port)
+    assert verdicts(results) == {("inconclusive", "dropped")}
+
+
+async def test_tarpit_banner_times_out_every_variant():
+    async with await serve(fakes.TarpitBanner(wait=5)) as server:
+        results = await relay_port(server.port, command_timeout=0.5)
+    assert verdicts(results) == {("inconclusive", "timeout")}
+
+
+async def test_port_deadline_bounds_a_slow_server():
+    async with await serve(fakes.TarpitBanner(wait=5)) as server:
+        results = await relay_port(server.port, command_timeout=30, port_deadline=0.5)
+    assert verdicts(results) == {("inconclusive", "timeout")}
+    assert "time limit of 0.5 s" in results["relay.v1"].detail
+
+
+async def test_endless_multiline_reply_is_a_protocol_error():
+    async with await serve(fakes.EndlessMultiline()) as server:
+        results = await relay_port(server.port)
+    assert verdicts(results) == {("closed", "not_smtp")}
+    assert len(results["relay.v1"].transcript) < 100
+
+
+async def test_garbage_is_not_smtp():
+    async with await serve(fakes.Garbage()) as server:
+        results = await relay_port(server.port)
+    assert verdicts(results) == {("closed", "not_smtp")}
+    assert any("\\x00\\x01" in line.text for line in results["relay.v1"].transcript)
+
+
+async def test_helo_only_server_is_tested_after_the_fallback():
+    async with await serve(fakes.HeloOnly()) as server:
+        results = await relay_port(server.port)
+    assert verdicts(results) == {("closed", "relay_denied")}
+    sent = [line.text for line in results["relay.v1"].transcript if line.dir == "out"]
+    assert sent[:2] == ["EHLO probe.test.example", "HELO probe.test.example"]
+
+
+async def test_overlong_reply_line_is_a_protocol_error():
+    async with await serve(fakes.LongLine()) as server:
+        results = await relay_port(server.port)
+    assert verdicts(results) == {("inconclusive", "protocol_error")}
+
+
+@pytest.mark.parametrize("policy,expected", [
+    (fakes.TemporaryRelayDenied, ("closed", "relay_denied")),
+    (fakes.AuthRequired, ("auth_required", "auth_required_for_relay")),
+    (fakes.SenderRejected, ("inconclusive", "sender_rejected")),
+    (fakes.BlockedAtGreeting, ("inconclusive", "client_blocked")),
+])
+async def test_refusal_kinds(policy, expected):
+    async with await serve(policy()) as server:
+        results = await relay_port(server.port)
+    assert verdicts(results) == {expected}
+
+
+async def test_refused_and_filtered_ports(refused_port, silent_port):
+    results = await relay_port(refused_port)
+    assert verdicts(results) == {("unreachable", "refused")}
+    results = await relay_port(silent_port, connect_timeout=0.3)
+    assert verdicts(results) == {("unreachable", "filtered")}
+
+
+async def test_sessions_stay_within_the_connection_limit():
+    slots = Slots(limit=2)
+    async with await serve(fakes.Policy()) as server:
+        await relay_port(server.port, slots=slots)
+    assert slots.most == 2 and slots.total == 3  # 22 variants in sessions of at most 8
+
+
+# --- the pieces --------------------------------------------------------------------------------------------
+def test_variant_forms():
+    forms = {v.id: smtp.addresses_for(v, tag="sys0123456789abcdef", probe_domain="T.example", host="192.0.2.5",
+                                      name="mx.corp.example", audited_domain=None) for v in smtp.VARIANTS}
+    got = {k: (a.mail_from, a.rcpt_to) for k, a in forms.items()}
+    t, T = "sys0123456789abcdef", "T.example"
+    assert got["v1"] == ("<>", f"<{t}@{T}>")
+    assert got["v3"] == ("<sys-probe@mx.corp.example>", f"<{t}@{T}>")
+    assert got["v5"] == ("<sys-probe>", f"<{t}@{T}>")
+    assert got["v7"] == ("<sys-probe@corp.example>", f"<{t}@{T}>")
+    assert got["v8"] == ("<mx.corp.example!sys-probe>", f"<{t}@{T}>")
+    assert got["v9"][1] == f"{t}@{T}"
+    assert got["v11"][1] == f'<"{t}%{T}">'
+    assert got["v12"][1] == f"<{t}%{T}@[192.0.2.5]>"
+    assert got["v15"][1] == f'<"{t}@{T}"@[192.0.2.5]>'
+    assert got["v17"][1] == f"<@[192.0.2.5]:{t}@{T}>"
+    assert got["v18"][1] == f"<@mx.corp.example:{t}@{T}>"
+    assert got["v21"][1] == f"<{T}!{t}@mx.corp.example>"
+    assert got["v22"][1] == f"<{t}@{T}@>"
+    assert all(got[f"v{i}"][0] == "<sys-probe@[192.0.2.5]>" for i in range(9, 23))
+    assert len(smtp.VARIANTS) == 22 and len(set(smtp.VARIANT_IDS)) == 22
+    assert all(v.explanation for v in smtp.VARIANTS)
+    v6 = smtp.addresses_for(smtp.VARIANTS[11], tag=t, probe_domain=T, host="2001:db8::25", name=None,
+                            audited_domain="corp.example")
+    assert v6.rcpt_to == f"<{t}%{T}@[IPv6:2001:db8::25]>"
+
+
+@pytest.mark.parametrize("banner_word,expected", [
+    ("mx.example.com", "mx.example.com"), ("ESMTP", None), ("localhost", None), ("192.0.2.1", None),
+    ("evil.example.com\r\nRCPT", None), ("a..b", None), ("-x.example.com", None), ("x" * 300 + ".com", None),
+])
+def test_only_plain_hostnames_are_taken_from_banners(banner_word, expected):
+    assert smtp.hostname_or_none(banner_word) == expected
+
+
+@pytest.mark.parametrize("line", ["MAIL FROM:<a@b>\r\nRCPT TO:<x@y>", "EHLO x\n", "EHLO \x00", "A" * 1001])
+def test_commands_cannot_carry_line_breaks_or_controls(line):
+    with pytest.raises(ValueError):
+        check_command(line)
+
+
+@pytest.mark.parametrize("code,text,stage,expected", [
+    (554, "5.7.1 <x@y>: Relay access denied", "rcpt", ("closed", "relay_denied")),
+    (550, "5.7.1 Unable to relay", "rcpt", ("closed", "relay_denied")),
+    (501, "5.1.3 Bad recipient address syntax", "rcpt", ("closed", "relay_denied")),
+    (454, "4.7.1 <x@y>: Relay access denied", "rcpt", ("closed", "relay_denied")),
+    (451, "4.7.1 Please try again later", "rcpt", ("inconclusive", "greylisted")),
+    (450, "4.2.0 Greylisted", "rcpt", ("inconclusive", "greylisted")),
+    (530, "5.7.0 Authentication required", "rcpt", ("auth_required", "auth_required_for_relay")),
+    (550, "5.7.1 Relaying denied. Proper authentication required.", "rcpt",
+     ("auth_required", "auth_required_for_relay")),
+    (530, "5.7.0 Must issue a STARTTLS command first", "mail", ("inconclusive", "starttls_required")),
+    (553, "5.1.8 Sender address rejected: Domain not found", "rcpt", ("inconclusive", "sender_rejected")),
+    (450, "4.1.8 <s@x>: Sender address rejected: Domain not found", "rcpt", ("inconclusive", "sender_rejected")),
+    (501, "5.1.7 Bad sender address syntax", "mail", ("inconclusive", "sender_rejected")),
+    (554, "5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org", "rcpt",
+     ("inconclusive", "client_blocked")),
+    (554, "5.7.1 Transaction failed", "data", ("closed", "accepts_then_rejects")),
+    (550, "Message rejected", "end", ("closed", "accepts_then_rejects")),
+    (452, "4.3.1 Insufficient system storage", "end", ("inconclusive", "greylisted")),
+])
+def test_classification(code, text, stage, expected):
+    outcome = smtp.classify_refusal(Reply(code, (text,)), stage)
+    assert (outcome.verdict.value, outcome.reason) == expected
+
+
+def test_reply_enhanced_code_must_match_the_class():
+    assert Reply(554, ("5.7.1 denied",)).enhanced == "5.7.1"
+    assert Reply(554, ("4.7.1 denied",)).enhanced is None
+    assert Reply(250, ("mx.example.com",)).enhanced is None
+
+
+def test_greylist_delay_parsing():
+    assert smtp.greylist_delay(Reply(450, ("Greylisted, try again in 300 seconds",))) == 300
+    assert smtp.greylist_delay(Reply(451, ("Greylisted for 5 minutes",))) == 300
+    assert smtp.greylist_delay(Reply(451, ("try later",))) is None
