@@ -200,6 +200,8 @@ class Auditor:
         log.info("audit.deliveries", extra={"audit": audit_id, "expected": len(waiting), "arrived": len(arrived)})
         for seq, result in list(results.items()):
             if result.tag in arrived:
+                # the message may have arrived before its row was stored: record it now (delivered() is idempotent)
+                await self.delivered(result.tag)
                 results[seq] = confirmed(result)
 
     async def delivered(self, tag: str) -> None:

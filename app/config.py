@@ -115,6 +115,15 @@ class Settings(BaseSettings):
     def _header(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
+    @field_validator("probe_domain", "probe_helo")
+    @classmethod
+    def _hostname(cls, value: str) -> str:
+        value = value.strip().rstrip(".").lower()
+        if not re.match(r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$",
+                        value):
+            raise ValueError("must be a fully qualified host name such as probe.example.org")
+        return value
+
     @field_validator("public_url")
     @classmethod
     def _public_url(cls, value: str) -> str:

@@ -69,3 +69,11 @@ def test_every_setting_is_documented_in_the_readme():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"`SECURE_{name.upper()}`" in readme, name
+
+
+@pytest.mark.parametrize("value", ["probe", "probe.example.org\r\nRCPT TO:<x@y>", "a b.example", "-x.example", ""])
+def test_probe_names_must_be_plain_hostnames(value):
+    with pytest.raises(ValidationError):
+        Settings(probe_helo=value)
+    with pytest.raises(ValidationError):
+        Settings(probe_domain=value)

@@ -74,6 +74,18 @@ def plan_relay(host: str, ports: list[int], options: ProbeOptions) -> list[Plann
     return [unit(port) for port in ports]
 
 
+_DESCRIPTIONS = {f"relay.{v.id}": f"{v.mail_from} -> {v.rcpt_to}: {v.explanation}" for v in smtp.VARIANTS}
+_DESCRIPTIONS.update({
+    "relay.reachable": "Whether the mail port accepts connections.",
+    "proxy.reachable": "Whether the proxy port accepts connections.",
+})
+
+
+def describe_check(name: str) -> str:
+    """One line for the visitor: what a check tries."""
+    return _DESCRIPTIONS.get(name, "")
+
+
 PLANNERS: dict[str, Planner] = {
     "relay": plan_relay,
     "proxy": _reachability_planner("proxy"),

@@ -14,6 +14,7 @@ from app.access.targets import ForbiddenTarget, guard
 from app.audits import Auditor
 from app.config import Settings
 from app.guides import GuideLibrary
+from app.probes import describe_check
 from app.store import Audit, Store
 from app.verdicts import REASONS, CheckResult
 
@@ -92,6 +93,7 @@ def absolute_url(settings: Settings, path: str) -> str:
 
 def check_json(result: CheckResult, guides: GuideLibrary, settings: Settings) -> dict[str, Any]:
     data = result.to_dict()
+    data["description"] = describe_check(result.name)
     data["guides"] = [{"slug": g.slug, "title": g.title, "url": absolute_url(settings, f"/guides/{g.slug}")}
                       for g in guides.for_check(result)]
     return data

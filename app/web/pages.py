@@ -13,6 +13,7 @@ from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
 from app import ENGINE_VERSION
+from app.probes import describe_check
 from app.verdicts import REASONS, SERVICES
 from app.web.common import load_audit, requester, retest_audit, self_hosts, start_audit, state
 from app.web.security import CSRF_COOKIE, csrf_token, csrf_valid, new_csrf_cookie
@@ -30,7 +31,11 @@ templates.env.filters["utc"] = _utc
 
 SERVICE_NAMES = {"relay": "Mail relay", "proxy": "Proxy"}
 SUMMARY_SENTENCES = {
-    ("relay", "open"): "Your server is an open relay: anyone on the Internet can send mail through it.",
+    ("relay", "open"): "Your server is an open relay: anyone on the Internet can send mail through it. "
+                       "A test message sent through it reached us.",
+    ("relay", "open_unconfirmed"): "Your server accepted mail for a stranger's address through the end of the "
+                                   "message. It has not reached us (yet): some servers accept and then discard such "
+                                   "mail, but most relay it. Treat it as an open relay.",
     ("relay", "closed"): "We found no open relay.",
     ("relay", "inconclusive"): "We could not reach a final answer for the mail relay test:",
     ("relay", "unreachable"): "No mail port answered, so your server cannot be an open relay from the Internet.",
@@ -121,14 +126,26 @@ async def audit_page(request: Request, audit_id: str) -> HTMLResponse:
     audit = await load_audit(request, audit_id)
     app_state = state(request)
     chain = await app_state.store.retest_chain(audit.id, limit=20)
-    rows = [{"check": c.result, "guides": app_state.guides.for_check(c.result)} for c in audit.checks]
-    sentences = {s: SUMMARY_SENTENCES.get((s, (audit.summary or {}).get(s) or ""), "")
-                 for s in audit.services}
+    rows = [{"check": c.result, "guides": app_state.guides.for_check(c.result),
+             "description": describe_check(c.result.name)} for c in audit.checks]
+    # which checks are open where: "port 25: relay.v2 (confirmed), relay.v12"
+    open_by_port: dict[tuple[str, str, int], list[str]] = {}
+    for c in audit.checks:
+        if c.result.verdict.value == "open":
+            label = c.result.name.split(".", 1)[1] + (" (delivered to us)" if c.result.confirmed else "")
+            open_by_port.setdefault((c.result.service, c.result.host, c.result.port), []).append(label)
+    def sentence(service: str) -> str:
+        verdict = (audit.summary or {}).get(service) or ""
+        if verdict == "open" and not any(c.result.confirmed for c in audit.checks if c.result.service == service):
+            verdict = "open_unconfirmed"
+        return SUMMARY_SENTENCES.get((service, verdict), "")
+
+    sentences = {s: sentence(s) for s in audit.services}
     # for an unfinished verdict, say which steps could not finish (each reason once), not just "inconclusive"
     why = {s: sorted({c.result.reason for c in audit.checks if c.result.service == s
                       and c.result.verdict.value in ("inconclusive", "error")}) for s in audit.services}
     return render(request, "audit.html", {
-        "audit": audit, "rows": rows, "sentences": sentences, "why": why, "chain": chain[1:],
+        "audit": audit, "rows": rows, "sentences": sentences, "why": why, "open_by_port": open_by_port, "chain": chain[1:],
         "can_retest": audit.finished and audit.target == "self",
     })
 

@@ -1,0 +1,106 @@
+"""The relay checks through the whole lifecycle: sink confirmation during and after the audit."""
+
+import asyncio
+import sqlite3
+
+import aiosmtplib
+import pytest
+from fakes import smtp as fakes
+
+from app.audits import Auditor
+from app.probes.sink import Sink
+from app.store import SCHEMA_VERSION, Store
+
+PROBE_DOMAIN = "sink.test.example"
+
+
+@pytest.fixture
+async def store(tmp_path):
+    store = Store(str(tmp_path / "db.sqlite"))
+    await store.open()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def sink():
+    sink = Sink(PROBE_DOMAIN)
+    await sink.start("127.0.0.1", 0)
+    yield sink
+    await sink.stop()
+
+
+async def audit_relay(settings, store, sink, port):
+    settings.relay_ports = [port]
+    settings.probe_domain = PROBE_DOMAIN
+    auditor = Auditor(settings, store, sink=sink)
+    sink.on_delivery = auditor.delivered
+    audit = await auditor.start(target="self", requester="127.0.0.1", hosts=["127.0.0.1"], services=["relay"])
+    await asyncio.wait_for(asyncio.shield(auditor._tasks[audit.id]), 30)
+    return auditor, await store.get_audit(audit.id)
+
+
+async def test_open_relay_audit_is_open_and_confirmed(settings, store, sink):
+    policy = fakes.OpenRelay()
+    policy.sink = ("127.0.0.1", sink.port, PROBE_DOMAIN)
+    async with fakes.FakeSmtpServer(policy) as server:
+        _, audit = await audit_relay(settings, store, sink, server.port)
+    assert audit.summary == {"relay": "open", "proxy": None}
+    assert len(audit.checks) == 22
+    assert {(c.result.reason, c.result.confirmed) for c in audit.checks} == {("delivered", True)}
+    assert "our sink received the tagged message" in audit.checks[0].result.transcript[-1].text
+
+
+async def test_a_late_arrival_still_confirms_the_stored_check(settings, store, sink):
+    settings.sink_wait = 0.2
+    async with fakes.FakeSmtpServer(fakes.AcceptAndDiscard()) as server:
+        _, audit = await audit_relay(settings, store, sink, server.port)
+    assert audit.status == "done" and audit.summary["relay"] == "open"
+    assert {c.result.reason for c in audit.checks} == {"accepted_unconfirmed"}
+    late = next(c for c in audit.checks if c.result.name == "relay.v2")
+    await aiosmtplib.send(b"Subject: late\r\n\r\nlate\r\n", sender="x@relay.example",
+                          recipients=[f"{late.result.tag}@{PROBE_DOMAIN}"], hostname="127.0.0.1", port=sink.port,
+                          timeout=5)
+    again = await store.get_audit(audit.id)
+    by_name = {c.result.name: c.result for c in again.checks}
+    assert (by_name["relay.v2"].reason, by_name["relay.v2"].confirmed) == ("delivered", True)
+    assert by_name["relay.v3"].reason == "accepted_unconfirmed"
+
+
+async def test_the_sink_refuses_everything_but_probe_tags(sink):
+    with pytest.raises(aiosmtplib.SMTPRecipientsRefused):
+        await aiosmtplib.send(b"Subject: x\r\n\r\nx\r\n", sender="a@b.example", recipients=["victim@example.com"],
+                              hostname="127.0.0.1", port=sink.port, timeout=5)
+    with pytest.raises(aiosmtplib.SMTPRecipientsRefused):
+        await aiosmtplib.send(b"Subject: x\r\n\r\nx\r\n", sender="a@b.example",
+                              recipients=[f"notatag@{PROBE_DOMAIN}"], hostname="127.0.0.1", port=sink.port, timeout=5)
+    assert not sink.arrivals
+
+
+async def test_store_migrates_a_version_1_database(tmp_path):
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE audits (id TEXT PRIMARY KEY, created_at REAL NOT NULL, started_at REAL, finished_at REAL,
+            status TEXT NOT NULL, target TEXT NOT NULL, requester TEXT NOT NULL, verification_id TEXT,
+            hosts TEXT NOT NULL, services TEXT NOT NULL, planned INTEGER NOT NULL DEFAULT 0, previous_id TEXT,
+            engine_version TEXT NOT NULL, summary TEXT, error TEXT);
+        CREATE TABLE checks (audit_id TEXT NOT NULL, seq INTEGER NOT NULL, finished_at REAL NOT NULL,
+            service TEXT NOT NULL, host TEXT NOT NULL, port INTEGER NOT NULL, name TEXT NOT NULL,
+            verdict TEXT NOT NULL, reason TEXT NOT NULL, confirmed INTEGER NOT NULL, fingerprint TEXT,
+            transcript TEXT NOT NULL, detail TEXT NOT NULL, PRIMARY KEY (audit_id, seq));
+        INSERT INTO audits VALUES ('AAAAAAAAAAAAAAAAAAAAAA', 1, 1, 2, 'done', 'self', '192.0.2.1', NULL,
+            '["192.0.2.1"]', '["relay"]', 1, NULL, '2026.11.1', '{"relay": "unreachable", "proxy": null}', NULL);
+        INSERT INTO checks VALUES ('AAAAAAAAAAAAAAAAAAAAAA', 1, 2, 'relay', '192.0.2.1', 25, 'relay.reachable',
+            'unreachable', 'refused', 0, NULL, '[]', 'connection refused');
+    """)
+    conn.commit()
+    conn.close()
+    store = Store(str(path))
+    await store.open()
+    assert await store.schema_version() == SCHEMA_VERSION == 2
+    audit = await store.get_audit("AAAAAAAAAAAAAAAAAAAAAA")
+    assert audit.checks[0].result.reason == "refused" and audit.checks[0].result.tag is None
+    await store.close()
