@@ -19,7 +19,7 @@ TEST_STAMP  := $(VENV)/.installed-test.stamp
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
 
-.PHONY: help run test venv install install-test debian-packages clean distclean
+.PHONY: help run test bench venv install install-test debian-packages clean distclean
 
 help: ## List the targets
 	@echo "Usage: make TARGET [HOST=$(HOST)] [PORT=$(PORT)] [PYTEST_ARGS='...'] [PYTHON=$(PYTHON)]"
@@ -33,6 +33,10 @@ run: install | var ## Serve the site on HOST:PORT (creates .venv and ./var if ne
 test: install-test | var ## Install test deps and Debian packages, then run pytest (PYTEST_ARGS='...')
 	bash scripts/install-debian-packages.sh
 	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
+
+bench: install-test ## Benchmarks against real servers, with nmap as the baseline (as root)
+	bash scripts/install-debian-packages.sh
+	$(VENV_PYTHON) bench/relay.py
 
 venv: $(VENV_PYTHON) ## Create the virtualenv .venv
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -15,6 +16,7 @@ import pytest
 
 from app.config import Settings
 from app.main import create_app
+from app.probes import smtp
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("SYS_ARTIFACTS", ROOT / "artifacts"))
@@ -120,3 +122,48 @@ def wait_done_sync(url: str, audit_id: str, seconds: float = 30.0) -> dict:
         if time.monotonic() > deadline:
             raise AssertionError(f"audit {audit_id} still {data['status']} after {seconds} s")
         time.sleep(0.1)
+
+
+# --- driving the relay checks of one port, as the audit does ------------------------------------------------
+PROBE_DOMAIN = "sink.test.example"
+
+
+def relay_options(**overrides) -> smtp.RelayOptions:
+    values = dict(audit_id="AUDIT", site_url="http://site.test", probe_domain=PROBE_DOMAIN,
+                  probe_helo="probe.test.example", connect_timeout=2, command_timeout=2, port_deadline=20,
+                  greylist_max_wait=0)
+    values.update(overrides)
+    return smtp.RelayOptions(**values)
+
+
+class Slots:
+    """The per-host limit as the audit gives it, recording the most connections open at once."""
+
+    def __init__(self, limit: int = 3) -> None:
+        self.semaphore = asyncio.Semaphore(limit)
+        self.now = self.most = self.total = 0
+
+    @contextlib.asynccontextmanager
+    async def __call__(self):
+        async with self.semaphore:
+            self.now += 1
+            self.total += 1
+            self.most = max(self.most, self.now)
+            try:
+                yield
+            finally:
+                self.now -= 1
+
+
+async def relay_port(port: int, sink: Sink | None = None, slots: Slots | None = None, **overrides):
+    results = {}
+
+    async def emit(result):
+        assert result.name not in results, f"{result.name} emitted twice"
+        results[result.name] = result
+
+    await smtp.run_port(emit, slots or Slots(), "127.0.0.1", port, relay_options(**overrides))
+    assert sorted(results) == sorted(f"relay.{v}" for v in smtp.VARIANT_IDS)  # every variant, exactly once
+    return results
+
+

@@ -2,58 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
 import pytest
 from fakes import smtp as fakes
+from support import PROBE_DOMAIN, Slots, relay_port
 
 from app.probes import smtp
 from app.probes.sink import Sink
 from app.probes.smtp_wire import Reply, check_command
 from app.verdicts import Verdict
-
-PROBE_DOMAIN = "sink.test.example"
-
-
-def options(**overrides) -> smtp.RelayOptions:
-    values = dict(audit_id="AUDIT", site_url="http://site.test", probe_domain=PROBE_DOMAIN,
-                  probe_helo="probe.test.example", connect_timeout=2, command_timeout=2, port_deadline=20,
-                  greylist_max_wait=0)
-    values.update(overrides)
-    return smtp.RelayOptions(**values)
-
-
-class Slots:
-    """The per-host limit as the audit gives it, recording the most connections open at once."""
-
-    def __init__(self, limit: int = 3) -> None:
-        self.semaphore = asyncio.Semaphore(limit)
-        self.now = self.most = self.total = 0
-
-    @contextlib.asynccontextmanager
-    async def __call__(self):
-        async with self.semaphore:
-            self.now += 1
-            self.total += 1
-            self.most = max(self.most, self.now)
-            try:
-                yield
-            finally:
-                self.now -= 1
-
-
-async def relay_port(port: int, sink: Sink | None = None, slots: Slots | None = None, **overrides):
-    results = {}
-
-    async def emit(result):
-        assert result.name not in results, f"{result.name} emitted twice"
-        results[result.name] = result
-
-    await smtp.run_port(emit, slots or Slots(), "127.0.0.1", port, options(**overrides))
-    assert sorted(results) == sorted(f"relay.{v}" for v in smtp.VARIANT_IDS)  # every variant, exactly once
-    return results
-
 
 def verdicts(results) -> set[tuple[str, str]]:
     return {(r.verdict.value, r.reason) for r in results.values()}

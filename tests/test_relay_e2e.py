@@ -1,0 +1,52 @@
+"""The whole way, as an operator runs it: the site with its sink, a real open Postfix, an audit over HTTP."""
+
+import os
+
+import httpx
+import pytest
+from support import ServedSite, free_port, require_binary, wait_done_sync
+
+from servers.postfix import PostfixUnavailable, postfix_available, start_postfix
+
+
+@pytest.fixture
+def postfix_ok():
+    require_binary("/usr/sbin/postfix", "postfix")
+    try:
+        postfix_available()
+    except PostfixUnavailable as exc:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("kind,summary,reasons", [
+    ("open", "open", {"delivered"}),
+    ("closed", "closed", {"relay_denied"}),
+])
+def test_relay_audit_over_http_against_real_postfix(tmp_path, postfix_ok, kind, summary, reasons):
+    sink_port = free_port()
+    instance = start_postfix(tmp_path, kind, sink_port=sink_port)
+    try:
+        env = {"SECURE_ALLOW_NETWORKS": "127.0.0.0/8", "SECURE_RELAY_PORTS": str(instance.port),
+               "SECURE_PROXY_PORTS": "", "SECURE_SINK_LISTEN": f"127.0.0.1:{sink_port}",
+               "SECURE_PROBE_DOMAIN": "sink.test.example", "SECURE_PROBE_HELO": "probe.test.example",
+               "SECURE_SINK_WAIT": "5"}
+        with ServedSite(tmp_path, env) as site:
+            response = httpx.post(site.url + "/api/v1/audits", json={"target": "self", "checks": ["relay"]},
+                                  timeout=5)
+            assert response.status_code == 202
+            data = wait_done_sync(site.url, response.json()["id"])
+            page = httpx.get(data["url"], timeout=5).text
+    finally:
+        instance.stop()
+    assert data["summary"] == {"relay": summary, "proxy": None}
+    assert len(data["checks"]) == 22 and {c["reason"] for c in data["checks"]} == reasons
+    assert all(c["confirmed"] is (kind == "open") for c in data["checks"])
+    assert data["checks"][0]["fingerprint"]["product"] == "Postfix"
+    assert data["checks"][0]["description"]
+    if kind == "open":
+        assert "A test message sent through it reached us" in page
+        assert f"127.0.0.1 port {instance.port}: v" in page
+    else:
+        assert "We found no open relay" in page
