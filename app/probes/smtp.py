@@ -296,6 +296,16 @@ class RelaySession:
                                   name=self.greeting.name, audited_domain=self.options.audited_domain)
         return await self._attempt(variant, addresses), transcript
 
+    async def upgrade(self) -> bool:
+        """STARTTLS although EHLO did not offer it (the server just said it requires it); False if refused."""
+        await self._reset()
+        reply = await self.conn.command("STARTTLS")
+        if reply.code != 220:
+            return False
+        await self.conn.starttls()
+        await self._hello()
+        return True
+
     async def _reset(self) -> None:
         if self.needs_rset:
             reply = await self.conn.command("RSET")
@@ -403,6 +413,11 @@ async def _run_chunk(chunk: tuple[Variant, ...], finish: Callable[..., Awaitable
                     variant = pending[0]
                     outcome, transcript = await session.run_variant(variant, tags[variant.id],
                                                                     retries.get(variant.id))
+                    if (outcome.reason == "starttls_required" and not session.conn.tls and use_starttls
+                            and not session.starttls_offered):
+                        # required but not offered in EHLO: try it anyway, then test this variant again
+                        if await session.upgrade():
+                            continue
                     if outcome.reason == "greylisted" and variant.id not in retries:
                         # come back once with the same sender and recipient (greylisting remembers the triplet),
                         # after the other variants, waiting once for all of them

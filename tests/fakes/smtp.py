@@ -289,3 +289,10 @@ class HeloOnly(Policy):
 class LongLine(Policy):
     def rcpt(self, conn: Connection, arg: str) -> bytes:
         return b"250 " + b"x" * 10000 + b"\r\n"
+
+
+class StarttlsRequiredUnadvertised(Policy):
+    """Says STARTTLS is required at MAIL but does not list it in EHLO, and cannot do it."""
+
+    def mail(self, conn: Connection, arg: str) -> bytes:
+        return b"530 5.7.0 Must issue a STARTTLS command first\r\n"

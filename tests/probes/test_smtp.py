@@ -262,3 +262,33 @@ def test_greylist_delay_parsing():
     assert smtp.greylist_delay(Reply(450, ("Greylisted, try again in 300 seconds",))) == 300
     assert smtp.greylist_delay(Reply(451, ("Greylisted for 5 minutes",))) == 300
     assert smtp.greylist_delay(Reply(451, ("try later",))) is None
+
+
+async def test_starttls_required_but_impossible_is_inconclusive():
+    policy = fakes.StarttlsRequiredUnadvertised()
+    async with await serve(policy) as server:
+        results = await relay_port(server.port)
+    assert verdicts(results) == {("inconclusive", "starttls_required")}
+    sent = [line.text for line in results["relay.v1"].transcript if line.dir == "out"]
+    assert "STARTTLS" in sent  # it was tried although EHLO did not offer it
+
+
+@pytest.mark.parametrize("raw,product,version", [
+    ("mx.example.com ESMTP Postfix (Debian/GNU)", "Postfix", None),
+    ("mail.example.com ESMTP Sendmail 8.15.2/8.15.2; Fri, 27 Nov 2026", "Sendmail", "8.15.2"),
+    ("mx.example.com ESMTP Exim 4.96 Fri, 27 Nov 2026 10:00:00 +0000", "Exim", "4.96"),
+    ("EX01.corp.local Microsoft ESMTP MAIL Service ready at Fri, 27 Nov 2026", "Microsoft Exchange", None),
+    ("srv.corp.local Microsoft ESMTP MAIL Service, Version: 6.0.3790.3959 ready", "Microsoft IIS SMTP", "6.0.3790.3959"),
+    ("mail.example.com ESMTP Service (Lotus Domino Release 8.5.3FP6) ready", "HCL/Lotus Domino", "8.5.3FP6"),
+    ("mail.example.com ESMTP MDaemon 21.5.2; Fri, 27 Nov 2026", "MDaemon", "21.5.2"),
+    ("mail.example.com ESMTP hMailServer", "hMailServer", None),
+    ("mx.example.com ESMTP OpenSMTPD", "OpenSMTPD", None),
+    ("mail.example.com ESMTP Zimbra 9.0", "Zimbra", "9.0"),
+    ("mx.example.com ESMTP", None, None),
+])
+def test_fingerprints(raw, product, version):
+    from app.probes.fingerprint import identify
+
+    found = identify(raw)
+    assert (found["product"], found["version"]) == (product, version)
+    assert found["raw"] == raw
