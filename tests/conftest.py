@@ -74,3 +74,47 @@ def settings(tmp_path: Path, refused_port: int, open_port: int) -> Settings:
 async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with running_app(settings) as client:
         yield client
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    from app.store import Store
+
+    store = Store(str(tmp_path / "db.sqlite"))
+    await store.open()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def sink():
+    """Our own sink (app.probes.sink) on a free loopback port, for relayed probe messages."""
+    from support import PROBE_DOMAIN
+
+    from app.probes.sink import Sink
+
+    sink = Sink(PROBE_DOMAIN)
+    await sink.start("127.0.0.1", 0)
+    yield sink
+    await sink.stop()
+
+
+def require_postfix() -> None:
+    """Real Postfix needs its package and root: fail under CI, skip elsewhere."""
+    import os
+
+    from servers.postfix import PostfixUnavailable, postfix_available
+    from support import require_binary
+
+    require_binary("/usr/sbin/postfix", "postfix")
+    try:
+        postfix_available()
+    except PostfixUnavailable as exc:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def postfix_ok() -> None:
+    require_postfix()

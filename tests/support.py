@@ -155,7 +155,7 @@ class Slots:
                 self.now -= 1
 
 
-async def relay_port(port: int, sink: Sink | None = None, slots: Slots | None = None, **overrides):
+async def relay_port(port: int, slots: Slots | None = None, **overrides):
     results = {}
 
     async def emit(result):

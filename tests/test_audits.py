@@ -1,20 +1,9 @@
 import asyncio
 
-import pytest
-
 from app.access.targets import Listener
 from app.audits import Auditor
 from app.probes import PlannedCheck, ProbeOptions
-from app.store import Store
 from app.verdicts import CheckResult, Verdict
-
-
-@pytest.fixture
-async def store(tmp_path):
-    store = Store(str(tmp_path / "db.sqlite"))
-    await store.open()
-    yield store
-    await store.close()
 
 
 def fake_planner(behaviour, tracker=None):

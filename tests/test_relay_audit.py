@@ -8,26 +8,9 @@ import pytest
 from fakes import smtp as fakes
 
 from app.audits import Auditor
-from app.probes.sink import Sink
 from app.store import SCHEMA_VERSION, Store
 
 PROBE_DOMAIN = "sink.test.example"
-
-
-@pytest.fixture
-async def store(tmp_path):
-    store = Store(str(tmp_path / "db.sqlite"))
-    await store.open()
-    yield store
-    await store.close()
-
-
-@pytest.fixture
-async def sink():
-    sink = Sink(PROBE_DOMAIN)
-    await sink.start("127.0.0.1", 0)
-    yield sink
-    await sink.stop()
 
 
 async def audit_relay(settings, store, sink, port):

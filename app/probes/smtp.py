@@ -19,7 +19,7 @@ from typing import Awaitable, Callable
 
 from app.probes.fingerprint import identify
 from app.probes.sink import TAG_HEADER, new_tag
-from app.probes.smtp_wire import (Dropped, ProtocolError, Reply, SmtpConnection, SmtpError, Timeout, TlsFailed)
+from app.probes.smtp_wire import Dropped, ProtocolError, Reply, SmtpConnection, Timeout, TlsFailed
 from app.probes.transcript import Transcript
 from app.verdicts import CheckResult, Verdict
 
@@ -182,7 +182,7 @@ def probe_message(*, addresses: Addresses, audit_id: str, site_url: str, helo: s
         "",
         f"This message tests whether the mail server at {host} port {port} is an open relay.",
         "The owner of that address asked for the test. It is addressed only to the testing",
-        f"site's own mailbox; if it arrives there, the server relays mail for strangers.",
+        "site's own mailbox; if it arrives there, the server relays mail for strangers.",
         f"Audit: {site_url.rstrip('/')}/audits/{audit_id}",
         f"Variant {variant.id}: MAIL FROM:{addresses.mail_from} RCPT TO:{addresses.rcpt_to}",
     ]

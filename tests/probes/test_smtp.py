@@ -7,20 +7,11 @@ from fakes import smtp as fakes
 from support import PROBE_DOMAIN, Slots, relay_port
 
 from app.probes import smtp
-from app.probes.sink import Sink
 from app.probes.smtp_wire import Reply, check_command
 from app.verdicts import Verdict
 
 def verdicts(results) -> set[tuple[str, str]]:
     return {(r.verdict.value, r.reason) for r in results.values()}
-
-
-@pytest.fixture
-async def sink():
-    sink = Sink(PROBE_DOMAIN)
-    await sink.start("127.0.0.1", 0)
-    yield sink
-    await sink.stop()
 
 
 async def serve(policy, sink=None):

@@ -3,34 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pytest
-from support import PROBE_DOMAIN, relay_port, require_binary
+from support import relay_port
 
 from app.probes import smtp
-from app.probes.sink import Sink
 from app.verdicts import Verdict
-from servers.postfix import PostfixUnavailable, postfix_available, start_postfix
+from servers.postfix import start_postfix
 
 
 @pytest.fixture
-async def sink():
-    sink = Sink(PROBE_DOMAIN)
-    await sink.start("127.0.0.1", 0)
-    yield sink
-    await sink.stop()
-
-
-@pytest.fixture
-def postfix(tmp_path, sink):
-    require_binary("/usr/sbin/postfix", "postfix")
-    try:
-        postfix_available()
-    except PostfixUnavailable as exc:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+def postfix(tmp_path, sink, postfix_ok):
     started = []
 
     async def start(kind: str):
