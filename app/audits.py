@@ -19,6 +19,7 @@ from app.access.targets import Listener, is_own_listener
 from app.config import Settings
 from app.logs import get_logger
 from app.probes import PLANNERS, PlannedCheck, Planner, ProbeOptions
+from app.probes.proxy import CanaryTargets
 from app.probes.sink import Sink
 from app.store import Audit, Store, new_id
 from app.verdicts import CheckResult, TranscriptLine, Verdict, summarize_audit
@@ -56,18 +57,22 @@ class EventHub:
             queue.put_nowait(event)
 
 
-def probe_options(settings: Settings, audit_id: str, audited_domain: str | None = None) -> ProbeOptions:
+def probe_options(settings: Settings, audit_id: str, audited_domain: str | None = None,
+                  canary: CanaryTargets | None = None) -> ProbeOptions:
     return ProbeOptions(
         audit_id=audit_id, site_url=settings.public_url, probe_domain=settings.probe_domain,
         probe_helo=settings.probe_helo, connect_timeout=settings.connect_timeout,
         smtp_command_timeout=settings.smtp_command_timeout, smtp_port_deadline=settings.smtp_port_deadline,
-        greylist_max_wait=settings.greylist_max_wait, audited_domain=audited_domain)
+        greylist_max_wait=settings.greylist_max_wait, proxy_step_timeout=settings.proxy_step_timeout,
+        audited_domain=audited_domain, canary=canary)
 
 
 class Auditor:
     def __init__(self, settings: Settings, store: Store, listeners: Sequence[Listener] = (),
-                 planners: dict[str, Planner] | None = None, sink: Sink | None = None) -> None:
+                 planners: dict[str, Planner] | None = None, sink: Sink | None = None,
+                 canary: CanaryTargets | None = None) -> None:
         self.settings = settings
+        self.canary = canary
         self.store = store
         self.listeners = list(listeners)
         self.planners = planners or PLANNERS
@@ -83,7 +88,7 @@ class Auditor:
         return count
 
     def plan(self, hosts: Sequence[str], services: Sequence[str], audit_id: str = "") -> list[PlannedCheck]:
-        options = probe_options(self.settings, audit_id)
+        options = probe_options(self.settings, audit_id, canary=self.canary)
         ports = {"relay": self.settings.relay_ports, "proxy": self.settings.proxy_ports}
         planned: list[PlannedCheck] = []
         for host in hosts:

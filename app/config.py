@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     canary_smtp_listen: str = ""
     canary_tls_listen: str = ""
     canary_address: str = ""
+    canary_name: str = ""  # a DNS name of the canary address, for SOCKS4a (empty: no SOCKS4a check)
     dns_servers: StrList = Field(default_factory=list)
 
     audit_deadline: float = 300.0
@@ -122,6 +123,22 @@ class Settings(BaseSettings):
         if not re.match(r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$",
                         value):
             raise ValueError("must be a fully qualified host name such as probe.example.org")
+        return value
+
+    @field_validator("canary_address")
+    @classmethod
+    def _canary_address(cls, value: str) -> str:
+        value = value.strip().strip("[]")
+        if value:
+            ipaddress.ip_address(value)  # an address, not a name: proxies must not need DNS to reach it
+        return value
+
+    @field_validator("canary_name")
+    @classmethod
+    def _canary_name(cls, value: str) -> str:
+        value = value.strip().rstrip(".").lower()
+        if value and not re.match(r"^[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?$", value):
+            raise ValueError("must be a host name")
         return value
 
     @field_validator("public_url")

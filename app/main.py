@@ -17,9 +17,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app import __version__, logs
 from app.access.targets import Listener
 from app.audits import Auditor
-from app.config import Settings, get_settings, parse_listen
+from app.config import Settings, get_settings
 from app.guides import GuideLibrary
-from app.probes.sink import Sink
+from app.listeners import start_listeners
 from app.store import Store
 from app.web import api, pages
 from app.web.common import AppState
@@ -50,21 +50,14 @@ def create_app(settings: Settings | None = None, listeners: Sequence[Listener] =
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = Store(settings.sqlite_path)
         await store.open()
-        own = list(listeners)
-        sink = None
-        if settings.sink_listen:
-            sink = Sink(settings.probe_domain)
-            host, port = parse_listen(settings.sink_listen)
-            await sink.start(host, port)
-            own.append(Listener(host, sink.port or port))
-            log.info("sink.started", extra={"listen": f"{host}:{sink.port}"})
-        auditor = Auditor(settings, store, own, sink=sink)
-        if sink is not None:
-            sink.on_delivery = auditor.delivered
-        await auditor.recover()
         secret = settings.secret_key or await store.secret()
+        own = await start_listeners(settings, secret, list(listeners))
+        auditor = Auditor(settings, store, own.own, sink=own.sink, canary=own.targets)
+        if own.sink is not None:
+            own.sink.on_delivery = auditor.delivered
+        await auditor.recover()
         app.state.sys = AppState(settings=settings, store=store, auditor=auditor,
-                                 guides=GuideLibrary(ROOT / "guides"), secret=secret)
+                                 guides=GuideLibrary(ROOT / "guides"), secret=secret, canary=own.canary)
         log.info("app.started", extra={"version": __version__, "database": settings.sqlite_path})
         retention = asyncio.create_task(_purge_old_audits(store, settings.retention_days), name="retention")
         try:
@@ -73,8 +66,7 @@ def create_app(settings: Settings | None = None, listeners: Sequence[Listener] =
             retention.cancel()
             await asyncio.gather(retention, return_exceptions=True)
             await auditor.shutdown()
-            if sink is not None:
-                await sink.stop()
+            await own.stop()
             await store.close()
             log.info("app.stopped")
 

@@ -167,3 +167,40 @@ async def relay_port(port: int, slots: Slots | None = None, **overrides):
     return results
 
 
+
+
+# --- driving the proxy checks of one port, with our canaries on loopback -------------------------------------
+@contextlib.asynccontextmanager
+async def canaries(name: str | None = "localhost"):
+    """The SMTP, HTTP and TLS canaries on free loopback ports, as CanaryTargets."""
+    from app.probes.canary import Canary, HttpCanary, SmtpCanary, self_signed_context
+    from app.probes.proxy import CanaryTargets
+
+    canary = Canary("test-secret")
+    smtp_canary, http_canary, tls_canary = SmtpCanary(canary), HttpCanary(canary, "http"), HttpCanary(canary, "tls")
+    smtp_port = await smtp_canary.start("127.0.0.1", 0)
+    http_port = await http_canary.start("127.0.0.1", 0)
+    tls_port = await tls_canary.start("127.0.0.1", 0, self_signed_context())
+    try:
+        yield CanaryTargets(canary=canary, address="127.0.0.1", name=name, http_base=f"http://127.0.0.1:{http_port}",
+                            smtp_port=smtp_port, tls_port=tls_port)
+    finally:
+        for server in (smtp_canary, http_canary, tls_canary):
+            await server.stop()
+
+
+async def proxy_port(port: int, targets, slots: "Slots | None" = None, host: str = "127.0.0.1", **overrides):
+    from app.probes import proxy
+
+    values = dict(connect_timeout=2.0, step_timeout=2.0)
+    values.update(overrides)
+    results = {}
+
+    async def emit(result):
+        assert result.name not in results, f"{result.name} emitted twice"
+        results[result.name] = result
+
+    await proxy.run_port(emit, slots or Slots(), host, port, proxy.ProxyOptions(targets=targets, **values))
+    expected = {f"proxy.{c.id}" for c in proxy.planned_checks(host, port, targets)}
+    assert set(results) == expected  # every planned check, exactly once
+    return results

@@ -12,7 +12,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol
 
-from app.probes import reachability, smtp
+from app.probes import proxy, reachability, smtp
 from app.verdicts import CheckResult
 
 Emit = Callable[[CheckResult], Awaitable[None]]
@@ -31,7 +31,9 @@ class ProbeOptions:
     smtp_command_timeout: float = 30.0
     smtp_port_deadline: float = 180.0
     greylist_max_wait: float = 0.0
+    proxy_step_timeout: float = 10.0
     audited_domain: str | None = None
+    canary: proxy.CanaryTargets | None = None  # None: no canary configured, proxies get reachability only
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,23 @@ def plan_relay(host: str, ports: list[int], options: ProbeOptions) -> list[Plann
     return [unit(port) for port in ports]
 
 
+def plan_proxy(host: str, ports: list[int], options: ProbeOptions) -> list[PlannedCheck]:
+    if options.canary is None:
+        return _reachability_planner("proxy")(host, ports, options)
+    proxy_options = proxy.ProxyOptions(targets=options.canary, connect_timeout=options.connect_timeout,
+                                       step_timeout=options.proxy_step_timeout)
+
+    def unit(port: int) -> PlannedCheck:
+        names = tuple(f"proxy.{c.id}" for c in proxy.planned_checks(host, port, proxy_options.targets))
+
+        async def run(emit: Emit, slot: SlotFactory) -> None:
+            await proxy.run_port(emit, slot, host, port, proxy_options)
+        return PlannedCheck("proxy", host, port, names, run)
+    return [unit(port) for port in ports]
+
+
 _DESCRIPTIONS = {f"relay.{v.id}": f"{v.mail_from} -> {v.rcpt_to}: {v.explanation}" for v in smtp.VARIANTS}
+_DESCRIPTIONS.update({f"proxy.{c.id}": f"{c.protocol}: {c.explanation}" for c, _run in proxy.PROXY_CHECKS})
 _DESCRIPTIONS.update({
     "relay.reachable": "Whether the mail port accepts connections.",
     "proxy.reachable": "Whether the proxy port accepts connections.",
@@ -88,5 +106,5 @@ def describe_check(name: str) -> str:
 
 PLANNERS: dict[str, Planner] = {
     "relay": plan_relay,
-    "proxy": _reachability_planner("proxy"),
+    "proxy": plan_proxy,
 }

@@ -58,3 +58,22 @@ def identify(raw: str, signatures: list[Signature] = SMTP_SIGNATURES) -> dict[st
             version = match.groupdict().get("v")
             return {"product": signature.product, "version": version, "raw": raw[:RAW_LIMIT]}
     return {"product": None, "version": None, "raw": raw[:RAW_LIMIT]}
+
+
+# Proxies, from Server / Via / Proxy-Agent / X-Squid-Error headers, error pages and SOCKS behaviour.
+PROXY_SIGNATURES = [
+    _sig("Squid", r"\bsquid(?:/(?P<v>\d+(?:\.\d+)+))?|x-squid-error"),
+    _sig("Apache Traffic Server", r"\bATS/(?P<v>\d+(?:\.\d+)+)|ApacheTrafficServer|Traffic Server"),
+    _sig("tinyproxy", r"\btinyproxy(?:/(?P<v>\d+(?:\.\d+)+))?"),
+    _sig("Privoxy", r"\bPrivoxy(?:/(?P<v>\d+(?:\.\d+)+))?"),
+    _sig("3proxy", r"\b3proxy(?:/(?P<v>[\d.]+))?"),
+    _sig("CCProxy", r"\bCCProxy\b"),
+    _sig("WinGate", r"\bWinGate\b"),
+    _sig("Microsoft ISA / Forefront TMG", r"Forefront TMG|ISA Server|\bTMG\b"),
+    _sig("Polipo", r"\bPolipo\b"),
+    _sig("nginx", r"\bnginx(?:/(?P<v>\d+(?:\.\d+)+))?"),
+    _sig("Apache httpd", r"\bApache(?:/(?P<v>\d+(?:\.\d+)+))?"),
+    _sig("Dante", r"\bDante\b"),
+    _sig("microsocks", r"\bmicrosocks\b"),
+    _sig("MikroTik", r"\bMikroTik\b"),
+]

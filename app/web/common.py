@@ -15,6 +15,7 @@ from app.audits import Auditor
 from app.config import Settings
 from app.guides import GuideLibrary
 from app.probes import describe_check
+from app.probes.canary import Canary
 from app.store import Audit, Store
 from app.verdicts import REASONS, CheckResult
 
@@ -28,6 +29,7 @@ class AppState:
     auditor: Auditor
     guides: GuideLibrary
     secret: str
+    canary: Canary
 
 
 def state(request: Request) -> AppState:

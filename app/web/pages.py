@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fastapi import APIRouter, Form, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
 from app import ENGINE_VERSION
 from app.probes import describe_check
+from app.probes.canary import CHECK_ID
 from app.verdicts import REASONS, SERVICES
 from app.web.common import load_audit, requester, retest_audit, self_hosts, start_audit, state
 from app.web.security import CSRF_COOKIE, csrf_token, csrf_valid, new_csrf_cookie
@@ -174,3 +175,13 @@ async def guide_page(request: Request, slug: str) -> HTMLResponse:
 @router.get("/privacy", response_class=HTMLResponse)
 async def privacy(request: Request) -> HTMLResponse:
     return render(request, "privacy.html")
+
+
+@router.get("/canary/{check_id}", response_class=PlainTextResponse)
+async def canary(request: Request, check_id: str) -> PlainTextResponse:
+    """The HTTP canary on the site itself: proxies under test are asked to fetch this page."""
+    if not CHECK_ID.match(check_id):
+        raise HTTPException(404, "No such canary.")
+    app_state = state(request)
+    app_state.canary.record(check_id, requester(request), "http")
+    return PlainTextResponse(app_state.canary.token(check_id) + "\n", headers={"Cache-Control": "no-store"})

@@ -1,0 +1,94 @@
+"""The site's own listeners besides the app: the sink and the canaries. Started and stopped with the app.
+
+Every one of them is added to the list of the site's own listeners, which audits never test.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from app.access.targets import Listener
+from app.config import Settings, parse_listen
+from app.probes.canary import Canary, HttpCanary, SmtpCanary, self_signed_context
+from app.probes.proxy import CanaryTargets
+from app.probes.sink import Sink
+
+log = logging.getLogger("secure.listeners")
+
+
+class ListenerConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Listeners:
+    canary: Canary
+    own: list[Listener] = field(default_factory=list)
+    sink: Sink | None = None
+    targets: CanaryTargets | None = None
+    _servers: list[Any] = field(default_factory=list)
+
+    async def stop(self) -> None:
+        for server in reversed(self._servers):
+            await server.stop()
+        self._servers.clear()
+
+
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+async def start_listeners(settings: Settings, secret: str, app_listeners: list[Listener]) -> Listeners:
+    listeners = Listeners(canary=Canary(secret), own=list(app_listeners))
+    try:
+        if settings.sink_listen:
+            host, port = parse_listen(settings.sink_listen)
+            listeners.sink = Sink(settings.probe_domain)
+            await listeners.sink.start(host, port)
+            listeners._servers.append(listeners.sink)
+            listeners.own.append(Listener(host, listeners.sink.port or port))
+            log.info("sink.started", extra={"listen": f"{host}:{listeners.sink.port}"})
+
+        ports: dict[str, int] = {}
+        hosts: list[str] = []
+        for kind, value, server in (
+                ("smtp", settings.canary_smtp_listen, SmtpCanary(listeners.canary)),
+                ("http", settings.canary_http_listen, HttpCanary(listeners.canary, "http")),
+                ("tls", settings.canary_tls_listen, HttpCanary(listeners.canary, "tls"))):
+            if not value:
+                continue
+            host, port = parse_listen(value)
+            context = self_signed_context() if kind == "tls" else None
+            ports[kind] = await server.start(host, port, context) if context else await server.start(host, port)
+            listeners._servers.append(server)
+            listeners.own.append(Listener(host, ports[kind]))
+            hosts.append(host)
+            log.info("canary.started", extra={"kind": kind, "listen": f"{host}:{ports[kind]}"})
+
+        address = settings.canary_address or next((h for h in hosts if not _is_unspecified(h)), "")
+        if hosts and not address:
+            raise ListenerConfigError("a canary listens on every address: set SECURE_CANARY_ADDRESS to the "
+                                      "address proxies should reach")
+        http_base = None
+        if address:
+            shown = f"[{address}]" if ":" in address else address
+            if "http" in ports:
+                http_base = f"http://{shown}:{ports['http']}"
+            else:  # the site itself answers /canary/<id>, when it is reachable over plain HTTP at that address
+                public = urlsplit(settings.public_url)
+                if public.scheme == "http" and public.hostname == address:
+                    http_base = f"http://{shown}:{public.port or 80}"
+            listeners.targets = CanaryTargets(
+                canary=listeners.canary, address=address, name=settings.canary_name or None, http_base=http_base,
+                smtp_port=ports.get("smtp"), tls_port=ports.get("tls"))
+    except BaseException:
+        await listeners.stop()
+        raise
+    return listeners

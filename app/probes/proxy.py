@@ -1,0 +1,513 @@
+"""Open-proxy checks: every way a port lets a stranger route traffic, each proven by our canary's token.
+
+A check is `open` only when the per-check token of our own canary comes back through the target; a `200` alone
+proves nothing (web servers and captive portals answer anything). HTTP exchanges use our own reader: headers up to
+the blank line, the bytes after them kept (the canary's banner often arrives in the same packet). SOCKS handshakes
+use python-socks. Every read is bounded (16 KiB a step) and every step has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import re
+import ssl
+from dataclasses import dataclass, field, replace
+from typing import Awaitable, Callable
+
+from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
+from python_socks.async_.asyncio import Proxy
+
+from app.probes.canary import Canary, new_check_id
+from app.probes.fingerprint import PROXY_SIGNATURES, identify
+from app.probes.smtp_wire import tls_context
+from app.probes.transcript import Transcript
+from app.verdicts import CheckResult, Verdict
+
+MAX_STEP_BYTES = 16 * 1024
+SILENT_SOCKS_WAIT = 3.0  # seconds a SOCKS greeting waits on a port that already answered HTTP
+USER_AGENT = "SecureYourServer-proxy-test"
+
+REASONS = ("token_returned", "auth_required", "destination_denied", "answers_without_tunnel", "not_a_proxy",
+           "destination_unreachable", "timeout", "refused", "filtered", "protocol_error", "internal_error")
+
+
+@dataclass(frozen=True)
+class CanaryTargets:
+    """Where proxies are asked to go, and the canary that makes and recognises the tokens."""
+
+    canary: Canary
+    address: str  # an IP address proxies can reach
+    name: str | None = None  # a DNS name of that address, for SOCKS4a
+    http_base: str | None = None  # e.g. http://192.0.2.10:80 (the HTTP canary, or the site itself over http)
+    smtp_port: int | None = None
+    tls_port: int | None = None
+
+    def hostport(self, port: int) -> str:
+        return f"[{self.address}]:{port}" if ":" in self.address else f"{self.address}:{port}"
+
+
+@dataclass(frozen=True)
+class ProxyOptions:
+    targets: CanaryTargets
+    connect_timeout: float
+    step_timeout: float
+
+
+class Finding(Exception):
+    """Ends a check with a verdict; raised from deep inside an exchange."""
+
+    def __init__(self, verdict: Verdict, reason: str, note: str) -> None:
+        super().__init__(note)
+        self.verdict, self.reason, self.note = verdict, reason, note
+
+
+@dataclass
+class Exchange:
+    """One check's connection: bounded reads with a timeout per step, everything written to the transcript."""
+
+    host: str
+    port: int
+    options: ProxyOptions
+    transcript: Transcript
+    reader: asyncio.StreamReader | None = None
+    writer: asyncio.StreamWriter | None = None
+    heads: list[dict[str, str]] = field(default_factory=list)  # response headers seen, for the fingerprint
+    bodies: list[bytes] = field(default_factory=list)
+    received: int = 0  # bytes from the port (not from the canary through a tunnel: those count too, harmlessly)
+
+    async def open(self, tls: bool = False) -> None:
+        self.transcript.info(f"connecting to {self.host} port {self.port}")
+        try:
+            async with asyncio.timeout(self.options.connect_timeout):
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        except TimeoutError:
+            raise Finding(Verdict.UNREACHABLE, "filtered", "no answer to connect") from None
+        except ConnectionRefusedError:
+            raise Finding(Verdict.UNREACHABLE, "refused", "connection refused") from None
+        except OSError as exc:
+            raise Finding(Verdict.UNREACHABLE, "filtered", f"no route: {exc.strerror or exc}") from None
+        if tls:
+            try:
+                async with asyncio.timeout(self.options.step_timeout):
+                    await self.writer.start_tls(tls_context())
+            except (TimeoutError, ssl.SSLError, ConnectionError, OSError) as exc:
+                reason = "no TLS handshake" if isinstance(exc, TimeoutError) else type(exc).__name__
+                raise Finding(Verdict.CLOSED, "not_a_proxy", f"the port does not speak TLS ({reason})") from None
+            self.transcript.info("TLS with the port established")
+
+    def attach(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def send(self, data: bytes) -> None:
+        assert self.writer is not None
+        for line in data.split(b"\r\n")[:-1] if data.endswith(b"\r\n") else [data]:
+            self.transcript.add("out", line)
+        try:
+            self.writer.write(data)
+            async with asyncio.timeout(self.options.step_timeout):
+                await self.writer.drain()
+        except TimeoutError:
+            raise Finding(Verdict.INCONCLUSIVE, "timeout", "the server stopped reading") from None
+        except (ConnectionError, OSError) as exc:
+            raise Finding(Verdict.CLOSED, "not_a_proxy", f"the server closed the connection ({exc})") from None
+
+    async def read_until(self, done: Callable[[bytes], bool], buffer: bytes = b"", what: str = "a reply",
+                         eof_ok: bool = False) -> bytes:
+        """Read until `done(buffer)`, end of stream (when eof_ok), 16 KiB or the step timeout."""
+        assert self.reader is not None
+        try:
+            async with asyncio.timeout(self.options.step_timeout):
+                while not done(buffer):
+                    if len(buffer) >= MAX_STEP_BYTES:
+                        raise Finding(Verdict.INCONCLUSIVE, "protocol_error", f"more than 16 KiB without {what}")
+                    chunk = await self.reader.read(MAX_STEP_BYTES - len(buffer))
+                    if not chunk:
+                        if eof_ok:
+                            return buffer
+                        raise Finding(Verdict.CLOSED, "not_a_proxy", f"the server closed the connection before {what}")
+                    self.transcript.add("in", chunk)
+                    self.received += len(chunk)
+                    buffer += chunk
+        except TimeoutError:
+            raise Finding(Verdict.INCONCLUSIVE, "timeout", f"no {what} within {self.options.step_timeout:g} s") from None
+        except (ConnectionError, OSError) as exc:
+            raise Finding(Verdict.CLOSED, "not_a_proxy", f"the connection failed before {what} ({exc})") from None
+        return buffer
+
+    async def read_head(self) -> tuple[int, dict[str, str], bytes]:
+        """An HTTP response head: (status, headers, the bytes after the blank line). Not HTTP: not_a_proxy."""
+        def complete(buffer: bytes) -> bool:
+            return b"\r\n\r\n" in buffer or b"\n\n" in buffer or (len(buffer) >= 5 and not buffer.startswith(b"HTTP/"))
+        status, headers, rest = parse_head(await self.read_until(complete, what="an HTTP reply"))
+        self.heads.append(headers)
+        return status, headers, rest
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            # abort: a graceful close can wait on a TLS peer that never answers; we need nothing more from it
+            self.writer.transport.abort()
+            self.writer = None
+
+
+def parse_head(buffer: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Split an HTTP response at the blank line; keep the bytes after it (the tunnel's first bytes)."""
+    if not buffer.startswith(b"HTTP/"):
+        raise Finding(Verdict.CLOSED, "not_a_proxy", "the port does not answer HTTP")
+    end = buffer.find(b"\r\n\r\n")
+    if end >= 0:
+        head, rest = buffer[:end], buffer[end + 4:]
+    else:
+        head, _, rest = buffer.partition(b"\n\n")
+    lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
+    match = re.match(r"^HTTP/\d\.\d\s+(\d{3})\b", lines[0])
+    if not match:
+        raise Finding(Verdict.CLOSED, "not_a_proxy", "a malformed HTTP status line")
+    headers: dict[str, str] = {}
+    for line in lines[1:80]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers.setdefault(name.strip().lower(), value.strip()[:300])
+    return int(match.group(1)), headers, rest
+
+
+def http_status_finding(status: int, headers: dict[str, str], what: str) -> Finding:
+    """A reply that is not the tunnel or page we asked for."""
+    note = f"{what} answered HTTP {status}"
+    if status == 407:
+        return Finding(Verdict.AUTH_REQUIRED, "auth_required", note + ": the proxy asks for a login")
+    if status == 403:
+        return Finding(Verdict.CLOSED, "destination_denied", note + ": the proxy refused our destination")
+    if status in (502, 503, 504):
+        return Finding(Verdict.INCONCLUSIVE, "destination_unreachable", note + ": the proxy could not reach our canary")
+    if 200 <= status < 400:
+        return Finding(Verdict.CLOSED, "answers_without_tunnel",
+                       note + " but our canary's token did not come back: a web server or portal, not a proxy")
+    return Finding(Verdict.CLOSED, "not_a_proxy", note + ": it does not act as a proxy")
+
+
+# --- the checks --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProxyCheck:
+    id: str  # stable: proxy.<id>
+    protocol: str
+    klass: str  # web (pages for anyone), smtp (spam can flow), tunnel (encrypted traffic to port 443)
+    explanation: str
+    needs: str  # which canary: http, smtp, tls
+
+
+Runner = Callable[["Exchange", CanaryTargets, str, str], Awaitable[None]]
+
+
+async def _smtp_through(ex: Exchange, check_id: str, token: str, buffer: bytes = b"") -> None:
+    """Through an established tunnel: the SMTP canary's banner, then EHLO <check id>, then its token."""
+    buffer = await ex.read_until(lambda b: b"\n" in b, buffer, what="our mail canary's greeting", eof_ok=True)
+    if not buffer.startswith(b"220"):
+        raise Finding(Verdict.CLOSED, "answers_without_tunnel",
+                      "the tunnel did not lead to our mail canary (no SMTP greeting)")
+    await ex.send(f"EHLO {check_id}\r\n".encode())
+    reply = await ex.read_until(lambda b: token.encode() in b or b.count(b"\n") >= 3, what="our canary's token")
+    if token.encode() not in reply:
+        raise Finding(Verdict.CLOSED, "answers_without_tunnel", "our mail canary's token did not come back")
+    await ex.send(b"QUIT\r\n")
+
+
+async def http_get(ex: Exchange, targets: CanaryTargets, check_id: str, token: str) -> None:
+    assert targets.http_base is not None
+    url = f"{targets.http_base}/canary/{check_id}"
+    host = targets.http_base.split("://", 1)[1]
+    await ex.open()
+    await ex.send(f"GET {url} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\nConnection: close\r\n\r\n"
+                  .encode())
+    status, headers, rest = await ex.read_head()
+    body = await ex.read_until(lambda b: token.encode() in b, rest, what="the page", eof_ok=True)
+    ex.bodies.append(body)
+    if token.encode() not in body:
+        raise http_status_finding(status, headers, "GET")
+
+
+async def http_post(ex: Exchange, targets: CanaryTargets, check_id: str, token: str) -> None:
+    assert targets.smtp_port is not None
+    hostport = targets.hostport(targets.smtp_port)
+    payload = f"EHLO {check_id}\r\nQUIT\r\n".encode()
+    await ex.open()
+    await ex.send(f"POST http://{hostport}/ HTTP/1.0\r\nHost: {hostport}\r\nUser-Agent: {USER_AGENT}\r\n"
+                  f"Content-Type: text/plain\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    data = await ex.read_until(lambda b: token.encode() in b, what="a reply", eof_ok=True)
+    if token.encode() in data:
+        return
+    status, headers, rest = parse_head(data)
+    ex.heads.append(headers)
+    ex.bodies.append(rest)
+    raise http_status_finding(status, headers, "POST")
+
+
+async def _connect(ex: Exchange, hostport: str, extra_crlf: bool = True) -> bytes:
+    await ex.send(f"CONNECT {hostport} HTTP/1.1\r\nHost: {hostport}\r\nUser-Agent: {USER_AGENT}\r\n\r\n".encode())
+    if extra_crlf:  # the extra line MikroTik's proxy waits for, as a write of its own; other proxies pass it
+        await ex.send(b"\r\n")  # into the tunnel, where our mail canary ignores it (a TLS canary would not)
+    status, headers, rest = await ex.read_head()
+    if status != 200:
+        raise http_status_finding(status, headers, "CONNECT")
+    return rest
+
+
+async def connect_smtp(ex: Exchange, targets: CanaryTargets, check_id: str, token: str) -> None:
+    assert targets.smtp_port is not None
+    await ex.open()
+    rest = await _connect(ex, targets.hostport(targets.smtp_port))
+    await _smtp_through(ex, check_id, token, rest)
+
+
+async def connect_tls(ex: Exchange, targets: CanaryTargets, check_id: str, token: str) -> None:
+    assert targets.tls_port is not None and ex.writer is None
+    await ex.open()
+    rest = await _connect(ex, targets.hostport(targets.tls_port), extra_crlf=False)
+    if rest:
+        raise Finding(Verdict.CLOSED, "answers_without_tunnel", "bytes came before our TLS handshake: no tunnel")
+    assert ex.writer is not None
+    try:
+        async with asyncio.timeout(ex.options.step_timeout):
+            await ex.writer.start_tls(tls_context())
+    except (TimeoutError, ssl.SSLError, ConnectionError, OSError) as exc:
+        raise Finding(Verdict.CLOSED, "answers_without_tunnel",
+                      f"no TLS with our canary through the tunnel ({type(exc).__name__})") from None
+    ex.transcript.info("TLS with our canary established through the tunnel")
+    await ex.send(f"GET /canary/{check_id} HTTP/1.1\r\nHost: {targets.hostport(targets.tls_port)}\r\n"
+                  f"Connection: close\r\n\r\n".encode())
+    body = await ex.read_until(lambda b: token.encode() in b, what="our canary's page", eof_ok=True)
+    if token.encode() not in body:
+        raise Finding(Verdict.CLOSED, "answers_without_tunnel", "our TLS canary's token did not come back")
+
+
+async def https_connect(ex: Exchange, targets: CanaryTargets, check_id: str, token: str) -> None:
+    assert targets.smtp_port is not None
+    await ex.open(tls=True)
+    rest = await _connect(ex, targets.hostport(targets.smtp_port))
+    await _smtp_through(ex, check_id, token, rest)
+
+
+def _socks_runner(kind: str) -> Runner:
+    async def run(ex: Exchange, targets: CanaryTargets, check_id: str, token: str) -> None:
+        assert targets.smtp_port is not None
+        proxy_type = ProxyType.SOCKS5 if kind == "socks5" else ProxyType.SOCKS4
+        destination = targets.name if kind == "socks4a" and targets.name else targets.address
+        rdns = kind == "socks4a" or None
+        ex.transcript.info(f"connecting to {ex.host} port {ex.port}")
+        ex.transcript.add("out", f"{kind.upper()} CONNECT {destination} port {targets.smtp_port}"
+                          + (" (no authentication offered)" if kind == "socks5" else ""))
+        proxy = Proxy(proxy_type, ex.host, ex.port, rdns=rdns)
+        try:
+            # the port already accepted a connection (the gate): the handshake gets one step's time
+            sock = await proxy.connect(destination, targets.smtp_port, timeout=ex.options.step_timeout)
+        except ProxyTimeoutError:
+            raise Finding(Verdict.INCONCLUSIVE, "timeout", f"the {kind.upper()} handshake did not finish") from None
+        except ProxyConnectionError as exc:
+            if exc.errno == 111:
+                raise Finding(Verdict.UNREACHABLE, "refused", "connection refused") from None
+            raise Finding(Verdict.UNREACHABLE, "filtered", "no answer to connect") from None
+        except ProxyError as exc:
+            raise socks_finding(kind, exc) from None
+        ex.transcript.add("in", f"{kind.upper()}: request granted")
+        reader, writer = await asyncio.open_connection(sock=sock)
+        ex.attach(reader, writer)
+        await _smtp_through(ex, check_id, token)
+    return run
+
+
+SOCKS5_REPLIES = {1: "general failure", 2: "connection not allowed by ruleset", 3: "network unreachable",
+                  4: "host unreachable", 5: "connection refused", 6: "TTL expired", 7: "command not supported",
+                  8: "address type not supported"}
+
+
+def socks_finding(kind: str, exc: ProxyError) -> Finding:
+    code, text = exc.error_code, str(exc)
+    name = kind.upper()
+    if kind == "socks5" and isinstance(code, int):
+        note = f"{name} reply {code:#04x} ({SOCKS5_REPLIES.get(code, 'unknown')})"
+        if code == 2:
+            return Finding(Verdict.CLOSED, "destination_denied", note)
+        return Finding(Verdict.INCONCLUSIVE, "destination_unreachable", note)
+    if kind != "socks5" and isinstance(code, int):
+        note = f"{name} reply {code:#04x}"
+        if code in (0x5C, 0x5D):
+            return Finding(Verdict.AUTH_REQUIRED, "auth_required", note + " (identd check failed)")
+        return Finding(Verdict.INCONCLUSIVE, "destination_unreachable", note + " (rejected or failed)")
+    if "No acceptable authentication methods" in text or "Unexpected SOCKS authentication method" in text:
+        return Finding(Verdict.AUTH_REQUIRED, "auth_required", f"{name}: the proxy asks for a login")
+    return Finding(Verdict.CLOSED, "not_a_proxy", f"the port does not speak {name} ({text[:120]})")
+
+
+async def wingate(ex: Exchange, targets: CanaryTargets, check_id: str, token: str) -> None:
+    """A telnet-style gateway: a prompt that takes `host:port` and connects us there."""
+    assert targets.smtp_port is not None
+    await ex.open()
+    prompt = await ex.read_until(lambda b: b.rstrip().endswith(b">") or b":" in b.rsplit(b"\n", 1)[-1],
+                                 what="a gateway prompt")
+    if b"220" in prompt:
+        raise Finding(Verdict.CLOSED, "not_a_proxy", "a mail server, not a gateway")
+    await ex.send(f"{targets.address}:{targets.smtp_port}\r\n".encode())
+    data = await ex.read_until(lambda b: b"\n220" in b or b.startswith(b"220") and b"\n" in b,
+                               what="our mail canary's greeting")
+    await _smtp_through(ex, check_id, token, data[data.find(b"220"):])
+
+
+PROXY_CHECKS: tuple[tuple[ProxyCheck, Runner], ...] = (
+    (ProxyCheck("http_get", "HTTP GET", "web", "Asks the port to fetch our test page, as a web proxy would.", "http"),
+     http_get),
+    (ProxyCheck("connect_smtp", "HTTP CONNECT", "smtp",
+                "Asks for a tunnel to our mail test server: through this, spam can flow.", "smtp"), connect_smtp),
+    (ProxyCheck("connect_tls", "HTTP CONNECT", "tunnel",
+                "Asks for a tunnel to our encrypted web test server (the port-443 case).", "tls"), connect_tls),
+    (ProxyCheck("http_post", "HTTP POST", "smtp",
+                "Posts mail commands to our mail test server through the proxy.", "smtp"), http_post),
+    (ProxyCheck("socks4", "SOCKS4", "smtp", "Asks for a SOCKS4 connection to our mail test server.", "smtp"),
+     _socks_runner("socks4")),
+    (ProxyCheck("socks4a", "SOCKS4a", "smtp",
+                "Asks for a SOCKS4a connection to our mail test server by name.", "smtp"), _socks_runner("socks4a")),
+    (ProxyCheck("socks5", "SOCKS5", "smtp",
+                "Asks for a SOCKS5 connection (no login offered) to our mail test server.", "smtp"),
+     _socks_runner("socks5")),
+    (ProxyCheck("https_connect", "HTTPS proxy", "smtp",
+                "Speaks TLS to the port, then asks for a tunnel to our mail test server.", "smtp"), https_connect),
+    (ProxyCheck("wingate", "WinGate-style gateway", "smtp",
+                "Types our mail test server's address at a telnet-style gateway prompt.", "smtp"), wingate),
+)
+CHECKS_BY_ID = {check.id: (check, runner) for check, runner in PROXY_CHECKS}
+WINGATE_PORTS = frozenset({23})
+
+
+def planned_checks(host: str, port: int, targets: CanaryTargets) -> list[ProxyCheck]:
+    """Which checks apply to this port: the canary they need exists, the address family allows them."""
+    ipv6 = ipaddress.ip_address(host).version == 6
+    have = {"http": targets.http_base is not None, "smtp": targets.smtp_port is not None,
+            "tls": targets.tls_port is not None}
+    chosen = []
+    for check, _runner in PROXY_CHECKS:
+        if not have[check.needs]:
+            continue
+        if check.id in ("socks4", "socks4a") and ipv6:
+            continue  # SOCKS4 has no IPv6
+        if check.id == "socks4a" and not targets.name:
+            continue
+        if check.id == "wingate" and port not in WINGATE_PORTS:
+            continue
+        chosen.append(check)
+    return chosen
+
+
+# --- one port ----------------------------------------------------------------------------------------------
+Emit = Callable[[CheckResult], Awaitable[None]]
+SlotFactory = Callable[[], contextlib.AbstractAsyncContextManager[None]]
+
+
+async def run_port(emit: Emit, slot: SlotFactory, host: str, port: int, options: ProxyOptions) -> None:
+    """A reachability gate first (a closed port costs one connection), then every check; rows carry the port's
+    fingerprint, so they are emitted together when the port is done."""
+    checks = planned_checks(host, port, options.targets)
+    gate = Transcript()
+    gate_ex = Exchange(host, port, options, gate)
+    try:
+        async with slot():
+            await gate_ex.open()
+            await gate_ex.close()
+    except Finding as finding:
+        for check in checks:
+            await emit(_result(check, host, port, finding.verdict, finding.reason, finding.note, gate.fork(), None))
+        return
+    # HTTP-family checks first: a port that answers HTTP will sit silent on a SOCKS greeting (an HTTP proxy
+    # waits for the end of a request line that never comes), so the SOCKS checks then get a short wait
+    first = [c for c in checks if not c.id.startswith("socks")]
+    socks = [c for c in checks if c.id.startswith("socks")]
+    results = dict(zip([c.id for c in first], await asyncio.gather(
+        *(_run_check(check, slot, host, port, options) for check in first))))
+    speaks_http = any(_speaks(c, *results[c.id]) == "HTTP" for c in first)
+    socks_options = replace(options, step_timeout=min(options.step_timeout, SILENT_SOCKS_WAIT)) if speaks_http \
+        else options
+    results.update(zip([c.id for c in socks], await asyncio.gather(
+        *(_run_check(check, slot, host, port, socks_options) for check in socks))))
+    outcomes = _silence_is_not_a_timeout(checks, [results[c.id] for c in checks])
+    fingerprint = port_fingerprint([ex for _outcome, ex in outcomes], checks, outcomes)
+    for check, (finding, ex) in zip(checks, outcomes):
+        await emit(_result(check, host, port, finding.verdict, finding.reason, finding.note, ex.transcript,
+                           fingerprint))
+
+
+async def _run_check(check: ProxyCheck, slot: SlotFactory, host: str, port: int,
+                     options: ProxyOptions) -> tuple[Finding, Exchange]:
+    _check, runner = CHECKS_BY_ID[check.id]
+    check_id = new_check_id()
+    token = options.targets.canary.token(check_id)
+    ex = Exchange(host, port, options, Transcript())
+    ex.transcript.info(f"{check.protocol}: {check.explanation}")
+    async with slot():
+        try:
+            await runner(ex, options.targets, check_id, token)
+            sources = options.targets.canary.seen_from(check_id)
+            where = (f"; our canary saw it arrive from {', '.join(sources)}"
+                     + (" (your server's address)" if host in sources else "")) if sources else ""
+            finding = Finding(Verdict.OPEN, "token_returned",
+                              f"{check.protocol} ({check.klass}): our canary's token came back through this port"
+                              + where)
+        except Finding as found:
+            finding = found
+        except Exception as exc:  # a bug of ours, or something python-socks did not expect: never a crash
+            finding = Finding(Verdict.ERROR, "internal_error", f"the check failed: {type(exc).__name__}: {exc}"[:200])
+        finally:
+            await ex.close()
+    ex.transcript.info(f"verdict: {finding.verdict.value} ({finding.reason}) - {finding.note}")
+    return finding, ex
+
+
+def _speaks(check: ProxyCheck, finding: Finding, ex: Exchange) -> str | None:
+    """Which protocol the port answered this check in, if it answered at all."""
+    if check.id.startswith("socks"):
+        return "SOCKS" if finding.reason in ("token_returned", "auth_required", "destination_denied",
+                                             "destination_unreachable") else None
+    if ex.heads or finding.reason == "token_returned" and check.id != "wingate":
+        return "HTTP"
+    return None
+
+
+def _silence_is_not_a_timeout(checks: list[ProxyCheck],
+                              outcomes: list[tuple[Finding, Exchange]]) -> list[tuple[Finding, Exchange]]:
+    """A port that answers one protocol and stays silent to another does not speak the other: an HTTP proxy
+    waits for the end of a request line that a SOCKS greeting never sends. That silence is `not_a_proxy` for
+    the silent protocol, not an inconclusive timeout."""
+    spoken = {p for p in (_speaks(c, f, ex) for c, (f, ex) in zip(checks, outcomes)) if p}
+    if not spoken:
+        return outcomes
+    fixed = []
+    for check, (finding, ex) in zip(checks, outcomes):
+        if finding.reason == "timeout" and ex.received == 0 and _speaks(check, finding, ex) is None:
+            note = f"no answer to {check.protocol}, while the port answers {' and '.join(sorted(spoken))}"
+            ex.transcript.info(f"reclassified: {note}")
+            finding = Finding(Verdict.CLOSED, "not_a_proxy", note)
+        fixed.append((finding, ex))
+    return fixed
+
+
+def port_fingerprint(exchanges: list[Exchange], checks: list[ProxyCheck],
+                     outcomes: list[tuple[Finding, Exchange]]) -> dict[str, str | None] | None:
+    parts = []
+    for ex in exchanges:
+        for headers in ex.heads:
+            for name in ("server", "via", "proxy-agent", "x-squid-error", "x-cache"):
+                if name in headers:
+                    parts.append(f"{name}: {headers[name]}")
+        for body in ex.bodies:
+            parts.append(body[:2000].decode("latin-1"))
+    socks = [check.protocol for check, (finding, _ex) in zip(checks, outcomes)
+             if check.id.startswith("socks") and finding.reason in ("token_returned", "auth_required",
+                                                                    "destination_denied", "destination_unreachable")]
+    if socks:
+        parts.append("SOCKS: " + ", ".join(socks))
+    return identify("\n".join(dict.fromkeys(parts)), PROXY_SIGNATURES)
+
+
+def _result(check: ProxyCheck, host: str, port: int, verdict: Verdict, reason: str, note: str,
+            transcript: Transcript, fingerprint: dict[str, str | None] | None) -> CheckResult:
+    return CheckResult(service="proxy", host=host, port=port, name=f"proxy.{check.id}", verdict=verdict,
+                       reason=reason, confirmed=verdict is Verdict.OPEN, fingerprint=fingerprint,
+                       transcript=transcript.lines, detail=note)

@@ -1,0 +1,133 @@
+"""Proxy checks against asyncio fakes, with our real canaries on loopback."""
+
+from __future__ import annotations
+
+import pytest
+from fakes import proxy as fakes
+from support import Slots, canaries, proxy_port
+
+from app.probes import proxy
+from app.verdicts import Verdict
+
+
+@pytest.fixture
+async def targets():
+    async with canaries() as targets:
+        yield targets
+
+
+def outcome(results, check: str) -> tuple[str, str]:
+    result = results[f"proxy.{check}"]
+    return result.verdict.value, result.reason
+
+
+async def test_open_http_proxy_is_proven_by_the_canary_tokens(targets):
+    async with fakes.ForwardingProxy() as server:
+        results = await proxy_port(server.port, targets, step_timeout=0.5)
+    for check in ("http_get", "connect_smtp", "connect_tls", "http_post"):
+        assert outcome(results, check) == ("open", "token_returned"), (check, results[f"proxy.{check}"].detail)
+        assert results[f"proxy.{check}"].confirmed
+    assert "class smtp" not in results["proxy.http_get"].detail and "(smtp)" in results["proxy.connect_smtp"].detail
+    assert "our canary saw it arrive from 127.0.0.1 (your server's address)" in results["proxy.connect_smtp"].detail
+    for check in ("socks4", "socks4a", "socks5", "https_connect"):
+        assert outcome(results, check)[0] in ("closed", "inconclusive"), (check, results[f"proxy.{check}"].detail)
+    assert results["proxy.http_get"].fingerprint["raw"].startswith("proxy-agent: fakeproxy/1.0") or \
+        "fakeproxy" in results["proxy.connect_smtp"].fingerprint["raw"]
+
+
+async def test_replies_in_one_byte_packets_are_read_right(targets):
+    async with fakes.ForwardingProxy(one_byte_writes=True) as server:
+        results = await proxy_port(server.port, targets, step_timeout=2)
+    assert outcome(results, "connect_smtp") == ("open", "token_returned")
+    assert outcome(results, "http_get") == ("open", "token_returned")
+
+
+async def test_a_proxy_that_needs_the_extra_crlf(targets):
+    async with fakes.ForwardingProxy(needs_extra_crlf=True) as server:
+        results = await proxy_port(server.port, targets, step_timeout=0.5)
+    assert outcome(results, "connect_smtp") == ("open", "token_returned")
+
+
+async def test_web_server_answering_200_to_connect_is_not_a_proxy(targets):
+    async with fakes.WebServer() as server:
+        results = await proxy_port(server.port, targets, step_timeout=0.5)
+    for check in ("http_get", "connect_smtp", "connect_tls", "http_post"):
+        assert outcome(results, check) == ("closed", "answers_without_tunnel"), check
+    assert results["proxy.http_get"].fingerprint["product"] == "Apache httpd"
+
+
+async def test_an_echo_cannot_forge_the_token(targets):
+    async with fakes.EchoServer() as server:
+        results = await proxy_port(server.port, targets, step_timeout=0.5)
+    assert all(r.verdict is not Verdict.OPEN for r in results.values())
+    assert outcome(results, "http_get") == ("closed", "answers_without_tunnel")
+
+
+async def test_socks5_reply_02_is_destination_denied(targets):
+    async with fakes.Socks5Denied() as server:
+        results = await proxy_port(server.port, targets, step_timeout=0.5)
+    assert outcome(results, "socks5") == ("closed", "destination_denied")
+
+
+async def test_407_is_auth_required(targets):
+    async with fakes.AuthRequired() as server:
+        results = await proxy_port(server.port, targets, step_timeout=0.5)
+    for check in ("http_get", "connect_smtp", "http_post"):
+        assert outcome(results, check) == ("auth_required", "auth_required"), check
+    assert results["proxy.http_get"].fingerprint["product"] == "Squid"
+
+
+async def test_tarpit_is_a_timeout_not_closed(targets):
+    async with fakes.Tarpit() as server:
+        results = await proxy_port(server.port, targets, step_timeout=0.3)
+    for check in ("http_get", "connect_smtp", "connect_tls", "http_post"):
+        assert outcome(results, check) == ("inconclusive", "timeout"), check
+    assert outcome(results, "socks5")[1] == "timeout"
+
+
+async def test_garbage_is_not_a_proxy(targets):
+    async with fakes.Garbage() as server:
+        results = await proxy_port(server.port, targets, step_timeout=0.5)
+    for check in ("http_get", "connect_smtp", "socks4", "socks5"):
+        assert outcome(results, check) == ("closed", "not_a_proxy"), (check, results[f"proxy.{check}"].detail)
+
+
+async def test_refused_and_filtered_cost_one_connection(targets, refused_port, silent_port):
+    slots = Slots()
+    results = await proxy_port(refused_port, targets, slots=slots)
+    assert {outcome(results, c.removeprefix("proxy.")) for c in results} == {("unreachable", "refused")}
+    assert slots.total == 1
+    results = await proxy_port(silent_port, targets, connect_timeout=0.3)
+    assert {outcome(results, c.removeprefix("proxy.")) for c in results} == {("unreachable", "filtered")}
+
+
+async def test_connections_stay_within_the_limit(targets):
+    slots = Slots(limit=2)
+    async with fakes.ForwardingProxy() as server:
+        await proxy_port(server.port, targets, slots=slots, step_timeout=0.5)
+    assert slots.most <= 2
+
+
+def test_planning_by_family_port_and_canaries(tmp_path):
+    from app.probes.canary import Canary
+
+    full = proxy.CanaryTargets(canary=Canary("s"), address="192.0.2.1", name="canary.example",
+                               http_base="http://192.0.2.1:80", smtp_port=25, tls_port=443)
+    ids = lambda host, port, targets=full: [c.id for c in proxy.planned_checks(host, port, targets)]  # noqa: E731
+    assert ids("192.0.2.7", 3128) == ["http_get", "connect_smtp", "connect_tls", "http_post", "socks4", "socks4a",
+                                      "socks5", "https_connect"]
+    assert "wingate" in ids("192.0.2.7", 23)
+    v6 = ids("2001:db8::7", 1080)
+    assert "socks4" not in v6 and "socks4a" not in v6 and "socks5" in v6 and "connect_smtp" in v6
+    bare = proxy.CanaryTargets(canary=Canary("s"), address="192.0.2.1", smtp_port=25)
+    assert ids("192.0.2.7", 8080, bare) == ["connect_smtp", "http_post", "socks4", "socks5", "https_connect"]
+
+
+def test_tokens_are_per_check_and_secret():
+    from app.probes.canary import Canary, new_check_id
+
+    a, b = Canary("one"), Canary("two")
+    check_id = new_check_id()
+    assert a.token(check_id) != b.token(check_id)
+    assert a.token(check_id) != a.token(new_check_id())
+    assert check_id not in a.token(check_id)
