@@ -200,7 +200,8 @@ async def proxy_port(port: int, targets, slots: "Slots | None" = None, host: str
         assert result.name not in results, f"{result.name} emitted twice"
         results[result.name] = result
 
-    await proxy.run_port(emit, slots or Slots(), host, port, proxy.ProxyOptions(targets=targets, **values))
-    expected = {f"proxy.{c.id}" for c in proxy.planned_checks(host, port, targets)}
+    options = proxy.ProxyOptions(targets=targets, **values)
+    await proxy.run_port(emit, slots or Slots(), host, port, options)
+    expected = {f"proxy.{c.id}" for c in proxy.planned_checks(host, port, targets, options.wingate_ports)}
     assert set(results) == expected  # every planned check, exactly once
     return results

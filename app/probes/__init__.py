@@ -83,7 +83,8 @@ def plan_proxy(host: str, ports: list[int], options: ProbeOptions) -> list[Plann
                                        step_timeout=options.proxy_step_timeout)
 
     def unit(port: int) -> PlannedCheck:
-        names = tuple(f"proxy.{c.id}" for c in proxy.planned_checks(host, port, proxy_options.targets))
+        names = tuple(f"proxy.{c.id}" for c in proxy.planned_checks(host, port, proxy_options.targets,
+                                                                    proxy_options.wingate_ports))
 
         async def run(emit: Emit, slot: SlotFactory) -> None:
             await proxy.run_port(emit, slot, host, port, proxy_options)

@@ -53,6 +53,7 @@ class ProxyOptions:
     targets: CanaryTargets
     connect_timeout: float
     step_timeout: float
+    wingate_ports: frozenset[int] = frozenset({23})  # where telnet-style gateways are looked for
 
 
 class Finding(Exception):
@@ -343,10 +344,13 @@ async def wingate(ex: Exchange, targets: CanaryTargets, check_id: str, token: st
     """A telnet-style gateway: a prompt that takes `host:port` and connects us there."""
     assert targets.smtp_port is not None
     await ex.open()
-    prompt = await ex.read_until(lambda b: b.rstrip().endswith(b">") or b":" in b.rsplit(b"\n", 1)[-1],
-                                 what="a gateway prompt")
-    if b"220" in prompt:
-        raise Finding(Verdict.CLOSED, "not_a_proxy", "a mail server, not a gateway")
+    def prompted(buffer: bytes) -> bool:
+        return (buffer.rstrip().endswith(b">") or b":" in buffer.rsplit(b"\n", 1)[-1]
+                or buffer[:3].isdigit() and b"\n" in buffer)  # a numbered reply: some other protocol
+    prompt = await ex.read_until(prompted, what="a gateway prompt")
+    ex.bodies.append(prompt)
+    if prompt[:3].isdigit():
+        raise Finding(Verdict.CLOSED, "not_a_proxy", "the port answers with a numbered reply, not a gateway prompt")
     await ex.send(f"{targets.address}:{targets.smtp_port}\r\n".encode())
     data = await ex.read_until(lambda b: b"\n220" in b or b.startswith(b"220") and b"\n" in b,
                                what="our mail canary's greeting")
@@ -375,10 +379,10 @@ PROXY_CHECKS: tuple[tuple[ProxyCheck, Runner], ...] = (
                 "Types our mail test server's address at a telnet-style gateway prompt.", "smtp"), wingate),
 )
 CHECKS_BY_ID = {check.id: (check, runner) for check, runner in PROXY_CHECKS}
-WINGATE_PORTS = frozenset({23})
 
 
-def planned_checks(host: str, port: int, targets: CanaryTargets) -> list[ProxyCheck]:
+def planned_checks(host: str, port: int, targets: CanaryTargets,
+                   wingate_ports: frozenset[int] = frozenset({23})) -> list[ProxyCheck]:
     """Which checks apply to this port: the canary they need exists, the address family allows them."""
     ipv6 = ipaddress.ip_address(host).version == 6
     have = {"http": targets.http_base is not None, "smtp": targets.smtp_port is not None,
@@ -391,7 +395,7 @@ def planned_checks(host: str, port: int, targets: CanaryTargets) -> list[ProxyCh
             continue  # SOCKS4 has no IPv6
         if check.id == "socks4a" and not targets.name:
             continue
-        if check.id == "wingate" and port not in WINGATE_PORTS:
+        if check.id == "wingate" and port not in wingate_ports:
             continue
         chosen.append(check)
     return chosen
@@ -405,7 +409,7 @@ SlotFactory = Callable[[], contextlib.AbstractAsyncContextManager[None]]
 async def run_port(emit: Emit, slot: SlotFactory, host: str, port: int, options: ProxyOptions) -> None:
     """A reachability gate first (a closed port costs one connection), then every check; rows carry the port's
     fingerprint, so they are emitted together when the port is done."""
-    checks = planned_checks(host, port, options.targets)
+    checks = planned_checks(host, port, options.targets, options.wingate_ports)
     gate = Transcript()
     gate_ex = Exchange(host, port, options, gate)
     try:

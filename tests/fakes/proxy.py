@@ -194,3 +194,19 @@ class EchoServer(FakeServer):
         head = await _read_head(reader)
         writer.write(b"HTTP/1.1 200 OK\r\n\r\n" + head)
         await writer.drain()
+
+
+class WinGate(FakeServer):
+    """A telnet-style gateway: prompts, takes `host:port`, connects there (loopback only) and pipes."""
+
+    async def handle(self, reader, writer):
+        writer.write(b"\xff\xfb\x01WinGate Engine\r\nWinGate>")
+        await writer.drain()
+        line = (await reader.readuntil(b"\n")).decode("latin-1").strip()
+        host, _, port = line.rpartition(":")
+        if host != "127.0.0.1":
+            writer.write(b"\r\nRefused\r\n")
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", int(port))
+        writer.write(b"\r\nConnecting to host " + line.encode() + b"...Connected\r\n")
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))

@@ -131,3 +131,20 @@ def test_tokens_are_per_check_and_secret():
     assert a.token(check_id) != b.token(check_id)
     assert a.token(check_id) != a.token(new_check_id())
     assert check_id not in a.token(check_id)
+
+
+async def test_wingate_style_gateway(targets):
+    async with fakes.WinGate() as server:
+        results = await proxy_port(server.port, targets, step_timeout=0.5,
+                                   wingate_ports=frozenset({server.port}))
+    assert outcome(results, "wingate") == ("open", "token_returned")
+    assert results["proxy.wingate"].fingerprint["product"] == "WinGate"
+    assert outcome(results, "http_get")[0] in ("closed", "inconclusive")
+
+
+async def test_a_mail_server_on_the_gateway_port_is_not_a_gateway(targets):
+    from fakes import smtp as smtp_fakes
+
+    async with smtp_fakes.FakeSmtpServer(smtp_fakes.Policy()) as server:
+        results = await proxy_port(server.port, targets, step_timeout=0.5, wingate_ports=frozenset({server.port}))
+    assert outcome(results, "wingate") == ("closed", "not_a_proxy")
