@@ -118,3 +118,38 @@ def require_postfix() -> None:
 @pytest.fixture
 def postfix_ok() -> None:
     require_postfix()
+
+
+def _skip_or_fail(message: str) -> None:
+    import os
+
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def require_proxy(binary: str) -> None:
+    """A real proxy (squid, danted, microsocks, tinyproxy) needs its package and root: fail under CI, skip elsewhere."""
+    from servers.proxies import PACKAGES, ProxyUnavailable, available, resolve_binary
+    from support import require_binary
+
+    path = resolve_binary(binary)
+    require_binary(path, PACKAGES.get(path, binary))
+    try:
+        available(path)
+    except ProxyUnavailable as exc:
+        _skip_or_fail(str(exc))
+
+
+@pytest.fixture
+def proxies(tmp_path: Path):
+    """Real proxies on 127.0.0.1 started on demand, each in its own folder under tmp_path/proxies:
+    `proxies.squid("open" | "closed" | "ssl_only", ssl_ports=[...])`, `proxies.dante()`,
+    `proxies.microsocks(user, password)`, `proxies.tinyproxy("open" | "restricted")` return a ProxyInstance
+    (.port, .log(), ...). A missing proxy fails the test under CI=true and skips it otherwise. All instances are
+    stopped (in parallel) after the test. See tests/servers/proxies.py."""
+    from servers.proxies import ProxySet
+
+    pool = ProxySet(tmp_path / "proxies", on_unavailable=_skip_or_fail)
+    yield pool
+    pool.stop_all()

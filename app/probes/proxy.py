@@ -26,7 +26,7 @@ from app.probes.transcript import Transcript
 from app.verdicts import CheckResult, Verdict
 
 MAX_STEP_BYTES = 16 * 1024
-SILENT_SOCKS_WAIT = 3.0  # seconds a SOCKS greeting waits on a port that already answered HTTP
+SILENT_PROTOCOL_WAIT = 3.0  # seconds a SOCKS greeting or TLS hello waits on a port that already answered HTTP
 USER_AGENT = "SecureYourServer-proxy-test"
 
 REASONS = ("token_returned", "auth_required", "destination_denied", "answers_without_tunnel", "not_a_proxy",
@@ -162,15 +162,18 @@ def parse_head(buffer: bytes) -> tuple[int, dict[str, str], bytes]:
     else:
         head, _, rest = buffer.partition(b"\n\n")
     lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
-    match = re.match(r"^HTTP/\d\.\d\s+(\d{3})\b", lines[0])
+    match = re.match(r"^HTTP/\d\.\d\s+(\d{3})\b\s*(.*)$", lines[0])
     if not match:
         raise Finding(Verdict.CLOSED, "not_a_proxy", "a malformed HTTP status line")
-    headers: dict[str, str] = {}
+    headers: dict[str, str] = {":reason": match.group(2).strip()[:100]}
     for line in lines[1:80]:
         name, sep, value = line.partition(":")
         if sep:
             headers.setdefault(name.strip().lower(), value.strip()[:300])
     return int(match.group(1)), headers, rest
+
+
+_UNREACHABLE = re.compile(r"connect|unreachable|resolve|timed? ?out", re.IGNORECASE)
 
 
 def http_status_finding(status: int, headers: dict[str, str], what: str) -> Finding:
@@ -180,7 +183,8 @@ def http_status_finding(status: int, headers: dict[str, str], what: str) -> Find
         return Finding(Verdict.AUTH_REQUIRED, "auth_required", note + ": the proxy asks for a login")
     if status == 403:
         return Finding(Verdict.CLOSED, "destination_denied", note + ": the proxy refused our destination")
-    if status in (502, 503, 504):
+    if status in (502, 503, 504) or status == 500 and _UNREACHABLE.search(headers.get(":reason", "")):
+        # tinyproxy says "500 Unable to connect"; Squid 503 ERR_CONNECT_FAIL
         return Finding(Verdict.INCONCLUSIVE, "destination_unreachable", note + ": the proxy could not reach our canary")
     if 200 <= status < 400:
         return Finding(Verdict.CLOSED, "answers_without_tunnel",
@@ -420,17 +424,18 @@ async def run_port(emit: Emit, slot: SlotFactory, host: str, port: int, options:
         for check in checks:
             await emit(_result(check, host, port, finding.verdict, finding.reason, finding.note, gate.fork(), None))
         return
-    # HTTP-family checks first: a port that answers HTTP will sit silent on a SOCKS greeting (an HTTP proxy
-    # waits for the end of a request line that never comes), so the SOCKS checks then get a short wait
-    first = [c for c in checks if not c.id.startswith("socks")]
-    socks = [c for c in checks if c.id.startswith("socks")]
+    # Plain-text HTTP checks first: a port that answers HTTP sits silent on a SOCKS greeting or a TLS hello (it
+    # waits for the end of a request line that never comes), so those checks then get a short wait
+    later_ids = ("socks4", "socks4a", "socks5", "https_connect")
+    first = [c for c in checks if c.id not in later_ids]
+    later = [c for c in checks if c.id in later_ids]
     results = dict(zip([c.id for c in first], await asyncio.gather(
         *(_run_check(check, slot, host, port, options) for check in first))))
     speaks_http = any(_speaks(c, *results[c.id]) == "HTTP" for c in first)
-    socks_options = replace(options, step_timeout=min(options.step_timeout, SILENT_SOCKS_WAIT)) if speaks_http \
+    later_options = replace(options, step_timeout=min(options.step_timeout, SILENT_PROTOCOL_WAIT)) if speaks_http \
         else options
-    results.update(zip([c.id for c in socks], await asyncio.gather(
-        *(_run_check(check, slot, host, port, socks_options) for check in socks))))
+    results.update(zip([c.id for c in later], await asyncio.gather(
+        *(_run_check(check, slot, host, port, later_options) for check in later))))
     outcomes = _silence_is_not_a_timeout(checks, [results[c.id] for c in checks])
     fingerprint = port_fingerprint([ex for _outcome, ex in outcomes], checks, outcomes)
     for check, (finding, ex) in zip(checks, outcomes):
@@ -497,7 +502,7 @@ def port_fingerprint(exchanges: list[Exchange], checks: list[ProxyCheck],
     parts = []
     for ex in exchanges:
         for headers in ex.heads:
-            for name in ("server", "via", "proxy-agent", "x-squid-error", "x-cache"):
+            for name in ("server", "via", "proxy-agent", "x-squid-error", "x-cache", ":reason"):
                 if name in headers:
                     parts.append(f"{name}: {headers[name]}")
         for body in ex.bodies:

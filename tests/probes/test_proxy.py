@@ -148,3 +148,47 @@ async def test_a_mail_server_on_the_gateway_port_is_not_a_gateway(targets):
     async with smtp_fakes.FakeSmtpServer(smtp_fakes.Policy()) as server:
         results = await proxy_port(server.port, targets, step_timeout=0.5, wingate_ports=frozenset({server.port}))
     assert outcome(results, "wingate") == ("closed", "not_a_proxy")
+
+
+@pytest.mark.parametrize("status,reason_text,expected", [
+    (407, "Proxy Authentication Required", ("auth_required", "auth_required")),
+    (403, "Forbidden", ("closed", "destination_denied")),
+    (502, "Bad Gateway", ("inconclusive", "destination_unreachable")),
+    (503, "Service Unavailable", ("inconclusive", "destination_unreachable")),
+    (504, "Gateway Timeout", ("inconclusive", "destination_unreachable")),
+    (500, "Unable to connect", ("inconclusive", "destination_unreachable")),
+    (500, "Internal Server Error", ("closed", "not_a_proxy")),
+    (200, "OK", ("closed", "answers_without_tunnel")),
+    (302, "Found", ("closed", "answers_without_tunnel")),
+    (400, "Bad Request", ("closed", "not_a_proxy")),
+    (405, "Method Not Allowed", ("closed", "not_a_proxy")),
+])
+def test_http_status_mapping(status, reason_text, expected):
+    finding = proxy.http_status_finding(status, {":reason": reason_text}, "CONNECT")
+    assert (finding.verdict.value, finding.reason) == expected
+
+
+@pytest.mark.parametrize("code,message,expected", [
+    (2, "Connection not allowed by ruleset", ("closed", "destination_denied")),
+    (1, "General SOCKS server failure", ("inconclusive", "destination_unreachable")),
+    (5, "Connection refused", ("inconclusive", "destination_unreachable")),
+    (None, "No acceptable authentication methods were offered", ("auth_required", "auth_required")),
+    (None, "Unexpected SOCKS authentication method: 2", ("auth_required", "auth_required")),
+    (None, "Unexpected SOCKS version number: 72", ("closed", "not_a_proxy")),
+])
+def test_socks5_error_mapping(code, message, expected):
+    from python_socks import ProxyError
+
+    finding = proxy.socks_finding("socks5", ProxyError(message, error_code=code))
+    assert (finding.verdict.value, finding.reason) == expected
+
+
+@pytest.mark.parametrize("code,expected", [
+    (0x5B, ("inconclusive", "destination_unreachable")), (0x5C, ("auth_required", "auth_required")),
+    (0x5D, ("auth_required", "auth_required")),
+])
+def test_socks4_error_mapping(code, expected):
+    from python_socks import ProxyError
+
+    finding = proxy.socks_finding("socks4", ProxyError("rejected", error_code=code))
+    assert (finding.verdict.value, finding.reason) == expected

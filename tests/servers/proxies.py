@@ -1,0 +1,856 @@
+"""Real proxies as loopback test fixtures: Squid, Dante, microsocks and tinyproxy, side by side.
+
+    inst = start_squid(tmp_path, "open")
+    try:
+        ...  # talk HTTP proxy to 127.0.0.1:inst.port
+    finally:
+        inst.stop()
+
+Each instance lives in its own folder under `base` (`base/NAME-N/`: config, captured stdout/stderr, logs), listens
+on a free port of 127.0.0.1 only, and runs in the foreground as a child of this process (its own session, so
+stop() can reach its whole process group). Kinds and what they answer are described on each start_* function.
+
+Network fences (nothing may leave loopback):
+- every proxy binds its outgoing connections to 127.0.0.1 and is told to allow only 127.0.0.1 destinations where
+  it can be told (Squid: `acl to_loopback dst 127.0.0.1/32` + `http_access deny !to_loopback` first; Dante:
+  `socks pass ... to: 127.0.0.1/32` then `socks block` for the rest; tinyproxy: `Filter` + `FilterDefaultDeny
+  Yes`). `fence="127.0.0.0/8"` widens that to all of loopback. With the default, the tests prove each fence
+  with 127.0.0.2 (loopback, where nothing listens) without ever asking for a non-loopback address.
+  microsocks has no such option: the tests only ever ask it for loopback.
+- a hostname destination makes Dante and microsocks ask the system resolver (here a non-loopback server);
+  tinyproxy's Filter refuses hostnames before resolving them, and Squid's dst check resolves through 127.0.0.1.
+  Where mount namespaces are allowed (root, CAP_SYS_ADMIN) every proxy runs under `unshare --mount` with private
+  bind-mounted /etc/resolv.conf (`nameserver 127.0.0.1`), /etc/hosts (`127.0.0.1 localhost`) and an nsswitch.conf
+  whose hosts line is `files dns`: a name lookup can then only ever go to 127.0.0.1:53 (`ProxyInstance.dns_fenced`
+  says whether this was possible; Squid's own resolver is pointed at 127.0.0.1 anyway).
+
+Where files live: pytest's folders are 0700 root, and the daemons drop to an unprivileged user (Squid -> proxy,
+tinyproxy -> tinyproxy/nobody) before they open some of their files. Squid therefore keeps its pid file, logs and
+coredump_dir in a private folder under /tmp (linked from the instance folder as `run`; the logs are copied back
+and the folder removed by stop()); tinyproxy logs to stdout (captured in the instance folder) instead of a
+LogFile, which it would open only after dropping privileges. Dante opens its logoutput as root.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import grp
+import ipaddress
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Literal, Sequence
+
+LOOPBACK = "127.0.0.1"
+SQUID = "/usr/sbin/squid"
+DANTED = "/usr/sbin/danted"
+MICROSOCKS = "/usr/bin/microsocks"
+TINYPROXY = "/usr/bin/tinyproxy"
+UNSHARE = "/usr/bin/unshare"
+PACKAGES = {SQUID: "squid", DANTED: "dante-server", MICROSOCKS: "microsocks", TINYPROXY: "tinyproxy"}
+RUN_ROOT = "/tmp"  # world-searchable: see the module docstring on why Squid's files live here
+
+START_TIMEOUT = 15.0  # seconds until the instance must listen
+STOP_TIMEOUT = 10.0  # seconds for the process to go after its stop signal, before SIGKILL
+KILL_TIMEOUT = 5.0  # seconds for the process group to go after SIGKILL
+PORT_ATTEMPTS = 3  # a free port chosen here may be taken before the daemon binds it: re-chosen this often
+
+# Destinations a proxy may reach. The default, 127.0.0.1 alone, lets tests prove each fence with 127.0.0.2;
+# "127.0.0.0/8" is there for a test that needs other loopback addresses.
+Fence = Literal["127.0.0.1/32", "127.0.0.0/8"]
+FENCES = ("127.0.0.1/32", "127.0.0.0/8")
+TINYPROXY_FILTERS = {"127.0.0.1/32": r"^127\.0\.0\.1$", "127.0.0.0/8": r"^127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$"}
+
+SquidKind = Literal["open", "closed", "ssl_only"]
+TinyproxyKind = Literal["open", "restricted"]
+SQUID_KINDS = ("open", "closed", "ssl_only")
+TINYPROXY_KINDS = ("open", "restricted")
+FOREIGN_NETWORK = "198.51.100.0/24"  # TEST-NET-2: the only clients the closed/restricted kinds accept
+
+# Debian 12's stock squid.conf port lists (used by the ssl_only kind)
+STOCK_SSL_PORTS = (443,)
+STOCK_SAFE_PORTS = ("80", "21", "443", "70", "210", "1025-65535", "280", "488", "591", "777")
+
+
+class ProxyUnavailable(RuntimeError):
+    """The proxy cannot run here (binary missing, not root, user missing). The calling test decides skip/fail."""
+
+
+class ProxyStartError(RuntimeError):
+    """The proxy is installed but this instance did not come up; the message carries its output and log tail."""
+
+
+class ProxyStopError(RuntimeError):
+    """stop() could not free the instance's port or end its processes."""
+
+
+_running: "weakref.WeakSet[ProxyInstance]" = weakref.WeakSet()
+
+
+@dataclass(eq=False)
+class ProxyInstance:
+    name: str  # e.g. "squid-open"
+    port: int  # listening port on 127.0.0.1
+    directory: Path
+    config_file: Path | None = None
+    log_files: list[Path] = field(default_factory=list)  # read by log(), in this order
+    output_file: Path | None = None  # the process's stdout+stderr
+    dns_fenced: bool = False  # runs with a private resolv.conf/hosts (see the module docstring)
+    start_seconds: float = 0.0  # from Popen to listening
+    stop_seconds: float | None = None  # set by the first stop()
+    run_dir: Path | None = None  # Squid's private folder in /tmp (removed by stop())
+    stop_signal: int = signal.SIGTERM
+    own_pid_namespace: bool = False  # the daemon is init of its own PID namespace (Dante: see start_dante)
+    _process: subprocess.Popen | None = field(default=None, repr=False)
+    _out: object | None = field(default=None, repr=False)
+    _stopped: bool = field(default=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _t0: float = field(default=0.0, repr=False)  # time.monotonic() at Popen
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (LOOPBACK, self.port)
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def pids(self) -> list[int]:
+        """Live (not zombie) processes of this instance: its process group."""
+        if self._process is None:
+            return []
+        return _group_pids(self._process.pid)
+
+    def sockets(self) -> list[tuple[str, str, int, str]]:
+        """(proto, local address, local port, state) of every TCP/UDP socket the instance's processes hold."""
+        return _sockets_of(self.pids())
+
+    def log(self) -> str:
+        """The instance's logs (access/cache log, daemon log) and its captured stdout/stderr, for debugging."""
+        parts = []
+        for path in [*self.log_files, *([self.output_file] if self.output_file else [])]:
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                continue
+            parts.append(f"==> {path.name} <==\n{text}")
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        """Stop the instance: stop signal, bounded wait, then SIGKILL to its process group; idempotent."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            started = time.monotonic()
+            try:
+                self._stop()
+            finally:
+                self.stop_seconds = time.monotonic() - started
+                _running.discard(self)
+                self._finish_files()
+            self._check_port_free()
+
+    def _stop(self) -> None:
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            try:
+                if self.own_pid_namespace:
+                    # `unshare --fork` blocks SIGTERM in itself: signal the daemon, its child (or the whole group)
+                    daemons = _children(process.pid)
+                    if daemons:
+                        for pid in daemons:
+                            os.kill(pid, self.stop_signal)
+                    else:
+                        os.killpg(process.pid, self.stop_signal)
+                else:
+                    process.send_signal(self.stop_signal)
+            except ProcessLookupError:
+                pass
+            try:
+                process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        # the group: the process itself if it hung, and children it left behind (none seen so far)
+        for _ in range(2):  # bounded: SIGKILL cannot be ignored; a second round only for a late fork
+            if process.poll() is not None and not _group_pids(process.pid):
+                break
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                process.wait(timeout=KILL_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+            _wait(lambda: not _group_pids(process.pid), seconds=KILL_TIMEOUT)
+
+    def _finish_files(self) -> None:
+        if self._out is not None:
+            self._out.close()  # type: ignore[attr-defined]
+            self._out = None
+        run = self.run_dir
+        if run is not None and run.parent == Path(RUN_ROOT) and run.is_dir():
+            for name in ("access.log", "cache.log"):
+                if (run / name).is_file():
+                    shutil.copyfile(run / name, self.directory / name)
+            shutil.rmtree(run, ignore_errors=True)
+            link = self.directory / "run"
+            if link.is_symlink():
+                link.unlink()
+            self.log_files = [self.directory / p.name for p in self.log_files]
+
+    def _check_port_free(self) -> None:
+        leftovers = self.pids()
+        listening = _wait(lambda: not _listening_on(self.port), seconds=KILL_TIMEOUT)
+        if leftovers or not listening:
+            raise ProxyStopError(f"{self.name} on 127.0.0.1:{self.port}: still running after stop() "
+                                 f"(pids {leftovers}, port listening: {not listening})")
+
+    def __enter__(self) -> "ProxyInstance":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --- availability ---------------------------------------------------------------------------------------------
+
+_NEEDS_ROOT = {SQUID: "Squid drops to the proxy user", DANTED: "Dante drops to nobody",
+               TINYPROXY: "tinyproxy drops to its own user"}
+
+
+def available(binary: str) -> None:
+    """Raise ProxyUnavailable (with the package to install) unless `binary` can be run as a fixture here.
+
+    `binary` is a path (/usr/sbin/squid) or a short name: squid, danted (or dante), microsocks, tinyproxy.
+    """
+    path = resolve_binary(binary)
+    package = PACKAGES.get(path, "?")
+    if not os.access(path, os.X_OK):
+        raise ProxyUnavailable(f"{path} is missing: install the Debian package {package}")
+    if path in _NEEDS_ROOT and os.geteuid() != 0:
+        raise ProxyUnavailable(f"{path} fixtures need root ({_NEEDS_ROOT[path]})")
+    users = {SQUID: ["proxy"], DANTED: ["nobody"], TINYPROXY: []}.get(path, [])
+    for user in users:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            raise ProxyUnavailable(f"{path} needs the user {user!r}, which is missing") from None
+    if path == TINYPROXY:
+        _tinyproxy_user()  # raises when neither tinyproxy nor nobody/nogroup exist
+
+
+def resolve_binary(binary: str) -> str:
+    """The full path for a short name (squid, danted/dante, microsocks, tinyproxy); a path is returned as is."""
+    names = {"squid": SQUID, "danted": DANTED, "dante": DANTED, "dante-server": DANTED, "microsocks": MICROSOCKS,
+             "tinyproxy": TINYPROXY}
+    return names.get(binary, binary)
+
+
+def _tinyproxy_user() -> tuple[str, str]:
+    for user, group in (("tinyproxy", "tinyproxy"), ("nobody", "nogroup")):
+        try:
+            pwd.getpwnam(user)
+            grp.getgrnam(group)
+            return user, group
+        except KeyError:
+            continue
+    raise ProxyUnavailable("tinyproxy needs the tinyproxy user (or nobody/nogroup)")
+
+
+# --- configurations -------------------------------------------------------------------------------------------
+
+def _check_fence(fence: str) -> None:
+    if fence not in FENCES:
+        raise ValueError(f"fence must be one of {FENCES}, not {fence!r}")
+
+
+def squid_config(kind: SquidKind, *, port: int, run_dir: Path, ssl_ports: Iterable[int] = (),
+                 fence: Fence = "127.0.0.1/32") -> str:
+    """squid.conf for one instance: private files in run_dir, fenced to `fence` destinations."""
+    _check_fence(fence)
+    lines = [
+        "# Generated by tests/servers/proxies.py: a private loopback instance",
+        f"http_port {LOOPBACK}:{port}",
+        f"pid_filename {run_dir}/squid.pid",
+        f"access_log stdio:{run_dir}/access.log",
+        f"cache_log {run_dir}/cache.log",
+        "cache_store_log none",
+        f"coredump_dir {run_dir}",
+        "cache deny all",
+        "pinger_enable off",
+        "shutdown_lifetime 1 seconds",
+        "visible_hostname squid-test.invalid",
+        "netdb_filename none",
+        # the fence: Squid's own resolver asks 127.0.0.1 only (IP-literal destinations need none), every
+        # connection leaves from 127.0.0.1, and only `fence` destinations pass the first http_access rule
+        # (a hostname is resolved through 127.0.0.1 for this dst check, and denied if that fails)
+        f"dns_nameservers {LOOPBACK}",
+        f"tcp_outgoing_address {LOOPBACK}",
+        f"udp_outgoing_address {LOOPBACK}",
+        f"acl to_loopback dst {fence}",
+        "http_access deny !to_loopback",
+    ]
+    if kind == "open":
+        # no `deny !Safe_ports` and no `deny CONNECT !SSL_ports`: GET/POST and CONNECT to every port
+        lines += ["http_access allow all"]
+    elif kind == "closed":
+        lines += [
+            f"acl foreign_clients src {FOREIGN_NETWORK}",
+            "acl loopback_clients src 127.0.0.0/8",
+            "http_access deny loopback_clients",
+            "http_access allow foreign_clients",
+            "http_access deny all",
+        ]
+    elif kind == "ssl_only":
+        extra = [str(int(p)) for p in ssl_ports]
+        lines += [
+            # Debian 12's stock rules; SSL_ports also lists the test's TLS canary port(s)
+            "acl SSL_ports port " + " ".join([*map(str, STOCK_SSL_PORTS), *extra]),
+            "acl Safe_ports port " + " ".join(STOCK_SAFE_PORTS),
+            "acl CONNECT method CONNECT",
+            "http_access deny !Safe_ports",
+            "http_access deny CONNECT !SSL_ports",
+            "http_access allow all",
+        ]
+    else:
+        raise ValueError(f"squid kind must be one of {SQUID_KINDS}, not {kind!r}")
+    return "\n".join(lines) + "\n"
+
+
+def dante_config(*, port: int, log_file: Path, fence: Fence = "127.0.0.1/32") -> str:
+    """danted.conf: open SOCKS4/SOCKS5 without authentication for loopback clients, fenced to `fence`."""
+    _check_fence(fence)
+    return f"""\
+# Generated by tests/servers/proxies.py: a private loopback instance
+logoutput: {log_file}
+internal: {LOOPBACK} port = {port}
+external: {LOOPBACK}
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+
+client pass {{
+    from: 127.0.0.0/8 to: 0.0.0.0/0
+    log: error connect disconnect
+}}
+client block {{
+    from: 0.0.0.0/0 to: 0.0.0.0/0
+    log: connect error
+}}
+
+# the fence: CONNECT to {fence} only (tests prove 127.0.0.1/32 with 127.0.0.2 -> reply 02); no BIND, no UDP.
+# The rules use IP addresses only: a hostname destination is resolved by Dante to match them (see the module
+# docstring on the DNS fence).
+socks pass {{
+    from: 127.0.0.0/8 to: {fence}
+    command: connect
+    protocol: tcp
+    log: error connect disconnect
+}}
+socks block {{
+    from: 0.0.0.0/0 to: 0.0.0.0/0
+    log: connect error
+}}
+"""
+
+
+def tinyproxy_config(kind: TinyproxyKind, *, port: int, pid_file: Path, filter_file: Path) -> str:
+    """tinyproxy.conf. "open": no Allow line (every client) and no ConnectPort line (CONNECT to every port).
+
+    "restricted": `Allow 198.51.100.0/24` only; a loopback client gets `HTTP/1.0 403 Access denied` whatever
+    it asks (checked by tests/servers/test_proxy_fixtures.py).
+    The fence (tinyproxy 1.11.1, checked): Filter applies to CONNECT and to IP-literal hosts, matched against
+    the host string before any resolution; with FilterDefaultDeny only hosts matching a line pass, and others
+    get `HTTP/1.1 403 Filtered`.
+    """
+    if kind not in TINYPROXY_KINDS:
+        raise ValueError(f"tinyproxy kind must be one of {TINYPROXY_KINDS}, not {kind!r}")
+    user, group = _tinyproxy_user()
+    lines = [
+        "# Generated by tests/servers/proxies.py: a private loopback instance",
+        f"User {user}",
+        f"Group {group}",
+        f"Port {port}",
+        f"Listen {LOOPBACK}",
+        f"Bind {LOOPBACK}",
+        # written as root before dropping privileges; at exit tinyproxy (unprivileged by then) logs that it
+        # cannot remove it when a parent folder is 0700 (pytest's): harmless
+        f'PidFile "{pid_file}"',
+        # no LogFile: tinyproxy opens it only after dropping privileges, and pytest's folders are 0700;
+        # in the foreground (-d) without LogFile it logs to stdout, captured in tinyproxy.log
+        "LogLevel Info",
+        "MaxClients 20",
+        "Timeout 30",
+        'ViaProxyName "tinyproxy"',  # as Debian's stock file (else the machine's hostname)
+    ]
+    lines += [f'Filter "{filter_file}"', "FilterType ere", "FilterDefaultDeny Yes"]
+    if kind == "restricted":
+        lines += [f"Allow {FOREIGN_NETWORK}"]
+    return "\n".join(lines) + "\n"
+
+
+# --- starting -------------------------------------------------------------------------------------------------
+
+def start_squid(base: Path, kind: SquidKind, ssl_ports: Sequence[int] = (), *, fence: Fence = "127.0.0.1/32",
+                timeout: float = START_TIMEOUT) -> ProxyInstance:
+    """A private Squid 5 (`squid -N`, foreground) on 127.0.0.1.
+
+    - "open": every client, GET/POST and CONNECT to any (loopback) port.
+    - "closed": only 198.51.100.0/24 clients; loopback clients are denied explicitly, so everything from here
+      gets `HTTP/1.1 403 Forbidden` with `X-Squid-Error: ERR_ACCESS_DENIED 0`.
+    - "ssl_only": Debian's stock rules (deny !Safe_ports, deny CONNECT !SSL_ports, then allow all); SSL_ports is
+      443 plus `ssl_ports`, so CONNECT works to those and gets 403 to every other port. GET to ports 80, 443
+      and 1025-65535 (Safe_ports) passes.
+    `ssl_ports` is ignored by the other kinds. Every kind denies destinations outside `fence` first (403).
+    """
+    if kind not in SQUID_KINDS:
+        raise ValueError(f"squid kind must be one of {SQUID_KINDS}, not {kind!r}")
+    _check_fence(fence)
+    available(SQUID)
+    name = f"squid-{kind}"
+
+    def prepare(directory: Path, port: int) -> tuple[list[str], dict]:
+        run = Path(tempfile.mkdtemp(prefix=f"proxy-{name}-", dir=RUN_ROOT))
+        os.chmod(run, 0o750)
+        shutil.chown(run, "proxy", "proxy")
+        link = directory / "run"
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(run)
+        conf = directory / "squid.conf"
+        conf.write_text(squid_config(kind, port=port, run_dir=run, ssl_ports=ssl_ports, fence=fence))
+        _squid_parse(conf, run)
+        return ([SQUID, "-N", "-f", str(conf)],
+                {"config_file": conf, "run_dir": run, "log_files": [run / "access.log", run / "cache.log"],
+                 # SIGINT: Squid shuts down without waiting shutdown_lifetime for open connections
+                 "stop_signal": signal.SIGINT})
+
+    return _start(base, name, prepare, timeout=timeout)
+
+
+def _squid_parse(conf: Path, run: Path) -> None:
+    try:
+        result = subprocess.run([SQUID, "-k", "parse", "-f", str(conf)], cwd=run, stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as exc:
+        shutil.rmtree(run, ignore_errors=True)
+        raise ProxyStartError(f"squid -k parse -f {conf} did not finish in 30 s") from exc
+    output = result.stdout + result.stderr
+    problems = [line for line in output.splitlines() if "ERROR" in line or "FATAL" in line]
+    if result.returncode != 0 or problems:
+        shutil.rmtree(run, ignore_errors=True)
+        if (conf.parent / "run").is_symlink():
+            (conf.parent / "run").unlink()
+        raise ProxyStartError(f"squid -k parse -f {conf} failed (exit {result.returncode}):\n{_tail(output)}")
+
+
+def start_dante(base: Path, *, fence: Fence = "127.0.0.1/32", timeout: float = START_TIMEOUT) -> ProxyInstance:
+    """A private Dante (`danted -f FILE -p PIDFILE`, foreground): open SOCKS4 and SOCKS5, no authentication,
+    for loopback clients; CONNECT only, to `fence` only (anything else: SOCKS5 reply 02 / SOCKS4 5b).
+
+    Dante's mother process exits on SIGTERM without reaping the ~20 children it forks, so they would linger as
+    zombies of PID 1 (for seconds here; for ever where PID 1 does not reap). Where PID namespaces are allowed it
+    therefore runs as init of its own (`unshare --pid --fork --kill-child`): when it exits the kernel kills and
+    reaps everything in that namespace. Its pid file then says 1.
+    """
+    available(DANTED)
+    _check_fence(fence)
+    name = "dante"
+
+    def prepare(directory: Path, port: int) -> tuple[list[str], dict]:
+        conf, log_file = directory / "danted.conf", directory / "danted.log"
+        conf.write_text(dante_config(port=port, log_file=log_file, fence=fence))
+        return ([DANTED, "-f", str(conf), "-p", str(directory / "danted.pid")],
+                {"config_file": conf, "log_files": [log_file], "own_pid_namespace": _pid_namespace_possible()})
+
+    return _start(base, name, prepare, timeout=timeout)
+
+
+def start_microsocks(base: Path, user: str | None = None, password: str | None = None, *,
+                     timeout: float = START_TIMEOUT) -> ProxyInstance:
+    """microsocks (SOCKS5 only) on 127.0.0.1, outgoing from 127.0.0.1. With user/password it requires
+    username/password auth (a no-auth greeting gets `05 ff`); without, it is open. It answers any SOCKS4
+    request with `05 ff`. It has no destination fence: tests only ask it for loopback."""
+    available(MICROSOCKS)
+    if (user is None) != (password is None):
+        raise ValueError("give both user and password, or neither")
+    name = "microsocks-auth" if user is not None else "microsocks-open"
+
+    def prepare(directory: Path, port: int) -> tuple[list[str], dict]:
+        argv = [MICROSOCKS, "-i", LOOPBACK, "-p", str(port), "-b", LOOPBACK]
+        if user is not None:
+            argv += ["-u", user, "-P", str(password)]
+        return argv, {}
+
+    return _start(base, name, prepare, timeout=timeout)
+
+
+def start_tinyproxy(base: Path, kind: TinyproxyKind, *, fence: Fence = "127.0.0.1/32",
+                    timeout: float = START_TIMEOUT) -> ProxyInstance:
+    """tinyproxy 1.11 (`tinyproxy -d -c FILE`, foreground) on 127.0.0.1. See tinyproxy_config for the kinds;
+    destinations outside `fence` get `HTTP/1.1 403 Filtered`."""
+    if kind not in TINYPROXY_KINDS:
+        raise ValueError(f"tinyproxy kind must be one of {TINYPROXY_KINDS}, not {kind!r}")
+    _check_fence(fence)
+    available(TINYPROXY)
+    name = f"tinyproxy-{kind}"
+
+    def prepare(directory: Path, port: int) -> tuple[list[str], dict]:
+        filter_file = directory / "filter"
+        filter_file.write_text(TINYPROXY_FILTERS[fence] + "\n")
+        filter_file.chmod(0o644)
+        conf = directory / "tinyproxy.conf"
+        conf.write_text(tinyproxy_config(kind, port=port, pid_file=directory / "tinyproxy.pid",
+                                         filter_file=filter_file))
+        return [TINYPROXY, "-d", "-c", str(conf)], {"config_file": conf}
+
+    return _start(base, name, prepare, timeout=timeout)
+
+
+def _start(base: Path, name: str, prepare: Callable[[Path, int], tuple[list[str], dict]], *,
+           timeout: float) -> ProxyInstance:
+    base = Path(base)
+    base.mkdir(parents=True, exist_ok=True)
+    directory = _new_directory(base.resolve(), name)
+    error: ProxyStartError | None = None
+    for _ in range(PORT_ATTEMPTS):  # bounded: a new port only when the chosen one was taken meanwhile
+        port = _free_port()
+        argv, extra = prepare(directory, port)
+        instance = _launch(name, directory, port, argv, **extra)
+        try:
+            _wait_listening(instance, timeout=timeout)
+            return instance
+        except ProxyStartError as exc:
+            error = exc
+            try:
+                instance.stop()
+            except ProxyStopError:
+                pass
+            if "in use" not in str(exc):
+                raise
+    assert error is not None
+    raise error
+
+
+def _new_directory(base: Path, name: str) -> Path:
+    for n in range(1, 1000):  # bounded
+        directory = base / f"{name}-{n}"
+        try:
+            directory.mkdir(mode=0o755)
+            os.chmod(directory, 0o755)
+            return directory
+        except FileExistsError:
+            continue
+    raise ProxyStartError(f"no free instance folder for {name} under {base}")
+
+
+def _launch(name: str, directory: Path, port: int, argv: list[str], **extra) -> ProxyInstance:
+    binary = Path(argv[0]).name
+    output_file = directory / f"{binary}.out"
+    if binary in ("microsocks", "tinyproxy"):  # their stdout is their log
+        output_file = directory / f"{binary}.log"
+    out = open(output_file, "ab")
+    fence = _dns_fence_files(directory)
+    command = argv if fence is None else _fenced(argv, fence)
+    if extra.get("own_pid_namespace"):
+        namespace = [UNSHARE, "--pid", "--fork", "--kill-child"]
+        command = [*namespace, *command[1:]] if command[0] == UNSHARE else [*namespace, "--", *command]
+    instance = ProxyInstance(name=name, port=port, directory=directory, output_file=output_file,
+                             dns_fenced=fence is not None, **extra)
+    instance._out = out
+    _running.add(instance)
+    t0 = time.monotonic()
+    try:
+        instance._process = subprocess.Popen(command, cwd=directory, stdin=subprocess.DEVNULL, stdout=out,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as exc:
+        out.close()
+        instance._out = None
+        _running.discard(instance)
+        raise ProxyStartError(f"{name}: cannot run {argv[0]}: {exc}") from exc
+    instance._t0 = t0
+    return instance
+
+
+def _wait_listening(instance: ProxyInstance, *, timeout: float) -> None:
+    process = instance._process
+    assert process is not None
+    t0 = instance._t0
+    deadline = t0 + timeout
+    for _ in range(int(timeout / 0.02) + 1):  # bounded in count and in time
+        if process.poll() is not None:
+            raise ProxyStartError(f"{instance.name} on 127.0.0.1:{instance.port} exited during start-up "
+                                  f"(exit {process.returncode}):\n{_tail(instance.log())}")
+        owners = _listening_on(instance.port)
+        if owners:
+            mine = _socket_inodes(instance.pids())
+            if owners & mine:
+                instance.start_seconds = time.monotonic() - t0
+                return
+            # someone else took the port first: the daemon will fail to bind
+            raise ProxyStartError(f"{instance.name}: 127.0.0.1:{instance.port} is in use by another process")
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    raise ProxyStartError(f"{instance.name} did not listen on 127.0.0.1:{instance.port} within {timeout} s:\n"
+                          f"{_tail(instance.log())}")
+
+
+# --- the DNS fence (private resolv.conf/hosts in a mount namespace) ------------------------------------------
+
+FENCE_RESOLV = f"nameserver {LOOPBACK}\noptions timeout:1 attempts:1\n"
+FENCE_HOSTS = f"{LOOPBACK} localhost\n"
+_FENCE_SCRIPT = ('set -e; mount --bind "$1" /etc/resolv.conf; mount --bind "$2" /etc/hosts; '
+                 'if [ -n "$3" ]; then mount --bind "$3" /etc/nsswitch.conf; fi; shift 3; exec "$@"')
+
+
+def _dns_fence_files(directory: Path) -> tuple[Path, Path, str] | None:
+    if not _dns_fence_possible():
+        return None
+    fence = directory / "fence"
+    fence.mkdir(mode=0o755, exist_ok=True)
+    resolv, hosts = fence / "resolv.conf", fence / "hosts"
+    resolv.write_text(FENCE_RESOLV)
+    hosts.write_text(FENCE_HOSTS)
+    nsswitch = ""
+    system = Path("/etc/nsswitch.conf")
+    if system.is_file():
+        lines = [line for line in system.read_text().splitlines() if not line.strip().startswith("hosts:")]
+        (fence / "nsswitch.conf").write_text("\n".join([*lines, "hosts: files dns"]) + "\n")
+        nsswitch = str(fence / "nsswitch.conf")
+    for path in fence.iterdir():
+        path.chmod(0o644)
+    return resolv, hosts, nsswitch
+
+
+def _fenced(argv: list[str], fence: tuple[Path, Path, str]) -> list[str]:
+    resolv, hosts, nsswitch = fence
+    return [UNSHARE, "--mount", "--propagation", "private", "--", "/bin/sh", "-c", _FENCE_SCRIPT, "fence",
+            str(resolv), str(hosts), nsswitch, *argv]
+
+
+@functools.lru_cache(maxsize=1)
+def _pid_namespace_possible() -> bool:
+    """Whether `unshare --pid --fork` works here (root with CAP_SYS_ADMIN)."""
+    if os.geteuid() != 0 or not os.access(UNSHARE, os.X_OK):
+        return False
+    try:
+        result = subprocess.run([UNSHARE, "--pid", "--fork", "--kill-child", "--", "/bin/sh", "-c", "echo $$"],
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0 and result.stdout.strip() == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def _dns_fence_possible() -> bool:
+    """Whether `unshare --mount` and bind mounts over /etc files work here (root with CAP_SYS_ADMIN)."""
+    if os.geteuid() != 0 or not os.access(UNSHARE, os.X_OK) or not Path("/etc/resolv.conf").exists():
+        return False
+    with tempfile.TemporaryDirectory(prefix="proxy-fence-check-") as tmp:
+        resolv, hosts = Path(tmp) / "resolv.conf", Path(tmp) / "hosts"
+        resolv.write_text(FENCE_RESOLV)
+        hosts.write_text(FENCE_HOSTS)
+        try:
+            result = subprocess.run(
+                [UNSHARE, "--mount", "--propagation", "private", "--", "/bin/sh", "-c", _FENCE_SCRIPT, "fence",
+                 str(resolv), str(hosts), "", "/bin/cat", "/etc/resolv.conf"],
+                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return result.returncode == 0 and result.stdout == FENCE_RESOLV
+
+
+# --- /proc helpers ---------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def _group_pids(pgid: int) -> list[int]:
+    """Live (not zombie) processes whose process group is pgid."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _socket_inodes(pids: Iterable[int]) -> set[int]:
+    inodes = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+_TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
+               "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0A": "LISTEN",
+               "0B": "CLOSING"}
+
+
+def _proc_net() -> list[tuple[str, str, int, str, int]]:
+    """(proto, local address, local port, state, inode) of every socket in /proc/net/{tcp,tcp6,udp,udp6}."""
+    rows = []
+    for proto in ("tcp", "tcp6", "udp", "udp6"):
+        try:
+            lines = Path(f"/proc/net/{proto}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) < 10:
+                continue
+            hex_addr, hex_port = parts[1].split(":")
+            raw = bytes.fromhex(hex_addr)
+            # the kernel prints each 32-bit word of the address in host byte order
+            words = [raw[i:i + 4][::-1] if _little_endian() else raw[i:i + 4] for i in range(0, len(raw), 4)]
+            address = str(ipaddress.ip_address(b"".join(words)))
+            state = _TCP_STATES.get(parts[3], parts[3]) if proto.startswith("tcp") else "UDP"
+            rows.append((proto, address, int(hex_port, 16), state, int(parts[9])))
+    return rows
+
+
+@functools.lru_cache(maxsize=1)
+def _little_endian() -> bool:
+    import sys
+
+    return sys.byteorder == "little"
+
+
+def _listening_on(port: int) -> set[int]:
+    """Inodes of TCP sockets listening on port (any address, IPv4 or IPv6)."""
+    return {inode for proto, _, p, state, inode in _proc_net()
+            if proto.startswith("tcp") and p == port and state == "LISTEN"}
+
+
+def _sockets_of(pids: Iterable[int]) -> list[tuple[str, str, int, str]]:
+    mine = _socket_inodes(pids)
+    return [(proto, address, port, state) for proto, address, port, state, inode in _proc_net() if inode in mine]
+
+
+def _wait(condition: Callable[[], bool], *, seconds: float, step: float = 0.02) -> bool:
+    deadline = time.monotonic() + seconds
+    for _ in range(int(seconds / step) + 1):  # bounded in count and in time
+        if condition():
+            return True
+        if time.monotonic() > deadline:
+            break
+        time.sleep(step)
+    return condition()
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# --- several at once -------------------------------------------------------------------------------------------
+
+class ProxySet:
+    """Starts proxies under one base folder and stops them all (in parallel) with stop_all().
+
+    on_unavailable, when given, is called with the ProxyUnavailable message instead of raising it (the test
+    fixture in conftest.py passes a function that fails under CI and skips otherwise).
+    """
+
+    def __init__(self, base: Path, on_unavailable: Callable[[str], None] | None = None) -> None:
+        self.base = Path(base)
+        self.instances: list[ProxyInstance] = []
+        self._on_unavailable = on_unavailable
+
+    def _add(self, start: Callable[..., ProxyInstance], *args, **kwargs) -> ProxyInstance:
+        try:
+            instance = start(self.base, *args, **kwargs)
+        except ProxyUnavailable as exc:
+            if self._on_unavailable is None:
+                raise
+            self._on_unavailable(str(exc))
+            raise
+        self.instances.append(instance)
+        return instance
+
+    def squid(self, kind: SquidKind, ssl_ports: Sequence[int] = (), **kwargs) -> ProxyInstance:
+        return self._add(start_squid, kind, ssl_ports, **kwargs)
+
+    def dante(self, **kwargs) -> ProxyInstance:
+        return self._add(start_dante, **kwargs)
+
+    def microsocks(self, user: str | None = None, password: str | None = None, **kwargs) -> ProxyInstance:
+        return self._add(start_microsocks, user, password, **kwargs)
+
+    def tinyproxy(self, kind: TinyproxyKind, **kwargs) -> ProxyInstance:
+        return self._add(start_tinyproxy, kind, **kwargs)
+
+    def stop_all(self) -> None:
+        """Stop every instance, in parallel (Squid and tinyproxy take about a second each); re-raise the
+        first ProxyStopError after all have been tried."""
+        errors: list[BaseException] = []
+
+        def stop(instance: ProxyInstance) -> None:
+            try:
+                instance.stop()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=stop, args=(i,), daemon=True) for i in self.instances]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=3 * STOP_TIMEOUT + 5)
+        if errors:
+            raise errors[0]
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Safety net: no instance outlives the test process."""
+    for instance in list(_running):
+        try:
+            instance.stop()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
