@@ -37,6 +37,7 @@ test: install-test | var ## Install test deps and Debian packages, then run pyte
 bench: install-test ## Benchmarks against real servers, with nmap as the baseline (as root)
 	bash scripts/install-debian-packages.sh
 	$(VENV_PYTHON) bench/relay.py
+	$(VENV_PYTHON) bench/proxy.py
 
 venv: $(VENV_PYTHON) ## Create the virtualenv .venv
 

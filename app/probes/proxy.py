@@ -26,7 +26,10 @@ from app.probes.transcript import Transcript
 from app.verdicts import CheckResult, Verdict
 
 MAX_STEP_BYTES = 16 * 1024
-SILENT_PROTOCOL_WAIT = 3.0  # seconds a SOCKS greeting or TLS hello waits on a port that already answered HTTP
+# How long a SOCKS greeting or TLS hello waits on a port that already answered HTTP: at least this many seconds,
+# or this many times the port's slowest HTTP reply, whichever is longer (never more than the step timeout).
+SILENT_PROTOCOL_WAIT = 0.25
+SILENT_PROTOCOL_FACTOR = 8
 USER_AGENT = "SecureYourServer-proxy-test"
 
 REASONS = ("token_returned", "auth_required", "destination_denied", "answers_without_tunnel", "not_a_proxy",
@@ -77,6 +80,7 @@ class Exchange:
     heads: list[dict[str, str]] = field(default_factory=list)  # response headers seen, for the fingerprint
     bodies: list[bytes] = field(default_factory=list)
     received: int = 0  # bytes from the port (not from the canary through a tunnel: those count too, harmlessly)
+    head_latency: float = 0.0  # the longest wait for an HTTP reply head: how slow this port answers
 
     async def open(self, tls: bool = False) -> None:
         self.transcript.info(f"connecting to {self.host} port {self.port}")
@@ -141,7 +145,9 @@ class Exchange:
         """An HTTP response head: (status, headers, the bytes after the blank line). Not HTTP: not_a_proxy."""
         def complete(buffer: bytes) -> bool:
             return b"\r\n\r\n" in buffer or b"\n\n" in buffer or (len(buffer) >= 5 and not buffer.startswith(b"HTTP/"))
+        started = asyncio.get_running_loop().time()
         status, headers, rest = parse_head(await self.read_until(complete, what="an HTTP reply"))
+        self.head_latency = max(self.head_latency, asyncio.get_running_loop().time() - started)
         self.heads.append(headers)
         return status, headers, rest
 
@@ -431,9 +437,13 @@ async def run_port(emit: Emit, slot: SlotFactory, host: str, port: int, options:
     later = [c for c in checks if c.id in later_ids]
     results = dict(zip([c.id for c in first], await asyncio.gather(
         *(_run_check(check, slot, host, port, options) for check in first))))
-    speaks_http = any(_speaks(c, *results[c.id]) == "HTTP" for c in first)
-    later_options = replace(options, step_timeout=min(options.step_timeout, SILENT_PROTOCOL_WAIT)) if speaks_http \
-        else options
+    answered = [ex for c in first for finding, ex in [results[c.id]] if _speaks(c, finding, ex) == "HTTP"]
+    if answered:  # a real SOCKS or TLS peer answers within a few round trips; the port showed us its pace
+        latency = max(ex.head_latency for ex in answered)
+        wait = min(options.step_timeout, max(SILENT_PROTOCOL_WAIT, SILENT_PROTOCOL_FACTOR * latency))
+        later_options = replace(options, step_timeout=wait)
+    else:
+        later_options = options
     results.update(zip([c.id for c in later], await asyncio.gather(
         *(_run_check(check, slot, host, port, later_options) for check in later))))
     outcomes = _silence_is_not_a_timeout(checks, [results[c.id] for c in checks])
