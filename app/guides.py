@@ -91,7 +91,12 @@ class GuideLibrary:
         evidence = _evidence_text(result)
         found = [g for g in self.all() if g.service == result.service and evidence and g.matches(evidence)]
         if not found and result.verdict is Verdict.OPEN:
-            found = [g for g in self.all() if g.service == "general" and result.service in g.products]
+            # an open proxy that names no product: most likely malware, not software someone installed
+            unknown = result.service == "proxy" and not (result.fingerprint or {}).get("product")
+            wanted = "unknown-proxy" if unknown else result.service
+            found = [g for g in self.all() if g.service == "general" and wanted in g.products]
+            if unknown:
+                found += [g for g in self.all() if g.service == "general" and "proxy" in g.products]
         return found
 
 

@@ -66,7 +66,8 @@ async def start_listeners(settings: Settings, secret: str, app_listeners: list[L
                 continue
             host, port = parse_listen(value)
             context = self_signed_context() if kind == "tls" else None
-            ports[kind] = await server.start(host, port, context) if context else await server.start(host, port)
+            ports[kind] = await (server.start(host, port, context) if isinstance(server, HttpCanary)
+                                 else server.start(host, port))
             listeners._servers.append(server)
             listeners.own.append(Listener(host, ports[kind]))
             hosts.append(host)

@@ -39,3 +39,15 @@ def test_raw_html_in_a_guide_is_not_rendered(tmp_path):
 def test_bad_guides_are_refused(text):
     with pytest.raises(GuideError):
         parse_guide(text, "t.md")
+
+
+def test_an_unnamed_open_proxy_points_to_the_infected_computer_guide():
+    library = GuideLibrary(ROOT / "guides")
+    unnamed = CheckResult("proxy", "192.0.2.1", 1080, "proxy.socks5", Verdict.OPEN, "token_returned",
+                          fingerprint={"product": None, "version": None, "raw": "SOCKS: SOCKS5"})
+    assert [g.slug for g in library.for_check(unnamed)][0] == "infected-computer"
+    named = CheckResult("proxy", "192.0.2.1", 3128, "proxy.http_get", Verdict.OPEN, "token_returned",
+                        fingerprint={"product": "Squid", "version": "5.7", "raw": "server: squid/5.7"})
+    assert "infected-computer" not in [g.slug for g in library.for_check(named)]
+    closed = CheckResult("proxy", "192.0.2.1", 1080, "proxy.socks5", Verdict.CLOSED, "not_a_proxy")
+    assert library.for_check(closed) == []

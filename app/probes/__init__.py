@@ -100,6 +100,14 @@ _DESCRIPTIONS.update({
 })
 
 
+_PROXY_CLASSES = {f"proxy.{c.id}": c.klass for c, _run in proxy.PROXY_CHECKS}
+
+
+def proxy_class(name: str) -> str | None:
+    """web (pages for anyone), smtp (spam can flow) or tunnel (encrypted traffic to port 443)."""
+    return _PROXY_CLASSES.get(name)
+
+
 def describe_check(name: str) -> str:
     """One line for the visitor: what a check tries."""
     return _DESCRIPTIONS.get(name, "")

@@ -15,13 +15,12 @@ import asyncio
 import datetime
 import hashlib
 import hmac
-import logging
 import re
 import secrets
 import ssl
 import tempfile
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 
 CHECK_ID = re.compile(r"^cid[0-9a-f]{16}$")
@@ -29,8 +28,6 @@ MAX_REMEMBERED = 10000
 MAX_LINE = 1024
 MAX_LINES = 60  # an HTTP POST's request line and headers reach the SMTP canary too
 READ_TIMEOUT = 15.0
-
-log = logging.getLogger("secure.canary")
 
 
 def new_check_id() -> str:
@@ -43,6 +40,10 @@ class Canary:
     def __init__(self, secret: str) -> None:
         self._key = hashlib.sha256(b"canary:" + secret.encode()).digest()
         self.sources: OrderedDict[str, list[tuple[str, str, float]]] = OrderedDict()
+        self.connections: deque[tuple[str, str, float]] = deque(maxlen=MAX_REMEMBERED)  # every one, named or not
+
+    def connected(self, source: str, via: str) -> None:
+        self.connections.append((source, via, time.time()))
 
     def token(self, check_id: str) -> str:
         return "tok" + hmac.new(self._key, check_id.encode(), hashlib.sha256).hexdigest()[:32]
@@ -68,7 +69,7 @@ class SmtpCanary:
         self.canary = canary
         self._server: asyncio.base_events.Server | None = None
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+    async def start(self, host: str, port: int) -> int:
         self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_LINE)
         return self._server.sockets[0].getsockname()[1]
 
@@ -80,6 +81,7 @@ class SmtpCanary:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         source = peer[0] if peer else "?"
+        self.canary.connected(source, "smtp")
         try:
             writer.write(b"220 canary ready\r\n")
             await writer.drain()
@@ -133,6 +135,7 @@ class HttpCanary:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         source = peer[0] if peer else "?"
+        self.canary.connected(source, self.via)
         try:
             first = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
             for _ in range(MAX_LINES):  # the headers: read and ignore

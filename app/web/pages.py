@@ -13,7 +13,7 @@ from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
 from app import ENGINE_VERSION
-from app.probes import describe_check
+from app.probes import describe_check, proxy_class
 from app.probes.canary import CHECK_ID
 from app.verdicts import REASONS, SERVICES
 from app.web.common import load_audit, requester, retest_audit, self_hosts, start_audit, state
@@ -142,6 +142,12 @@ async def audit_page(request: Request, audit_id: str) -> HTMLResponse:
         return SUMMARY_SENTENCES.get((service, verdict), "")
 
     sentences = {s: sentence(s) for s in audit.services}
+    open_classes = {proxy_class(c.result.name) for c in audit.checks
+                    if c.result.service == "proxy" and c.result.verdict.value == "open"}
+    if "smtp" in open_classes:
+        sentences["proxy"] += " It lets strangers reach mail servers: spam can flow through it."
+    elif "tunnel" in open_classes:
+        sentences["proxy"] += " It opens encrypted tunnels (port 443) for strangers."
     # for an unfinished verdict, say which steps could not finish (each reason once), not just "inconclusive"
     why = {s: sorted({c.result.reason for c in audit.checks if c.result.service == s
                       and c.result.verdict.value in ("inconclusive", "error")}) for s in audit.services}
@@ -183,5 +189,7 @@ async def canary(request: Request, check_id: str) -> PlainTextResponse:
     if not CHECK_ID.match(check_id):
         raise HTTPException(404, "No such canary.")
     app_state = state(request)
-    app_state.canary.record(check_id, requester(request), "http")
+    source = requester(request)
+    app_state.canary.connected(source, "http")
+    app_state.canary.record(check_id, source, "http")
     return PlainTextResponse(app_state.canary.token(check_id) + "\n", headers={"Cache-Control": "no-store"})

@@ -192,3 +192,13 @@ def test_socks4_error_mapping(code, expected):
 
     finding = proxy.socks_finding("socks4", ProxyError("rejected", error_code=code))
     assert (finding.verdict.value, finding.reason) == expected
+
+
+async def test_the_canary_records_every_connection_and_each_check_source(targets):
+    async with fakes.ForwardingProxy() as server:
+        results = await proxy_port(server.port, targets, step_timeout=0.5)
+    canary = targets.canary
+    assert {via for _source, via, _t in canary.connections} >= {"smtp", "http", "tls"}
+    assert all(source == "127.0.0.1" for source, _via, _t in canary.connections)
+    assert results["proxy.connect_smtp"].verdict is Verdict.OPEN
+    assert len(canary.sources) >= 3  # one per check id that reached us
