@@ -15,13 +15,15 @@ MAX_HEAD = 16 * 1024
 class FakeServer:
     """Base: a loopback server whose `handle` is the behaviour."""
 
+    listen_host = "127.0.0.1"
+
     def __init__(self) -> None:
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task] = set()
         self.connections = 0
 
     async def __aenter__(self):
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._accept, self.listen_host, 0)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

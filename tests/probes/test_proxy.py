@@ -202,3 +202,13 @@ async def test_the_canary_records_every_connection_and_each_check_source(targets
     assert all(source == "127.0.0.1" for source, _via, _t in canary.connections)
     assert results["proxy.connect_smtp"].verdict is Verdict.OPEN
     assert len(canary.sources) >= 3  # one per check id that reached us
+
+
+async def test_an_ipv6_target_gets_connect_and_socks5_but_no_socks4(targets):
+    server = fakes.ForwardingProxy()
+    server.listen_host = "::1"
+    async with server:
+        results = await proxy_port(server.port, targets, host="::1", step_timeout=0.5)
+    assert "proxy.socks4" not in results and "proxy.socks4a" not in results and "proxy.socks5" in results
+    assert outcome(results, "connect_smtp") == ("open", "token_returned")
+    assert results["proxy.connect_smtp"].host == "::1"
