@@ -12,7 +12,7 @@ import contextlib
 import ipaddress
 import time
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 from app import ENGINE_VERSION
 from app.access.targets import Listener, is_own_listener
@@ -25,6 +25,31 @@ from app.store import Audit, Store, new_id
 from app.verdicts import CheckResult, TranscriptLine, Verdict, summarize_audit
 
 log = get_logger("audits")
+
+
+@dataclass(frozen=True)
+class Forbidden:
+    """An address of the target that the guard refused: it gets a row, never a probe."""
+
+    service: str
+    address: str
+    why: str
+
+
+def _by_service(hosts: Sequence[str] | Mapping[str, Sequence[str]],
+                services: Sequence[str]) -> Mapping[str, Sequence[str]]:
+    return hosts if isinstance(hosts, Mapping) else {service: hosts for service in services}
+
+
+def _forbidden_row(item: Forbidden) -> PlannedCheck:
+    name = f"{item.service}.guard"
+
+    async def run(emit: Any, slot: Any) -> None:
+        note = f"not tested: {item.why}"
+        await emit(CheckResult(service=item.service, host=item.address, port=0, name=name,
+                               verdict=Verdict.UNREACHABLE, reason="forbidden_address",
+                               transcript=[TranscriptLine(0.0, "info", note)], detail=note))
+    return PlannedCheck(item.service, item.address, 0, (name,), run)
 
 
 @dataclass
@@ -87,28 +112,40 @@ class Auditor:
             log.warning("audits.interrupted_at_start", extra={"count": count})
         return count
 
-    def plan(self, hosts: Sequence[str], services: Sequence[str], audit_id: str = "") -> list[PlannedCheck]:
-        options = probe_options(self.settings, audit_id, canary=self.canary)
+    def plan(self, hosts: Sequence[str] | Mapping[str, Sequence[str]], services: Sequence[str],
+             audit_id: str = "", audited_domain: str | None = None,
+             forbidden: Sequence[Forbidden] = ()) -> list[PlannedCheck]:
+        """Checks per service and address (`hosts`: the same addresses for every service, or per service),
+        and one `forbidden_address` row per address the guard refused."""
+        options = probe_options(self.settings, audit_id, audited_domain, canary=self.canary)
         ports = {"relay": self.settings.relay_ports, "proxy": self.settings.proxy_ports}
+        by_service = _by_service(hosts, services)
         planned: list[PlannedCheck] = []
-        for host in hosts:
-            address = ipaddress.ip_address(host)
-            for service in services:
+        for service in services:
+            for host in by_service.get(service, ()):
+                address = ipaddress.ip_address(host)
                 usable = [p for p in ports[service] if not is_own_listener(address, p, self.listeners)]
                 planned.extend(self.planners[service](host, usable, options))
+        planned.extend(_forbidden_row(item) for item in forbidden if item.service in services)
         return planned
 
-    async def start(self, *, target: str, requester: str, hosts: Sequence[str], services: Sequence[str],
-                    previous_id: str | None = None, verification_id: str | None = None) -> Audit:
+    async def start(self, *, target: str, requester: str, hosts: Sequence[str] | Mapping[str, Sequence[str]],
+                    services: Sequence[str], previous_id: str | None = None, verification_id: str | None = None,
+                    audited_domain: str | None = None, forbidden: Sequence[Forbidden] = (),
+                    target_key: str | None = None) -> Audit:
         audit_id = new_id()
-        planned = self.plan(hosts, services, audit_id)
+        planned = self.plan(hosts, services, audit_id, audited_domain, forbidden)
+        by_service = _by_service(hosts, services)
+        all_hosts = list(dict.fromkeys([*(a for s in services for a in by_service.get(s, ())),
+                                        *(f.address for f in forbidden if f.service in services)]))
         audit = Audit(id=audit_id, created_at=time.time(), status="queued", target=target, requester=requester,
-                      hosts=list(hosts), services=list(services), planned=sum(len(c.names) for c in planned),
-                      engine_version=ENGINE_VERSION, previous_id=previous_id, verification_id=verification_id)
+                      hosts=all_hosts, services=list(services), planned=sum(len(c.names) for c in planned),
+                      engine_version=ENGINE_VERSION, previous_id=previous_id, verification_id=verification_id,
+                      target_key=target_key or (f"ip:{all_hosts[0]}" if target == "self" and all_hosts else None))
         await self.store.create_audit(audit)
         log.info("audit.created", extra={"audit": audit.id, "target": target, "requester": requester,
-                                         "hosts": list(hosts), "services": list(services), "planned": len(planned),
-                                         "previous": previous_id})
+                                         "hosts": all_hosts, "services": list(services), "planned": audit.planned,
+                                         "forbidden": len(forbidden), "previous": previous_id})
         task = asyncio.create_task(self._run(audit, planned), name=f"audit-{audit.id}")
         self._tasks[audit.id] = task
         task.add_done_callback(lambda _t: self._tasks.pop(audit.id, None))

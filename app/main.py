@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from slowapi import Limiter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__, logs
@@ -73,6 +74,9 @@ def create_app(settings: Settings | None = None, listeners: Sequence[Listener] =
     app = FastAPI(title="Secure Your Server", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None,
                   description="Test whether your own server is an open mail relay or an open proxy.")
+    # slowapi's limiter holds the per-requester counters (memory by default, Redis with a redis:// URI)
+    app.state.limiter = Limiter(key_func=lambda request: request.client.host if request.client else "",
+                                storage_uri=settings.limits_storage, strategy="moving-window")
     app.add_middleware(SecurityHeadersMiddleware, public_https=settings.public_url.startswith("https://"))
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
     app.include_router(api.router)

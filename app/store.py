@@ -19,7 +19,7 @@ from typing import Callable, TypeVar
 
 from app.verdicts import CheckResult, TranscriptLine
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 UNFINISHED = ("queued", "running")
 T = TypeVar("T")
 
@@ -40,9 +40,10 @@ CREATE TABLE IF NOT EXISTS audits (
     previous_id TEXT REFERENCES audits(id),
     engine_version TEXT NOT NULL,
     summary TEXT,
-    error TEXT
+    error TEXT,
+    target_key TEXT
 );
-CREATE INDEX IF NOT EXISTS audits_target ON audits(target, created_at);
+CREATE INDEX IF NOT EXISTS audits_target ON audits(target_key, created_at);
 CREATE INDEX IF NOT EXISTS audits_status ON audits(status);
 CREATE TABLE IF NOT EXISTS checks (
     audit_id TEXT NOT NULL REFERENCES audits(id) ON DELETE CASCADE,
@@ -78,6 +79,7 @@ CREATE TABLE IF NOT EXISTS verifications (
 # Statements that bring a database of version N-1 to version N (a new database gets _SCHEMA directly).
 _MIGRATIONS: dict[int, list[str]] = {
     2: ["ALTER TABLE checks ADD COLUMN tag TEXT"],
+    3: ["ALTER TABLE audits ADD COLUMN target_key TEXT", "DROP INDEX IF EXISTS audits_target"],
 }
 
 
@@ -110,6 +112,7 @@ class Audit:
     finished_at: float | None = None
     summary: dict[str, str | None] | None = None
     error: str | None = None
+    target_key: str | None = None  # "ip:<address>" or "domain:<name>": what the cooldown is about
     checks: list[StoredCheck] = field(default_factory=list)
 
     @property
@@ -124,6 +127,7 @@ def _audit_from_row(row: sqlite3.Row) -> Audit:
         planned=row["planned"], engine_version=row["engine_version"], previous_id=row["previous_id"],
         verification_id=row["verification_id"], started_at=row["started_at"], finished_at=row["finished_at"],
         summary=json.loads(row["summary"]) if row["summary"] else None, error=row["error"],
+        target_key=row["target_key"],
     )
 
 
@@ -210,10 +214,10 @@ class Store:
         def _insert(c: sqlite3.Connection) -> None:
             c.execute(
                 "INSERT INTO audits(id, created_at, status, target, requester, verification_id, hosts, services,"
-                " planned, previous_id, engine_version) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " planned, previous_id, engine_version, target_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (audit.id, audit.created_at, audit.status, audit.target, audit.requester, audit.verification_id,
                  json.dumps(audit.hosts), json.dumps(audit.services), audit.planned, audit.previous_id,
-                 audit.engine_version))
+                 audit.engine_version, audit.target_key))
         await self._run(_insert)
 
     async def mark_running(self, audit_id: str) -> None:
@@ -293,12 +297,52 @@ class Store:
             "SELECT COUNT(*) FROM audits WHERE status IN ('queued','running') AND requester=?",
             (requester,)).fetchone()[0])
 
+    async def latest_for_target(self, target_key: str, since: float) -> Audit | None:
+        """The newest audit of a target since `since` that may be served again: never a failed or interrupted
+        one (an error is not a result)."""
+        def _latest(c: sqlite3.Connection) -> Audit | None:
+            row = c.execute("SELECT * FROM audits WHERE target_key=? AND created_at>=? AND status IN"
+                            " ('queued','running','done') ORDER BY created_at DESC LIMIT 1",
+                            (target_key, since)).fetchone()
+            return _audit_from_row(row) if row else None
+        return await self._run(_latest)
+
+    async def queue_position(self, audit_id: str) -> int | None:
+        """1 for the next queued audit to run; None when the audit is not queued."""
+        def _position(c: sqlite3.Connection) -> int | None:
+            row = c.execute("SELECT status, created_at FROM audits WHERE id=?", (audit_id,)).fetchone()
+            if row is None or row["status"] != "queued":
+                return None
+            return c.execute("SELECT COUNT(*) FROM audits WHERE status='queued' AND created_at<=?",
+                             (row["created_at"],)).fetchone()[0]
+        return await self._run(_position)
+
+    # --- verifications --------------------------------------------------------------------------------------
+    async def create_verification(self, id_hash: str, domain: str, token: str, requester: str,
+                                  expires_at: float) -> None:
+        await self._run(lambda c: c.execute(
+            "INSERT INTO verifications(id_hash, domain, token, requester, created_at, expires_at) VALUES"
+            " (?,?,?,?,?,?)", (id_hash, domain, token, requester, time.time(), expires_at)))
+
+    async def get_verification(self, id_hash: str) -> dict[str, object] | None:
+        def _get(c: sqlite3.Connection) -> dict[str, object] | None:
+            row = c.execute("SELECT * FROM verifications WHERE id_hash=?", (id_hash,)).fetchone()
+            return dict(row) if row else None
+        return await self._run(_get)
+
+    async def mark_verified(self, id_hash: str, method: str) -> None:
+        await self._run(lambda c: c.execute(
+            "UPDATE verifications SET verified_at=?, method=? WHERE id_hash=? AND verified_at IS NULL",
+            (time.time(), method, id_hash)))
+
     async def purge_older_than(self, cutoff: float) -> int:
         def _purge(c: sqlite3.Connection) -> int:
             # a re-test keeps a link to its predecessor; drop the link before the predecessor goes
             c.execute("UPDATE audits SET previous_id=NULL WHERE previous_id IN"
                       " (SELECT id FROM audits WHERE created_at < ? AND status NOT IN ('queued','running'))",
                       (cutoff,))
+            # verifications: their data (domain, token, who asked) goes once they expired before the cutoff
+            c.execute("DELETE FROM verifications WHERE expires_at < ?", (cutoff,))
             return c.execute("DELETE FROM audits WHERE created_at < ? AND status NOT IN ('queued','running')",
                              (cutoff,)).rowcount
         return await self._run(_purge)

@@ -67,6 +67,7 @@ def settings(tmp_path: Path, refused_port: int, open_port: int) -> Settings:
         proxy_ports=[open_port],
         connect_timeout=2,
         audit_deadline=20,
+        target_cooldown=0,  # the cooldown tests turn it on
     )
 
 

@@ -1,20 +1,30 @@
-"""Targets and the public-address guard (first version; issue 5 hardens it).
+"""Targets and the public-address guard.
 
 Only public unicast addresses are tested, unless SECURE_ALLOW_NETWORKS lists the address (tests, intranets).
-The site never plans a check against its own listeners.
+A name is resolved once and its addresses pinned for the whole audit (no DNS rebinding between the guard and
+the probes). The site never plans a check against its own listeners.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from app.access.resolver import Resolver
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+# Ranges Python's tables may not flag on every version; named here so the guard does not depend on them.
+_EXTRA_FORBIDDEN = [ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "100.64.0.0/10", "192.0.0.0/24", "192.0.2.0/24", "198.18.0.0/15", "198.51.100.0/24",
+    "203.0.113.0/24", "240.0.0.0/4", "255.255.255.255/32", "100::/64", "2001:db8::/32", "3fff::/20",
+    "fc00::/7", "fec0::/10", "2001:2::/48", "2001:10::/28", "2001:20::/28",
+)]
 
 
 class ForbiddenTarget(Exception):
@@ -58,7 +68,8 @@ def why_not_public(address: IPAddress) -> str | None:
             if reason:
                 return f"it embeds the IPv4 address {inner}, and {reason}"
             return None
-    if address.is_private or not address.is_global:
+    if address.is_private or not address.is_global or any(address in n for n in _EXTRA_FORBIDDEN
+                                                             if n.version == address.version):
         return "it is a private or reserved address, not reachable from the Internet"
     if address.is_reserved:
         return "it is a reserved address"
@@ -95,3 +106,32 @@ def is_own_listener(address: IPAddress, port: int, listeners: Sequence[Listener]
         if bound == address or bound.is_unspecified and (address.is_loopback or address.is_private):
             return True
     return False
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The addresses of a name, split by the guard; pinned for the whole audit."""
+
+    name: str
+    allowed: tuple[str, ...]
+    refused: tuple[tuple[str, str], ...]  # (address, why)
+
+
+def check_address(text: str, allow_networks: Sequence[Network]) -> str | None:
+    """None if the address may be tested, else why not."""
+    address = ipaddress.ip_address(text)
+    if any(address in network for network in allow_networks):
+        return None
+    return why_not_public(address)
+
+
+async def resolve_guarded(name: str, resolver: "Resolver", allow_networks: Sequence[Network]) -> Resolved:
+    allowed: list[str] = []
+    refused: list[tuple[str, str]] = []
+    for text in await resolver.addresses(name):
+        reason = check_address(text, allow_networks)
+        if reason is None:
+            allowed.append(text)
+        else:
+            refused.append((text, reason))
+    return Resolved(name, tuple(allowed), tuple(refused))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Annotated, Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Body, HTTPException, Request
@@ -12,12 +13,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.audits import Event
 from app.verdicts import REASONS, CheckResult
-from app.web.common import (AUDIT_ID, absolute_url, audit_json, check_json, load_audit, retest_audit, self_hosts, start_audit, state)
+from app.access.domains import (DNS_LABEL, WELL_KNOWN, DomainError, Proof, check_dns, check_http, hash_id,
+                                 new_secret, normalise_domain, token_value)
+from app.web.common import AUDIT_ID, absolute_url, audit_json, check_json, load_audit, requester, state
+from app.web.starts import Started, begin, check_hourly, plan_domain, plan_self, resolver_for
+from app.web.starts import retest as retest_audit
 
 router = APIRouter(prefix="/api/v1", tags=["audits"])
 
 Service = Literal["relay", "proxy"]
-HOSTNAME = re.compile(r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))+$")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{22}$")
 
 
 class SelfAuditRequest(BaseModel):
@@ -27,15 +32,35 @@ class SelfAuditRequest(BaseModel):
 
 class AuditRequest(SelfAuditRequest):
     target: str = Field(min_length=1, max_length=253, description='"self", or a domain you verified')
-    verification: str | None = Field(default=None, max_length=64)
+    verification: str | None = Field(default=None, max_length=64, description="the id of the domain's verification")
 
     @field_validator("target")
     @classmethod
     def _target(cls, value: str) -> str:
-        value = value.strip().lower().rstrip(".")
-        if value != "self" and not HOSTNAME.match(value):
-            raise ValueError('target must be "self" or a domain name such as mail.example.com')
-        return value
+        if value.strip().lower() == "self":
+            return "self"
+        try:
+            return normalise_domain(value)
+        except DomainError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class RetestRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    verification: str | None = Field(default=None, max_length=64)
+
+
+class VerificationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    domain: str = Field(min_length=1, max_length=253)
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        try:
+            return normalise_domain(value)
+        except DomainError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class Accepted(BaseModel):
@@ -44,52 +69,99 @@ class Accepted(BaseModel):
     url: str
 
 
-def _accepted(audit: Any, request: Request) -> JSONResponse:
+def _answer(started: Started, request: Request) -> JSONResponse:
     settings = state(request).settings
+    audit = started.audit
     url = absolute_url(settings, f"/audits/{audit.id}")
-    return JSONResponse({"id": audit.id, "status": audit.status, "url": url,
-                         "api_url": absolute_url(settings, f"/api/v1/audits/{audit.id}")},
-                        status_code=202, headers={"Location": url})
-
-
-async def _start_self(request: Request, services: list[str]) -> JSONResponse:
-    requester_addr, hosts = self_hosts(request)
-    audit = await start_audit(request, target="self", requester_addr=requester_addr, hosts=hosts,
-                              services=services)
-    return _accepted(audit, request)
+    body: dict[str, Any] = {"id": audit.id, "status": audit.status, "url": url,
+                            "api_url": absolute_url(settings, f"/api/v1/audits/{audit.id}")}
+    if started.cached:  # inside the target's cooldown: the latest audit, and when a new one is possible
+        body["retest_after"] = started.retest_after
+        return JSONResponse(body, status_code=200, headers={"Location": url})
+    return JSONResponse(body, status_code=202, headers={"Location": url})
 
 
 @router.post("/audits", status_code=202, response_model=Accepted,
-             responses={403: {"description": "not yours to test"}, 422: {"description": "bad input"}})
+             responses={200: {"description": "inside the target's cooldown: the latest audit, with retest_after"},
+                        403: {"description": "not yours to test"}, 422: {"description": "bad input"},
+                        429: {"description": "a limit was reached (Retry-After)"}})
 async def create_audit(request: Request, body: AuditRequest) -> JSONResponse:
     if body.target == "self":
         if body.verification is not None:
             raise HTTPException(422, 'A "self" audit takes no verification.')
-        return await _start_self(request, list(body.checks))
-    # Domains are tested only with a verification that proves control of them; the verification flow comes
-    # with the domain checks, so no verification can match yet.
-    raise HTTPException(403, f"We test {body.target} only after you prove that you control it. "
-                             "Start a domain verification first, or test your own address with target \"self\".")
+        plan = plan_self(request, body.checks)
+    else:
+        plan = await plan_domain(request, body.target, body.verification, body.checks)
+    return _answer(await begin(request, plan), request)
 
 
 @router.post("/audits/self", status_code=202, response_model=Accepted,
-             responses={403: {"description": "not yours to test"}})
+             responses={200: {"description": "inside the cooldown"}, 403: {"description": "not yours to test"}})
 async def create_self_audit(request: Request,
                             body: Annotated[SelfAuditRequest | None, Body()] = None) -> JSONResponse:
-    return await _start_self(request, list((body or SelfAuditRequest()).checks))
+    plan = plan_self(request, (body or SelfAuditRequest()).checks)
+    return _answer(await begin(request, plan), request)
 
 
 @router.get("/audits/{audit_id}", responses={404: {"description": "unknown audit"}})
 async def get_audit(request: Request, audit_id: str) -> dict[str, Any]:
     audit = await load_audit(request, audit_id)
-    return audit_json(audit, state(request))
+    position = await state(request).store.queue_position(audit.id) if audit.status == "queued" else None
+    return audit_json(audit, state(request), position)
 
 
 @router.post("/audits/{audit_id}/retest", status_code=202, response_model=Accepted,
              responses={403: {"description": "not yours"}, 404: {"description": "unknown audit"},
-                        409: {"description": "still running"}})
-async def retest(request: Request, audit_id: str) -> JSONResponse:
-    return _accepted(await retest_audit(request, audit_id), request)
+                        409: {"description": "still running"}, 429: {"description": "inside the cooldown"}})
+async def retest(request: Request, audit_id: str,
+                 body: Annotated[RetestRequest | None, Body()] = None) -> JSONResponse:
+    return _answer(await retest_audit(request, audit_id, (body or RetestRequest()).verification), request)
+
+
+# --- verifications ----------------------------------------------------------------------------------------
+@router.post("/verifications", status_code=201, tags=["verifications"],
+             responses={422: {"description": "not a domain"}, 429: {"description": "too many verifications"}})
+async def create_verification(request: Request, body: VerificationRequest) -> JSONResponse:
+    app_state = state(request)
+    settings = app_state.settings
+    who = requester(request)
+    check_hourly(request, "verifications", settings.verifications_per_hour, who, hit=True)
+    verification_id, token = new_secret(), new_secret()
+    expires_at = time.time() + settings.verification_days * 86400
+    await app_state.store.create_verification(hash_id(verification_id), body.domain, token, who, expires_at)
+    return JSONResponse({
+        "id": verification_id, "domain": body.domain, "token": token, "expires_at": expires_at,
+        "dns": {"name": f"{DNS_LABEL}.{body.domain}", "type": "TXT", "value": token_value(token)},
+        "http": {"url": f"http://{body.domain}{WELL_KNOWN}", "body": token},
+        "check_url": absolute_url(settings, f"/api/v1/verifications/{verification_id}/check"),
+    }, status_code=201)
+
+
+@router.post("/verifications/{verification_id}/check", tags=["verifications"],
+             responses={404: {"description": "unknown verification"}})
+async def check_verification(request: Request, verification_id: str) -> dict[str, Any]:
+    if not ID_PATTERN.match(verification_id):
+        raise HTTPException(404, "No verification with this id.")
+    app_state = state(request)
+    id_hash = hash_id(verification_id)
+    record = await app_state.store.get_verification(id_hash)
+    if record is None:
+        raise HTTPException(404, "No verification with this id.")
+    domain, token = str(record["domain"]), str(record["token"])
+    answer = {"domain": domain, "expires_at": record["expires_at"], "method": record["method"]}
+    if float(record["expires_at"]) < time.time():  # type: ignore[arg-type]
+        return {**answer, "status": "expired", "detail": "This verification has expired; start a new one."}
+    if record["verified_at"]:
+        return {**answer, "status": "verified", "detail": f"{domain} is verified."}
+    resolver = resolver_for(request)
+    proof = await check_dns(domain, token, resolver)
+    if not proof.verified:
+        http_proof = await check_http(domain, token, resolver, app_state.settings.allowed_networks)
+        proof = http_proof if http_proof.verified else Proof(False, None, f"{proof.detail}; {http_proof.detail}")
+    if proof.verified:
+        await app_state.store.mark_verified(id_hash, proof.method or "")
+        return {**answer, "status": "verified", "method": proof.method, "detail": proof.detail}
+    return {**answer, "status": "pending", "detail": proof.detail}
 
 
 def _sse(event: str, data: Any) -> str:

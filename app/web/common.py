@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import re
-from ipaddress import ip_address
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from fastapi import HTTPException, Request
 
 from app.access.requester import RequesterError, requester_address
-from app.access.targets import ForbiddenTarget, guard
 from app.audits import Auditor
 from app.config import Settings
 from app.guides import GuideLibrary
@@ -44,16 +42,6 @@ def requester(request: Request) -> str:
         raise HTTPException(400, f"Cannot tell where this request comes from: {exc}") from None
 
 
-def self_hosts(request: Request) -> tuple[str, list[str]]:
-    """(requester, hosts) for a `self` audit, or 403 with a plain explanation."""
-    address = requester(request)
-    try:
-        guard(ip_address(address), state(request).settings.allowed_networks)
-    except ForbiddenTarget as exc:
-        raise HTTPException(403, str(exc)) from None
-    return address, [address]
-
-
 async def load_audit(request: Request, audit_id: str) -> Audit:
     if not AUDIT_ID.match(audit_id):
         raise HTTPException(404, "No audit with this id.")
@@ -61,32 +49,6 @@ async def load_audit(request: Request, audit_id: str) -> Audit:
     if audit is None:
         raise HTTPException(404, "No audit with this id.")
     return audit
-
-
-async def start_audit(request: Request, *, target: str, requester_addr: str, hosts: Sequence[str],
-                      services: Sequence[str], previous_id: str | None = None) -> Audit:
-    app_state = state(request)
-    if await app_state.store.count_running(requester_addr) >= app_state.settings.max_running_per_requester:
-        raise HTTPException(429, "You already have the most audits running at once that we allow; "
-                                 "wait for one to finish.", headers={"Retry-After": "30"})
-    order = [s for s in ("relay", "proxy") if s in services]
-    return await app_state.auditor.start(target=target, requester=requester_addr, hosts=hosts, services=order,
-                                         previous_id=previous_id)
-
-
-async def retest_audit(request: Request, audit_id: str) -> Audit:
-    """A new audit of the same target, linked to the previous one; only its own requester may ask for it."""
-    previous = await load_audit(request, audit_id)
-    if not previous.finished:
-        raise HTTPException(409, "This audit is still running; re-test when it has finished.")
-    if previous.target != "self":
-        raise HTTPException(403, "Only the holder of the domain's verification can re-test it.")
-    requester_addr, hosts = self_hosts(request)
-    if requester_addr != previous.requester:
-        raise HTTPException(403, "A re-test must come from the same address as the audit it repeats "
-                                 f"({previous.requester}); you are visiting from {requester_addr}.")
-    return await start_audit(request, target="self", requester_addr=requester_addr, hosts=hosts,
-                             services=previous.services, previous_id=previous.id)
 
 
 def absolute_url(settings: Settings, path: str) -> str:
@@ -101,7 +63,8 @@ def check_json(result: CheckResult, guides: GuideLibrary, settings: Settings) ->
     return data
 
 
-def audit_json(audit: Audit, app_state: AppState) -> dict[str, Any]:
+def audit_json(audit: Audit, app_state: AppState, queue_position: int | None = None) -> dict[str, Any]:
+    cooldown = app_state.settings.target_cooldown
     return {
         "id": audit.id,
         "status": audit.status,
@@ -113,6 +76,8 @@ def audit_json(audit: Audit, app_state: AppState) -> dict[str, Any]:
         "finished_at": audit.finished_at,
         "engine_version": audit.engine_version,
         "planned": audit.planned,
+        "queue_position": queue_position,
+        "retest_after": audit.created_at + cooldown if cooldown > 0 else None,
         "error": audit.error,
         "url": absolute_url(app_state.settings, f"/audits/{audit.id}"),
         "summary": audit.summary or {"relay": None, "proxy": None},

@@ -16,7 +16,8 @@ from app import ENGINE_VERSION
 from app.probes import describe_check, proxy_class
 from app.probes.canary import CHECK_ID
 from app.verdicts import REASONS, SERVICES
-from app.web.common import load_audit, requester, retest_audit, self_hosts, start_audit, state
+from app.web.common import load_audit, requester, state
+from app.web.starts import begin, plan_self, retest
 from app.web.security import CSRF_COOKIE, csrf_token, csrf_valid, new_csrf_cookie
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -113,13 +114,12 @@ async def start_submit(request: Request, csrf: str = Form(""), checks: list[str]
     _check_csrf(request, csrf)
     services = [s for s in SERVICES if s in checks] or list(SERVICES)
     try:
-        requester_addr, hosts = self_hosts(request)
+        plan = plan_self(request, services)
     except HTTPException as exc:
         return render(request, "start.html", {"address": requester(request), "error": exc.detail},
                       status_code=exc.status_code)
-    audit = await start_audit(request, target="self", requester_addr=requester_addr, hosts=hosts,
-                              services=services)
-    return RedirectResponse(f"/audits/{audit.id}", status_code=303)
+    started = await begin(request, plan)
+    return RedirectResponse(f"/audits/{started.audit.id}", status_code=303)
 
 
 @router.get("/audits/{audit_id}", response_class=HTMLResponse)
@@ -151,7 +151,9 @@ async def audit_page(request: Request, audit_id: str) -> HTMLResponse:
     # for an unfinished verdict, say which steps could not finish (each reason once), not just "inconclusive"
     why = {s: sorted({c.result.reason for c in audit.checks if c.result.service == s
                       and c.result.verdict.value in ("inconclusive", "error")}) for s in audit.services}
+    position = await app_state.store.queue_position(audit.id) if audit.status == "queued" else None
     return render(request, "audit.html", {
+        "queue_position": position,
         "audit": audit, "rows": rows, "sentences": sentences, "why": why, "open_by_port": open_by_port, "chain": chain[1:],
         "can_retest": audit.finished and audit.target == "self",
     })
@@ -160,8 +162,8 @@ async def audit_page(request: Request, audit_id: str) -> HTMLResponse:
 @router.post("/audits/{audit_id}/retest")
 async def retest_submit(request: Request, audit_id: str, csrf: str = Form("")) -> Response:
     _check_csrf(request, csrf)
-    audit = await retest_audit(request, audit_id)
-    return RedirectResponse(f"/audits/{audit.id}", status_code=303)
+    started = await retest(request, audit_id)
+    return RedirectResponse(f"/audits/{started.audit.id}", status_code=303)
 
 
 @router.get("/guides", response_class=HTMLResponse)
