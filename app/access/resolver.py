@@ -9,6 +9,7 @@ from __future__ import annotations
 import dns.asyncresolver
 import dns.exception
 import dns.name
+import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
@@ -34,11 +35,9 @@ class Resolver:
     def __init__(self, servers: list[str] | None = None, timeout: float = 5.0) -> None:
         if servers:
             self._resolver = dns.asyncresolver.Resolver(configure=False)
-            parsed = [_split_server(s) for s in servers]
-            self._resolver.nameservers = [host for host, _port in parsed]
-            ports = {port for _host, port in parsed}
-            self._resolver.port = ports.pop() if len(ports) == 1 else 53
-            self._resolver.nameserver_ports = {host: port for host, port in parsed}
+            # one object per server: several servers on one host keep their own ports
+            self._resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)
+                                          for host, port in map(_split_server, servers)]
         else:
             self._resolver = dns.asyncresolver.Resolver()
         self._resolver.lifetime = timeout
