@@ -236,3 +236,27 @@ async def test_random_junk_never_makes_a_500(client):
         junk = "".join(rng.choice("abcXYZ019-_%./~") for _ in range(rng.randint(1, 40)))
         response = await client.get(f"/api/v1/audits/{junk}")
         assert response.status_code in (307, 404, 405), junk  # 307: a trailing slash is dropped
+
+
+async def test_self_over_ipv6(settings):
+    settings.allow_networks = ["::1/128"]
+    settings.relay_ports = []
+    async with running_app(settings, peer="::1") as client:
+        response = await client.post("/api/v1/audits/self")
+        assert response.status_code == 202
+        data = await wait_done(client, response.json()["id"])
+        assert data["hosts"] == ["::1"] and {c["host"] for c in data["checks"]} == {"::1"}
+
+
+async def test_expired_verifications_are_purged_with_old_audits(settings):
+    import time
+
+    async with running_app(settings) as client:
+        created = (await client.post("/api/v1/verifications", json={"domain": "example.com"})).json()
+        store = client.app.state.sys.store
+        old = time.time() - (settings.retention_days + 1) * 86400
+        await store._run(lambda c: c.execute("UPDATE verifications SET expires_at=?", (old,)))
+    async with running_app(settings) as client:
+        await asyncio.sleep(0.1)
+        response = await client.post(f"/api/v1/verifications/{created['id']}/check")
+        assert response.status_code == 404
