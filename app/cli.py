@@ -38,6 +38,12 @@ def check_guides() -> int:
         return 1
     for guide in library.all():
         print(f"{guide.service:8} {guide.slug:32} {guide.title}")
+    problems = library.problems()
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    if problems:
+        print(f"{len(library.guides)} guides, {len(problems)} problems", file=sys.stderr)
+        return 1
     print(f"{len(library.guides)} guides OK")
     return 0
 

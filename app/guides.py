@@ -1,6 +1,8 @@
-"""Guides: Markdown files under guides/ with YAML front matter, rendered safely, matched to findings.
+"""Guides: Markdown files under guides/ with YAML front matter, rendered safely, checked, matched to findings.
 
-Raw HTML in a guide is not rendered (markdown-it's `html` option is off), so a guide cannot inject markup.
+Raw HTML in a guide is not rendered (markdown-it's `html` option is off), so a guide cannot inject markup. Code is
+highlighted on the server with Pygments (class names only: the CSP allows no inline style). Every guide is parsed,
+checked and rendered once, when the library loads.
 """
 
 from __future__ import annotations
@@ -12,14 +14,34 @@ from typing import Any
 
 import yaml
 from markdown_it import MarkdownIt
+from markdown_it.token import Token
+from mdit_py_plugins.anchors import anchors_plugin
+from pygments import highlight as pygments_highlight
+from pygments.formatters import HtmlFormatter
+from pygments.lexers import get_lexer_by_name
+from pygments.util import ClassNotFound
 
 from app.verdicts import CheckResult, Verdict
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 SERVICES = ("relay", "proxy", "general")
+PRODUCT_SECTIONS = ("What you see", "Check", "Fix", "Reload", "Verify", "Re-test")
+VALIDATORS = ("postfix-main", "postfix-master", "squid", "exim", "sendmail-mc", "nginx", "apache", "tinyproxy",
+              "privoxy", "dante", "none")
+REQUIRED = ("slug", "title", "service", "products", "sources", "updated")
+SITE_PATHS = {"/", "/start", "/guides", "/privacy", "/docs"}
+FIX_ANCHOR = "fix"
 
 
 @dataclass(frozen=True)
+class CodeBlock:
+    language: str
+    validate: str | None
+    content: str
+    line: int
+
+
+@dataclass
 class Guide:
     slug: str
     title: str
@@ -31,9 +53,23 @@ class Guide:
     sources: list[str] = field(default_factory=list)
     updated: str = ""
     path: str = ""
+    html: str = ""
+    toc: list[tuple[int, str, str]] = field(default_factory=list)  # (level, anchor, text)
+    blocks: list[CodeBlock] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+    text: str = ""  # plain text, for the search
+    missing: list[str] = field(default_factory=list)  # front matter keys check-guides reports
 
     def matches(self, text: str) -> bool:
         return any(p.search(text) for p in self.fingerprints)
+
+    @property
+    def anchors(self) -> set[str]:
+        return {anchor for _level, anchor, _text in self.toc}
+
+    def summary(self) -> dict[str, Any]:
+        return {"slug": self.slug, "title": self.title, "service": self.service, "products": self.products,
+                "versions": self.versions, "sources": self.sources, "updated": self.updated}
 
 
 class GuideError(ValueError):
@@ -47,7 +83,10 @@ def parse_guide(text: str, path: str = "") -> Guide:
         _, front, body = text.split("---\n", 2)
     except ValueError:
         raise GuideError(f"{path}: front matter not closed") from None
-    meta: dict[str, Any] = yaml.safe_load(front) or {}
+    try:
+        meta: dict[str, Any] = yaml.safe_load(front) or {}
+    except yaml.YAMLError as exc:
+        raise GuideError(f"{path}: front matter is not YAML ({exc})") from None
     for key in ("slug", "title", "service"):
         if not meta.get(key):
             raise GuideError(f"{path}: front matter lacks {key!r}")
@@ -58,24 +97,78 @@ def parse_guide(text: str, path: str = "") -> Guide:
     sources = [str(s) for s in meta.get("sources") or []]
     if any(not s.startswith(("https://", "http://")) for s in sources):
         raise GuideError(f"{path}: every source must be an http(s) address")
-    return Guide(
+    patterns = []
+    for pattern in meta.get("fingerprints") or []:
+        try:
+            patterns.append(re.compile(str(pattern), re.IGNORECASE))
+        except re.error as exc:
+            raise GuideError(f"{path}: fingerprint {pattern!r} does not compile ({exc})") from None
+    guide = Guide(
         slug=str(meta["slug"]), title=str(meta["title"]), service=str(meta["service"]), body=body,
         products=[str(p) for p in meta.get("products") or []], versions=str(meta.get("versions") or ""),
-        fingerprints=[re.compile(str(p), re.IGNORECASE) for p in meta.get("fingerprints") or []],
-        sources=sources, updated=str(meta.get("updated") or ""), path=path,
-    )
+        fingerprints=patterns, sources=sources, updated=str(meta.get("updated") or ""), path=path,
+        missing=[key for key in REQUIRED if not meta.get(key)])
+    return guide
+
+
+def _fence_info(info: str) -> tuple[str, dict[str, str]]:
+    words = info.split()
+    language = words[0] if words and "=" not in words[0] else ""
+    attrs = dict(word.split("=", 1) for word in words if "=" in word)
+    return language, attrs
+
+
+def _highlight(code: str, language: str, _attrs: Any) -> str:
+    try:
+        lexer = get_lexer_by_name(language) if language else None
+    except ClassNotFound:
+        lexer = None
+    if lexer is None:
+        return ""  # markdown-it escapes and wraps it itself
+    return pygments_highlight(code, lexer, HtmlFormatter(nowrap=True))
+
+
+def _markdown() -> MarkdownIt:
+    md = MarkdownIt("commonmark", {"html": False, "linkify": False, "highlight": _highlight}).enable("table")
+    md.use(anchors_plugin, min_level=2, max_level=3)
+    return md
+
+
+def _inline_text(token: Token) -> str:
+    return "".join(child.content for child in (token.children or []) if child.type in ("text", "code_inline"))
 
 
 class GuideLibrary:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.guides: dict[str, Guide] = {}
-        self._md = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table")
+        self._md = _markdown()
         for file in sorted(root.glob("*/*.md")):
             guide = parse_guide(file.read_text(encoding="utf-8"), str(file.relative_to(root)))
             if guide.slug in self.guides:
-                raise GuideError(f"duplicate slug {guide.slug!r}")
+                raise GuideError(f"{guide.path}: duplicate slug {guide.slug!r} (also {self.guides[guide.slug].path})")
+            self._render(guide)
             self.guides[guide.slug] = guide
+
+    def _render(self, guide: Guide) -> None:
+        tokens = self._md.parse(guide.body)
+        words: list[str] = [guide.title, " ".join(guide.products)]
+        for index, token in enumerate(tokens):
+            if token.type == "heading_open" and token.tag in ("h2", "h3"):
+                text = _inline_text(tokens[index + 1])
+                guide.toc.append((int(token.tag[1]), str(token.attrs.get("id", "")), text))
+            elif token.type == "fence":
+                language, attrs = _fence_info(token.info)
+                line = (token.map[0] + 1) if token.map else 0
+                guide.blocks.append(CodeBlock(language, attrs.get("validate"), token.content, line))
+                words.append(token.content)
+            elif token.type == "inline":
+                words.append(_inline_text(token))
+                for child in token.children or []:
+                    if child.type == "link_open":
+                        guide.links.append(str(child.attrs.get("href", "")))
+        guide.html = self._md.renderer.render(tokens, self._md.options, {})
+        guide.text = " ".join(words).lower()
 
     def get(self, slug: str) -> Guide | None:
         return self.guides.get(slug)
@@ -84,20 +177,86 @@ class GuideLibrary:
         return sorted(self.guides.values(), key=lambda g: (SERVICES.index(g.service), g.title.lower()))
 
     def render(self, guide: Guide) -> str:
-        return self._md.render(guide.body)
+        return guide.html
+
+    def search(self, query: str = "", service: str = "") -> list[Guide]:
+        terms = [t for t in query.lower().split() if t][:10]
+        return [g for g in self.all() if (not service or g.service == service)
+                and all(term in g.text for term in terms)]
 
     def for_check(self, result: CheckResult) -> list[Guide]:
-        """Product guides whose fingerprints match the evidence; the service's general guide for an open finding."""
+        """Guides for a finding, best first: the product's own guide (product, then fingerprint match), then, for
+        an open finding, the service's general guides. Nothing for a closed or unreachable port."""
+        if result.verdict not in (Verdict.OPEN, Verdict.INCONCLUSIVE, Verdict.AUTH_REQUIRED):
+            return []
+        product = (result.fingerprint or {}).get("product")
         evidence = _evidence_text(result)
-        found = [g for g in self.all() if g.service == result.service and evidence and g.matches(evidence)]
-        if not found and result.verdict is Verdict.OPEN:
+        ranked: list[tuple[int, Guide]] = []
+        for guide in self.all():
+            if guide.service != result.service:
+                continue
+            if product and product in guide.products:
+                ranked.append((0, guide))
+            elif evidence and guide.matches(evidence):
+                ranked.append((1, guide))
+        found = [g for _rank, g in sorted(ranked, key=lambda pair: pair[0])]
+        if result.verdict is Verdict.OPEN:
             # an open proxy that names no product: most likely malware, not software someone installed
-            unknown = result.service == "proxy" and not (result.fingerprint or {}).get("product")
-            wanted = "unknown-proxy" if unknown else result.service
-            found = [g for g in self.all() if g.service == "general" and wanted in g.products]
-            if unknown:
-                found += [g for g in self.all() if g.service == "general" and "proxy" in g.products]
+            unknown = result.service == "proxy" and not product and not found
+            wanted = ["unknown-proxy", "proxy"] if unknown else [result.service]
+            for tag in wanted:
+                found += [g for g in self.all() if g.service == "general" and tag in g.products and g not in found]
         return found
+
+    def problems(self) -> list[str]:
+        """Everything check-guides reports: front matter, sections, code blocks, links."""
+        found: list[str] = []
+        for guide in self.all():
+            where = guide.path
+            for key in guide.missing:
+                found.append(f"{where}: front matter lacks {key!r}")
+            if guide.service != "general":
+                if not guide.fingerprints:
+                    found.append(f"{where}: a product guide needs fingerprints")
+                headings = [text for level, _anchor, text in guide.toc if level == 2]
+                if headings != list(PRODUCT_SECTIONS):
+                    found.append(f"{where}: sections must be {list(PRODUCT_SECTIONS)}, found {headings}")
+            for block in guide.blocks:
+                if block.validate not in VALIDATORS:
+                    found.append(f"{where}:{block.line}: code block needs validate= one of {VALIDATORS}"
+                                 f" (has {block.validate!r})")
+            for href in guide.links:
+                problem = self._link_problem(guide, href)
+                if problem:
+                    found.append(f"{where}: link {href!r}: {problem}")
+        return found
+
+    def _link_problem(self, guide: Guide, href: str) -> str | None:
+        if href.startswith(("https://", "http://", "mailto:")):
+            return None
+        if href.startswith("#"):
+            return None if href[1:] in guide.anchors else "no such section in this guide"
+        if not href.startswith("/"):
+            return "use an absolute path or an http(s) address"
+        path, _, anchor = href.partition("#")
+        if path in SITE_PATHS:
+            return None
+        if path.startswith("/guides/"):
+            target = self.guides.get(path.removeprefix("/guides/"))
+            if target is None:
+                return "no such guide"
+            if anchor and anchor not in target.anchors:
+                return f"no section #{anchor} in that guide"
+            return None
+        return "not a page of this site"
+
+
+def guide_url(guide: Guide, section: str = "") -> str:
+    return f"/guides/{guide.slug}" + (f"#{section}" if section and section in guide.anchors else "")
+
+
+def pygments_css() -> str:
+    return HtmlFormatter().get_style_defs("pre code")
 
 
 def _evidence_text(result: CheckResult) -> str:

@@ -51,3 +51,102 @@ def test_an_unnamed_open_proxy_points_to_the_infected_computer_guide():
     assert "infected-computer" not in [g.slug for g in library.for_check(named)]
     closed = CheckResult("proxy", "192.0.2.1", 1080, "proxy.socks5", Verdict.CLOSED, "not_a_proxy")
     assert library.for_check(closed) == []
+
+
+PRODUCT = """---
+slug: demo
+title: Demo
+service: relay
+products: [Postfix]
+versions: "3.x"
+fingerprints: ['ESMTP Postfix']
+sources: ['https://www.postfix.org/']
+updated: 2026-11-27
+---
+## What you see
+x
+## Check
+```sh validate=none
+postconf -n
+```
+## Fix
+```ini validate=postfix-main
+mynetworks = 127.0.0.0/8
+```
+## Reload
+x
+## Verify
+See [the fix](#fix) and [start](/start) and [the other guide](/guides/other#fix).
+## Re-test
+x
+"""
+
+OTHER = PRODUCT.replace("slug: demo", "slug: other").replace("products: [Postfix]", "products: [Exim]").replace(
+    "ESMTP Postfix", "Exim").replace("/guides/other#fix", "/guides/demo#fix")
+
+
+def library_of(tmp_path, **files):
+    for name, text in files.items():
+        folder = tmp_path / ("general" if "general" in name else "relay")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.md").write_text(text)
+    return GuideLibrary(tmp_path)
+
+
+def test_a_correct_guide_has_no_problems_and_renders_anchors_toc_and_highlighting(tmp_path):
+    library = library_of(tmp_path, demo=PRODUCT, other=OTHER)
+    assert library.problems() == []
+    guide = library.get("demo")
+    assert [t for level, _a, t in guide.toc if level == 2] == ["What you see", "Check", "Fix", "Reload", "Verify",
+                                                                "Re-test"]
+    assert 'id="fix"' in guide.html and 'class="language-ini"' in guide.html and "<span" in guide.html
+    assert [(b.language, b.validate) for b in guide.blocks] == [("sh", "none"), ("ini", "postfix-main")]
+
+
+@pytest.mark.parametrize("change,problem", [
+    (lambda t: t.replace("## Reload\nx\n", ""), "sections must be"),
+    (lambda t: t.replace("## Check", "## Checks"), "sections must be"),
+    (lambda t: t.replace("```ini validate=postfix-main", "```ini"), "needs validate="),
+    (lambda t: t.replace("```ini validate=postfix-main", "```ini validate=postfx"), "needs validate="),
+    (lambda t: t.replace("(#fix)", "(#nowhere)"), "no such section"),
+    (lambda t: t.replace("(/start)", "(/nowhere)"), "not a page of this site"),
+    (lambda t: t.replace("/guides/other#fix", "/guides/missing"), "no such guide"),
+    (lambda t: t.replace("/guides/other#fix", "/guides/other#nope"), "no section #nope"),
+    (lambda t: t.replace("updated: 2026-11-27\n", ""), "lacks 'updated'"),
+    (lambda t: t.replace("fingerprints: ['ESMTP Postfix']\n", ""), "needs fingerprints"),
+])
+def test_check_guides_finds_each_problem(tmp_path, change, problem):
+    library = library_of(tmp_path, demo=change(PRODUCT), other=OTHER)
+    assert any(problem in p for p in library.problems()), library.problems()
+
+
+def test_a_bad_fingerprint_or_duplicate_slug_stops_loading(tmp_path):
+    with pytest.raises(GuideError, match="does not compile"):
+        library_of(tmp_path, demo=PRODUCT.replace("['ESMTP Postfix']", "['(unclosed']"))
+    with pytest.raises(GuideError, match="duplicate slug"):
+        library_of(tmp_path / "dup", demo=PRODUCT, copy=PRODUCT)
+
+
+def test_ranking_product_first_then_fingerprint_then_general(tmp_path):
+    general = ("---\nslug: gen\ntitle: Gen\nservice: general\nproducts: [relay]\nsources: ['https://x.org/']\n"
+               "updated: 2026-11-27\n---\nbody\n")
+    library = library_of(tmp_path, demo=PRODUCT, other=OTHER, general_gen=general)
+    by_product = CheckResult("relay", "192.0.2.1", 25, "relay.v2", Verdict.OPEN, "delivered",
+                             fingerprint={"product": "Exim", "version": "4.96", "raw": "220 x ESMTP Postfix-like"})
+    assert [g.slug for g in library.for_check(by_product)] == ["other", "demo", "gen"]
+    closed = CheckResult("relay", "192.0.2.1", 25, "relay.v2", Verdict.CLOSED, "relay_denied",
+                         fingerprint={"product": "Exim", "version": None, "raw": "x"})
+    assert library.for_check(closed) == []
+
+
+def test_search_and_filter(tmp_path):
+    library = library_of(tmp_path, demo=PRODUCT, other=OTHER)
+    assert [g.slug for g in library.search("exim")] == ["other"]
+    assert [g.slug for g in library.search("", "proxy")] == []
+    assert len(library.search("mynetworks")) == 2
+
+
+def test_the_shipped_guides_pass_check_guides():
+    from app.cli import check_guides
+
+    assert check_guides() == 0

@@ -7,7 +7,7 @@ import re
 import time
 from typing import Annotated, Any, AsyncIterator, Literal
 
-from fastapi import APIRouter, Body, HTTPException, Request
+from fastapi import APIRouter, Body, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -15,6 +15,7 @@ from app.audits import Event
 from app.verdicts import REASONS, CheckResult
 from app.access.domains import (DNS_LABEL, WELL_KNOWN, DomainError, Proof, check_dns, check_http, hash_id,
                                  new_secret, normalise_domain, token_value)
+from app.guides import guide_url
 from app.web.common import AUDIT_ID, absolute_url, audit_json, check_json, load_audit, requester, state
 from app.web.starts import Started, begin, check_hourly, plan_domain, plan_self, resolver_for
 from app.web.starts import retest as retest_audit
@@ -162,6 +163,27 @@ async def check_verification(request: Request, verification_id: str) -> dict[str
         await app_state.store.mark_verified(id_hash, proof.method or "")
         return {**answer, "status": "verified", "method": proof.method, "detail": proof.detail}
     return {**answer, "status": "pending", "detail": proof.detail}
+
+
+# --- guides -----------------------------------------------------------------------------------------------
+@router.get("/guides", tags=["guides"])
+async def list_guides(request: Request, q: Annotated[str, Query(max_length=100)] = "",
+                      service: Literal["relay", "proxy", "general"] | None = None) -> list[dict[str, Any]]:
+    """Every guide (or those matching `q` and `service`): metadata and the absolute address of its page."""
+    settings = state(request).settings
+    return [{**g.summary(), "url": absolute_url(settings, guide_url(g))}
+            for g in state(request).guides.search(q, service or "")]
+
+
+@router.get("/guides/{slug}", tags=["guides"], responses={404: {"description": "unknown guide"}})
+async def get_guide(request: Request, slug: str) -> dict[str, Any]:
+    guide = state(request).guides.get(slug)
+    if guide is None:
+        raise HTTPException(404, "No guide with this name.")
+    settings = state(request).settings
+    return {**guide.summary(), "url": absolute_url(settings, guide_url(guide)),
+            "toc": [{"level": level, "anchor": anchor, "title": text} for level, anchor, text in guide.toc],
+            "html": guide.html}
 
 
 def _sse(event: str, data: Any) -> str:

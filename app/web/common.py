@@ -11,7 +11,7 @@ from fastapi import HTTPException, Request
 from app.access.requester import RequesterError, requester_address
 from app.audits import Auditor
 from app.config import Settings
-from app.guides import GuideLibrary
+from app.guides import FIX_ANCHOR, GuideLibrary, guide_url
 from app.probes import describe_check
 from app.probes.canary import Canary
 from app.store import Audit, Store
@@ -58,7 +58,8 @@ def absolute_url(settings: Settings, path: str) -> str:
 def check_json(result: CheckResult, guides: GuideLibrary, settings: Settings) -> dict[str, Any]:
     data = result.to_dict()
     data["description"] = describe_check(result.name)
-    data["guides"] = [{"slug": g.slug, "title": g.title, "url": absolute_url(settings, f"/guides/{g.slug}")}
+    data["guides"] = [{"slug": g.slug, "title": g.title,
+                       "url": absolute_url(settings, guide_url(g, FIX_ANCHOR if g.service != "general" else ""))}
                       for g in guides.for_check(result)]
     return data
 

@@ -167,8 +167,12 @@ async def retest_submit(request: Request, audit_id: str, csrf: str = Form("")) -
 
 
 @router.get("/guides", response_class=HTMLResponse)
-async def guides_index(request: Request) -> HTMLResponse:
-    return render(request, "guides.html", {"guides": state(request).guides.all()})
+async def guides_index(request: Request, q: str = "", service: str = "") -> HTMLResponse:
+    """Grouped by service and product; the filter is a plain GET form, so it works without JavaScript."""
+    query = q.strip()[:100]
+    service = service if service in ("relay", "proxy", "general") else ""
+    found = state(request).guides.search(query, service)
+    return render(request, "guides.html", {"guides": found, "q": query, "service": service})
 
 
 @router.get("/guides/{slug}", response_class=HTMLResponse)

@@ -140,3 +140,25 @@ async def test_transcripts_are_escaped_on_the_page(settings):
             transcript=[TranscriptLine(0.1, "in", "220 <script>alert(1)</script>")]))
         html = (await client.get(f"/audits/{audit_id}")).text
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+async def test_guides_index_filter_works_without_js(client):
+    everything = (await client.get("/guides")).text
+    assert "What is an open mail relay?" in everything
+    only = (await client.get("/guides", params={"q": "malware"})).text
+    assert "A computer infected with proxy malware" in only and "What is an open mail relay?" not in only
+    none = (await client.get("/guides", params={"q": "no-such-thing-anywhere"})).text
+    assert "No guide matches" in none
+    junk = await client.get("/guides", params={"service": "<script>", "q": "<b>x</b>"})
+    assert junk.status_code == 200 and "<b>x</b>" not in junk.text
+
+
+async def test_guides_api(client):
+    listing = (await client.get("/api/v1/guides")).json()
+    slugs = {g["slug"] for g in listing}
+    assert {"what-is-an-open-relay", "infected-computer"} <= slugs
+    assert all(g["url"].startswith("http://testserver/guides/") for g in listing)
+    one = (await client.get("/api/v1/guides/infected-computer")).json()
+    assert one["html"].startswith("<h2") and one["toc"][0]["anchor"] == "what-you-see"
+    assert (await client.get("/api/v1/guides/nope")).status_code == 404
+    assert (await client.get("/api/v1/guides", params={"service": "mail"})).status_code == 422

@@ -1,0 +1,20 @@
+// Copy buttons on the guides' code blocks: progressive enhancement; without JS the text is there to select.
+(function () {
+  "use strict";
+  if (!navigator.clipboard) { return; }
+  var blocks = document.querySelectorAll(".guide pre > code");
+  Array.prototype.forEach.call(blocks, function (code) {
+    var button = document.createElement("button");
+    button.type = "button";
+    button.className = "copy";
+    button.textContent = "Copy";
+    button.setAttribute("aria-label", "Copy this block");
+    button.addEventListener("click", function () {
+      navigator.clipboard.writeText(code.textContent).then(function () {
+        button.textContent = "Copied";
+        window.setTimeout(function () { button.textContent = "Copy"; }, 2000);
+      });
+    });
+    code.parentNode.insertBefore(button, code);
+  });
+})();
