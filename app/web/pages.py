@@ -13,6 +13,7 @@ from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
 from app import ENGINE_VERSION
+from app.guides import FIX_ANCHOR, guide_url
 from app.probes import describe_check, proxy_class
 from app.probes.canary import CHECK_ID
 from app.verdicts import REASONS, SERVICES
@@ -30,6 +31,7 @@ def _utc(timestamp: float | None) -> str:
 
 
 templates.env.filters["utc"] = _utc
+templates.env.globals["guide_url"] = lambda g: guide_url(g, FIX_ANCHOR if g.service != "general" else "")
 
 SERVICE_NAMES = {"relay": "Mail relay", "proxy": "Proxy"}
 SUMMARY_SENTENCES = {
