@@ -59,6 +59,7 @@ class Guide:
     links: list[str] = field(default_factory=list)
     text: str = ""  # plain text, for the search
     missing: list[str] = field(default_factory=list)  # front matter keys check-guides reports
+    weight: int = 50  # order among general guides listed for a finding: lower first
 
     def matches(self, text: str) -> bool:
         return any(p.search(text) for p in self.fingerprints)
@@ -107,7 +108,7 @@ def parse_guide(text: str, path: str = "") -> Guide:
         slug=str(meta["slug"]), title=str(meta["title"]), service=str(meta["service"]), body=body,
         products=[str(p) for p in meta.get("products") or []], versions=str(meta.get("versions") or ""),
         fingerprints=patterns, sources=sources, updated=str(meta.get("updated") or ""), path=path,
-        missing=[key for key in REQUIRED if not meta.get(key)])
+        missing=[key for key in REQUIRED if not meta.get(key)], weight=int(meta.get("weight") or 50))
     return guide
 
 
@@ -204,8 +205,9 @@ class GuideLibrary:
             # an open proxy that names no product: most likely malware, not software someone installed
             unknown = result.service == "proxy" and not product and not found
             wanted = ["unknown-proxy", "proxy"] if unknown else [result.service]
+            general = sorted((g for g in self.all() if g.service == "general"), key=lambda g: (g.weight, g.title))
             for tag in wanted:
-                found += [g for g in self.all() if g.service == "general" and tag in g.products and g not in found]
+                found += [g for g in general if tag in g.products and g not in found]
         return found
 
     def problems(self) -> list[str]:
