@@ -190,6 +190,9 @@ def dante(snippet: str, folder: Path) -> None:
     path.write_text(config)
     done = _run([binary, "-V", "-f", str(path)])
     if done.returncode:
+        log = folder / "danted.log"  # its complaints go to the logoutput file, not to stderr
+        done = subprocess.CompletedProcess(done.args, done.returncode, done.stdout,
+                                           done.stderr + (log.read_text() if log.exists() else ""))
         _fail("danted -V", done, config)
 
 
