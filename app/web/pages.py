@@ -17,7 +17,7 @@ from app.guides import FIX_ANCHOR, guide_url
 from app.probes import describe_check, proxy_class
 from app.probes.canary import CHECK_ID
 from app.verdicts import REASONS, SERVICES
-from app.web.common import load_audit, requester, state
+from app.web.common import AUDIT_ID, load_audit, requester, state
 from app.web.starts import begin, plan_self, retest
 from app.web.security import CSRF_COOKIE, csrf_token, csrf_valid, new_csrf_cookie
 
@@ -31,7 +31,15 @@ def _utc(timestamp: float | None) -> str:
 
 
 templates.env.filters["utc"] = _utc
-templates.env.globals["guide_url"] = lambda g: guide_url(g, FIX_ANCHOR if g.service != "general" else "")
+def _guide_link(guide: Any, audit_id: str = "") -> str:
+    """A finding's link to its guide: the Fix section, and the way back to the audit."""
+    query = f"?audit={audit_id}" if audit_id else ""
+    url = guide_url(guide, FIX_ANCHOR if guide.service != "general" else "")
+    path, _, anchor = url.partition("#")
+    return path + query + (f"#{anchor}" if anchor else "")
+
+
+templates.env.globals["guide_url"] = _guide_link
 
 SERVICE_NAMES = {"relay": "Mail relay", "proxy": "Proxy"}
 SUMMARY_SENTENCES = {
@@ -178,12 +186,14 @@ async def guides_index(request: Request, q: str = "", service: str = "") -> HTML
 
 
 @router.get("/guides/{slug}", response_class=HTMLResponse)
-async def guide_page(request: Request, slug: str) -> HTMLResponse:
+async def guide_page(request: Request, slug: str, audit: str = "") -> HTMLResponse:
     library = state(request).guides
     guide = library.get(slug)
     if guide is None:
         raise HTTPException(404, "No guide with this name.")
-    return render(request, "guide.html", {"guide": guide, "body": Markup(library.render(guide))})
+    # opened from a test result: offer the way back to it (re-testing stays a button there, a POST)
+    back = audit if AUDIT_ID.match(audit) and await state(request).store.get_audit(audit, with_checks=False) else None
+    return render(request, "guide.html", {"guide": guide, "body": Markup(library.render(guide)), "audit_id": back})
 
 
 @router.get("/privacy", response_class=HTMLResponse)

@@ -162,3 +162,12 @@ async def test_guides_api(client):
     assert one["html"].startswith("<h2") and one["toc"][0]["anchor"] == "what-you-see"
     assert (await client.get("/api/v1/guides/nope")).status_code == 404
     assert (await client.get("/api/v1/guides", params={"service": "mail"})).status_code == 422
+
+
+async def test_a_guide_opened_from_an_audit_offers_the_way_back(client):
+    audit_id = (await client.post("/api/v1/audits/self")).json()["id"]
+    page = (await client.get(f"/guides/squid?audit={audit_id}")).text
+    assert f'href="/audits/{audit_id}"' in page and "Re-test" in page
+    for junk in ("AAAAAAAAAAAAAAAAAAAAAA", "<script>", "x" * 500):
+        page = (await client.get("/guides/squid", params={"audit": junk})).text
+        assert "You came here from your test result" not in page
