@@ -96,7 +96,7 @@ def sendmail_mc(snippet: str, folder: Path) -> None:
     done = _run(["/usr/bin/m4", str(path)])
     if done.returncode or done.stderr.strip():
         _fail("m4 (sendmail-cf)", done, config)
-    if "Rscheck_rcpt" not in done.stdout and "Sparse0" not in done.stdout:
+    if "Scheck_rcpt" not in done.stdout and "SParse0" not in done.stdout:
         _fail("m4 (sendmail-cf): no sendmail.cf came out", done, config)
 
 
