@@ -63,25 +63,37 @@ class Canary:
         return sorted({source for source, _via, _t in self.sources.get(check_id, [])})
 
 
-# --- the SMTP canary ---------------------------------------------------------------------------------------
-class SmtpCanary:
-    def __init__(self, canary: Canary) -> None:
-        self.canary = canary
-        self._server: asyncio.base_events.Server | None = None
+class _CanaryListener:
+    """What every canary listener shares: the canary, its server, and the record of each connection."""
 
-    async def start(self, host: str, port: int) -> int:
-        self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_LINE)
-        return self._server.sockets[0].getsockname()[1]
+    def __init__(self, canary: Canary, via: str) -> None:
+        self.canary = canary
+        self.via = via
+        self._server: asyncio.base_events.Server | None = None
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _connected(self, writer: asyncio.StreamWriter) -> str:
         peer = writer.get_extra_info("peername")
         source = peer[0] if peer else "?"
-        self.canary.connected(source, "smtp")
+        self.canary.connected(source, self.via)
+        return source
+
+
+# --- the SMTP canary ---------------------------------------------------------------------------------------
+class SmtpCanary(_CanaryListener):
+    def __init__(self, canary: Canary) -> None:
+        super().__init__(canary, "smtp")
+
+    async def start(self, host: str, port: int) -> int:
+        self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_LINE)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        source = self._connected(writer)
         try:
             writer.write(b"220 canary ready\r\n")
             await writer.drain()
@@ -116,26 +128,17 @@ class SmtpCanary:
 _REQUEST = re.compile(rb"^(GET|HEAD|POST) (?:https?://[^/\s]+)?/canary/(cid[0-9a-f]{16}) HTTP/1\.[01]\r?$")
 
 
-class HttpCanary:
+class HttpCanary(_CanaryListener):
     def __init__(self, canary: Canary, via: str = "http") -> None:
-        self.canary = canary
-        self.via = via
-        self._server: asyncio.base_events.Server | None = None
+        super().__init__(canary, via)
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
         self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_LINE * 8, ssl=ssl_context,
                                                   ssl_handshake_timeout=READ_TIMEOUT if ssl_context else None)
         return self._server.sockets[0].getsockname()[1]
 
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        source = peer[0] if peer else "?"
-        self.canary.connected(source, self.via)
+        source = self._connected(writer)
         try:
             first = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
             for _ in range(MAX_LINES):  # the headers: read and ignore
