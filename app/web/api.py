@@ -17,6 +17,7 @@ from app.access.domains import (DNS_LABEL, WELL_KNOWN, DomainError, Proof, check
                                  new_secret, normalise_domain, token_value)
 from app.guides import guide_url
 from app.web.common import AUDIT_ID, absolute_url, audit_json, check_json, load_audit, requester, state
+from app.web.report import changes_since, check_key
 from app.web.starts import Started, begin, check_hourly, plan_domain, plan_self, resolver_for
 from app.web.starts import retest as retest_audit
 
@@ -107,8 +108,14 @@ async def create_self_audit(request: Request,
 @router.get("/audits/{audit_id}", responses={404: {"description": "unknown audit"}})
 async def get_audit(request: Request, audit_id: str) -> dict[str, Any]:
     audit = await load_audit(request, audit_id)
-    position = await state(request).store.queue_position(audit.id) if audit.status == "queued" else None
-    return audit_json(audit, state(request), position)
+    store = state(request).store
+    position = await store.queue_position(audit.id) if audit.status == "queued" else None
+    data = audit_json(audit, state(request), position)
+    if audit.previous_id:  # per check: fixed, still_open or newly_open against the audit it repeats
+        changes = changes_since(await store.get_audit(audit.previous_id), audit)
+        for check, stored in zip(data["checks"], audit.checks):
+            check["change"] = changes.get(check_key(stored.result))
+    return data
 
 
 @router.post("/audits/{audit_id}/retest", status_code=202, response_model=Accepted,

@@ -14,16 +14,34 @@ from markupsafe import Markup
 
 from app import ENGINE_VERSION
 from app.guides import FIX_ANCHOR, guide_url
-from app.probes import describe_check, proxy_class
 from app.probes.canary import CHECK_ID
 from app.verdicts import REASONS, SERVICES
 from app.web.common import AUDIT_ID, load_audit, requester, state
+from app.web.report import build_report
 from app.web.starts import begin, plan_self, retest
 from app.web.security import CSRF_COOKIE, csrf_token, csrf_valid, new_csrf_cookie
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 templates = Jinja2Templates(directory=ROOT / "templates")
 router = APIRouter(include_in_schema=False)
+
+
+def _utc(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp)) if timestamp else ""
+
+
+templates.env.filters["utc"] = _utc
+def _guide_link(guide: Any, audit_id: str = "") -> str:
+    """A finding's link to its guide: the Fix section, and the way back to the audit."""
+    query = f"?audit={audit_id}" if audit_id else ""
+    url = guide_url(guide, FIX_ANCHOR if guide.service != "general" else "")
+    path, _, anchor = url.partition("#")
+    return path + query + (f"#{anchor}" if anchor else "")
+
+
+templates.env.globals["guide_url"] = _guide_link
+
+SERVICE_NAMES = {"relay": "Mail relay", "proxy": "Proxy"}
 
 
 def _utc(timestamp: float | None) -> str:
@@ -137,34 +155,15 @@ async def audit_page(request: Request, audit_id: str) -> HTMLResponse:
     audit = await load_audit(request, audit_id)
     app_state = state(request)
     chain = await app_state.store.retest_chain(audit.id, limit=20)
-    rows = [{"check": c.result, "guides": app_state.guides.for_check(c.result),
-             "description": describe_check(c.result.name)} for c in audit.checks]
-    # which checks are open where: "port 25: relay.v2 (confirmed), relay.v12"
-    open_by_port: dict[tuple[str, str, int], list[str]] = {}
-    for c in audit.checks:
-        if c.result.verdict.value == "open":
-            label = c.result.name.split(".", 1)[1] + (" (delivered to us)" if c.result.confirmed else "")
-            open_by_port.setdefault((c.result.service, c.result.host, c.result.port), []).append(label)
-    def sentence(service: str) -> str:
-        verdict = (audit.summary or {}).get(service) or ""
-        if verdict == "open" and not any(c.result.confirmed for c in audit.checks if c.result.service == service):
-            verdict = "open_unconfirmed"
-        return SUMMARY_SENTENCES.get((service, verdict), "")
-
-    sentences = {s: sentence(s) for s in audit.services}
-    open_classes = {proxy_class(c.result.name) for c in audit.checks
-                    if c.result.service == "proxy" and c.result.verdict.value == "open"}
-    if "smtp" in open_classes:
-        sentences["proxy"] += " It lets strangers reach mail servers: spam can flow through it."
-    elif "tunnel" in open_classes:
-        sentences["proxy"] += " It opens encrypted tunnels (port 443) for strangers."
-    # for an unfinished verdict, say which steps could not finish (each reason once), not just "inconclusive"
-    why = {s: sorted({c.result.reason for c in audit.checks if c.result.service == s
-                      and c.result.verdict.value in ("inconclusive", "error")}) for s in audit.services}
+    previous = await app_state.store.get_audit(audit.previous_id) if audit.previous_id else None
+    cooldown = app_state.settings.target_cooldown
+    latest = (await app_state.store.latest_for_target(audit.target_key, time.time() - cooldown)
+              if audit.target_key and cooldown > 0 else None)
+    report = build_report(audit, app_state.guides, previous, cooldown, latest.created_at if latest else None)
     position = await app_state.store.queue_position(audit.id) if audit.status == "queued" else None
     return render(request, "audit.html", {
-        "queue_position": position,
-        "audit": audit, "rows": rows, "sentences": sentences, "why": why, "open_by_port": open_by_port, "chain": chain[1:],
+        "audit": audit, "report": report, "rows": report.rows, "sentences": report.sentences, "why": report.why,
+        "open_by_port": report.open_by_port, "chain": chain[1:], "queue_position": position,
         "can_retest": audit.finished and audit.target == "self",
     })
 

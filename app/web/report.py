@@ -1,0 +1,100 @@
+"""What a result page says: one sentence per service, the rows with their guides, what changed since the previous
+audit of the chain (fixed / still open / newly open), and when a re-test becomes possible."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.guides import GuideLibrary
+from app.probes import describe_check, proxy_class
+from app.store import Audit
+from app.verdicts import CheckResult, Verdict
+
+SUMMARY_SENTENCES = {
+    ("relay", "open"): "Your server is an open relay: anyone on the Internet can send mail through it. "
+                       "A test message sent through it reached us.",
+    ("relay", "open_unconfirmed"): "Your server accepted mail for a stranger's address through the end of the "
+                                   "message. It has not reached us (yet): some servers accept and then discard such "
+                                   "mail, but most relay it. Treat it as an open relay.",
+    ("relay", "closed"): "We found no open relay.",
+    ("relay", "inconclusive"): "We could not reach a final answer for the mail relay test:",
+    ("relay", "unreachable"): "No mail port answered, so your server cannot be an open relay from the Internet.",
+    ("proxy", "open"): "Your server is an open proxy: anyone on the Internet can route traffic through it.",
+    ("proxy", "closed"): "We found no open proxy.",
+    ("proxy", "inconclusive"): "We could not reach a final answer for the proxy test:",
+    ("proxy", "unreachable"): "No proxy port answered, so your server cannot be an open proxy from the Internet.",
+}
+CHANGE_LABELS = {"fixed": "fixed", "still_open": "still open", "newly_open": "newly open"}
+
+
+def check_key(result: CheckResult) -> tuple[str, str, int, str]:
+    return result.service, result.host, result.port, result.name
+
+
+def changes_since(previous: Audit | None, current: Audit) -> dict[tuple[str, str, int, str], str]:
+    """Per check of `current`: fixed (open before, not now), still_open, newly_open (open now, not before)."""
+    if previous is None:
+        return {}
+    before = {check_key(c.result): c.result.verdict for c in previous.checks}
+    changes: dict[tuple[str, str, int, str], str] = {}
+    for stored in current.checks:
+        key, now = check_key(stored.result), stored.result.verdict
+        was = before.get(key)
+        if was is Verdict.OPEN and now is not Verdict.OPEN and now is not Verdict.INCONCLUSIVE:
+            changes[key] = "fixed"
+        elif was is Verdict.OPEN and now is Verdict.OPEN:
+            changes[key] = "still_open"
+        elif now is Verdict.OPEN:
+            changes[key] = "newly_open"
+    return changes
+
+
+@dataclass
+class Report:
+    audit: Audit
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    sentences: dict[str, str] = field(default_factory=dict)
+    why: dict[str, list[str]] = field(default_factory=dict)
+    open_by_port: dict[tuple[str, str, int], list[str]] = field(default_factory=dict)
+    changes: dict[str, int] = field(default_factory=dict)  # counts per change kind
+    retest_at: float | None = None  # inside the cooldown: when a re-test becomes possible
+
+
+def build_report(audit: Audit, guides: GuideLibrary, previous: Audit | None, cooldown: float,
+                 latest_of_target: float | None) -> Report:
+    report = Report(audit)
+    changes = changes_since(previous, audit)
+    for stored in audit.checks:
+        result = stored.result
+        change = changes.get(check_key(result), "")
+        report.rows.append({"check": result, "guides": guides.for_check(result),
+                            "description": describe_check(result.name), "change": CHANGE_LABELS.get(change, "")})
+        if result.verdict is Verdict.OPEN:
+            label = result.name.split(".", 1)[1] + (" (delivered to us)" if result.confirmed else "")
+            report.open_by_port.setdefault((result.service, result.host, result.port), []).append(label)
+    for kind in changes.values():
+        report.changes[kind] = report.changes.get(kind, 0) + 1
+    for service in audit.services:
+        report.sentences[service] = _sentence(audit, service)
+        report.why[service] = sorted({c.result.reason for c in audit.checks if c.result.service == service
+                                      and c.result.verdict in (Verdict.INCONCLUSIVE, Verdict.ERROR)})
+    if latest_of_target is not None and cooldown > 0 and latest_of_target + cooldown > time.time():
+        report.retest_at = latest_of_target + cooldown
+    return report
+
+
+def _sentence(audit: Audit, service: str) -> str:
+    verdict = (audit.summary or {}).get(service) or ""
+    checks = [c.result for c in audit.checks if c.result.service == service]
+    if verdict == "open" and service == "relay" and not any(r.confirmed for r in checks):
+        verdict = "open_unconfirmed"
+    sentence = SUMMARY_SENTENCES.get((service, verdict), "")
+    if service == "proxy" and verdict == "open":
+        classes = {proxy_class(r.name) for r in checks if r.verdict is Verdict.OPEN}
+        if "smtp" in classes:
+            sentence += " It lets strangers reach mail servers: spam can flow through it."
+        elif "tunnel" in classes:
+            sentence += " It opens encrypted tunnels (port 443) for strangers."
+    return sentence
