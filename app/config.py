@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     canary_address: str = ""
     canary_name: str = ""  # a DNS name of the canary address, for SOCKS4a (empty: no SOCKS4a check)
     dns_servers: StrList = Field(default_factory=list)
+    probe_addresses: NetworkList = Field(default_factory=list)  # where our probes come from (the About page)
+    ipv4_url: str = ""  # the site under a name with only an A record (dual-stack visitors test their other address)
+    ipv6_url: str = ""  # the site under a name with only an AAAA record
 
     audit_deadline: float = 300.0
     connect_timeout: float = 10.0
@@ -96,7 +99,7 @@ class Settings(BaseSettings):
     partners_file: str = "data/partners.json"
     log_level: str = "INFO"
 
-    @field_validator("allow_networks", "trusted_proxies", "dns_servers", mode="before")
+    @field_validator("allow_networks", "trusted_proxies", "dns_servers", "probe_addresses", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
@@ -141,15 +144,15 @@ class Settings(BaseSettings):
             raise ValueError("must be a host name")
         return value
 
-    @field_validator("public_url")
+    @field_validator("public_url", "ipv4_url", "ipv6_url")
     @classmethod
     def _public_url(cls, value: str) -> str:
         value = value.strip().rstrip("/")
         if value and not re.match(r"^https?://[^/?#\s]+$", value):
-            raise ValueError("SECURE_PUBLIC_URL must be http(s)://host[:port], without a path")
+            raise ValueError("must be http(s)://host[:port], without a path")
         return value
 
-    @field_validator("allow_networks", "trusted_proxies")
+    @field_validator("allow_networks", "trusted_proxies", "probe_addresses")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
         return [str(ipaddress.ip_network(item, strict=False)) for item in value]

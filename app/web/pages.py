@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -134,7 +135,18 @@ async def home(request: Request) -> HTMLResponse:
 
 @router.get("/start", response_class=HTMLResponse)
 async def start_page(request: Request) -> HTMLResponse:
-    return render(request, "start.html", {"address": requester(request), "error": None})
+    return render(request, "start.html", start_context(request, None))
+
+
+def start_context(request: Request, error: str | None) -> dict[str, Any]:
+    """The start page: the visitor's address, and the site's IPv4-only / IPv6-only addresses, so that a dual-stack
+    visitor can test the address the letter named."""
+    address = requester(request)
+    settings = state(request).settings
+    version = ip_address(address).version
+    other = settings.ipv6_url if version == 4 else settings.ipv4_url
+    return {"address": address, "error": error, "family": f"IPv{version}",
+            "other_url": other, "other_family": "IPv6" if version == 4 else "IPv4"}
 
 
 @router.post("/start")
@@ -144,8 +156,7 @@ async def start_submit(request: Request, csrf: str = Form(""), checks: list[str]
     try:
         plan = plan_self(request, services)
     except HTTPException as exc:
-        return render(request, "start.html", {"address": requester(request), "error": exc.detail},
-                      status_code=exc.status_code)
+        return render(request, "start.html", start_context(request, exc.detail), status_code=exc.status_code)
     started = await begin(request, plan)
     return RedirectResponse(f"/audits/{started.audit.id}", status_code=303)
 
@@ -193,6 +204,15 @@ async def guide_page(request: Request, slug: str, audit: str = "") -> HTMLRespon
     # opened from a test result: offer the way back to it (re-testing stays a button there, a POST)
     back = audit if AUDIT_ID.match(audit) and await state(request).store.get_audit(audit, with_checks=False) else None
     return render(request, "guide.html", {"guide": guide, "body": Markup(library.render(guide)), "audit_id": back})
+
+
+@router.get("/about", response_class=HTMLResponse)
+async def about(request: Request) -> HTMLResponse:
+    """What our tests send, from where, and whom to write to: for an administrator who sees them in a log."""
+    from app.probes.smtp import VARIANTS
+    from app.probes.proxy import PROXY_CHECKS
+
+    return render(request, "about.html", {"variants": VARIANTS, "proxy_checks": [c for c, _run in PROXY_CHECKS]})
 
 
 @router.get("/privacy", response_class=HTMLResponse)

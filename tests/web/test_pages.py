@@ -171,3 +171,21 @@ async def test_a_guide_opened_from_an_audit_offers_the_way_back(client):
     for junk in ("AAAAAAAAAAAAAAAAAAAAAA", "<script>", "x" * 500):
         page = (await client.get("/guides/squid", params={"audit": junk})).text
         assert "You came here from your test result" not in page
+
+
+async def test_about_page_lists_what_we_send(settings):
+    settings.probe_addresses = ["198.51.100.25"]
+    settings.probe_helo = "probe.example.org"
+    async with running_app(settings) as client:
+        page = (await client.get("/about")).text
+    assert "198.51.100.25" in page and "probe.example.org" in page and "relay.v22" in page and "proxy.socks5" in page
+
+
+async def test_start_page_offers_the_other_address_family(settings):
+    settings.ipv6_url = "https://ipv6.audit.example"
+    async with running_app(settings) as client:
+        page = (await client.get("/start")).text
+    assert "https://ipv6.audit.example/start" in page and "over IPv4" in page
+    settings.ipv6_url = ""
+    async with running_app(settings) as client:
+        assert "ipv6.audit.example" not in (await client.get("/start")).text
