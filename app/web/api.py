@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
-import time
 from typing import Annotated, Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Body, HTTPException, Query, Request
@@ -13,18 +11,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.audits import Event
 from app.verdicts import REASONS, CheckResult
-from app.access.domains import (DNS_LABEL, WELL_KNOWN, DomainError, Proof, check_dns, check_http, hash_id,
-                                 new_secret, normalise_domain, token_value)
+from app.access.domains import DomainError, normalise_domain
+from app.web import verifications
 from app.guides import guide_url
-from app.web.common import AUDIT_ID, absolute_url, audit_json, check_json, load_audit, requester, state
+from app.web.common import AUDIT_ID, absolute_url, audit_json, check_json, load_audit, state
 from app.web.report import changes_since, check_key
-from app.web.starts import Started, begin, check_hourly, plan_domain, plan_self, resolver_for
+from app.web.starts import Started, begin, plan_domain, plan_self
 from app.web.starts import retest as retest_audit
 
 router = APIRouter(prefix="/api/v1", tags=["audits"])
 
 Service = Literal["relay", "proxy"]
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{22}$")
 
 
 class SelfAuditRequest(BaseModel):
@@ -130,46 +127,13 @@ async def retest(request: Request, audit_id: str,
 @router.post("/verifications", status_code=201, tags=["verifications"],
              responses={422: {"description": "not a domain"}, 429: {"description": "too many verifications"}})
 async def create_verification(request: Request, body: VerificationRequest) -> JSONResponse:
-    app_state = state(request)
-    settings = app_state.settings
-    who = requester(request)
-    check_hourly(request, "verifications", settings.verifications_per_hour, who, hit=True)
-    verification_id, token = new_secret(), new_secret()
-    expires_at = time.time() + settings.verification_days * 86400
-    await app_state.store.create_verification(hash_id(verification_id), body.domain, token, who, expires_at)
-    return JSONResponse({
-        "id": verification_id, "domain": body.domain, "token": token, "expires_at": expires_at,
-        "dns": {"name": f"{DNS_LABEL}.{body.domain}", "type": "TXT", "value": token_value(token)},
-        "http": {"url": f"http://{body.domain}{WELL_KNOWN}", "body": token},
-        "check_url": absolute_url(settings, f"/api/v1/verifications/{verification_id}/check"),
-    }, status_code=201)
+    return JSONResponse(await verifications.create(request, body.domain), status_code=201)
 
 
 @router.post("/verifications/{verification_id}/check", tags=["verifications"],
              responses={404: {"description": "unknown verification"}})
 async def check_verification(request: Request, verification_id: str) -> dict[str, Any]:
-    if not ID_PATTERN.match(verification_id):
-        raise HTTPException(404, "No verification with this id.")
-    app_state = state(request)
-    id_hash = hash_id(verification_id)
-    record = await app_state.store.get_verification(id_hash)
-    if record is None:
-        raise HTTPException(404, "No verification with this id.")
-    domain, token = str(record["domain"]), str(record["token"])
-    answer = {"domain": domain, "expires_at": record["expires_at"], "method": record["method"]}
-    if float(record["expires_at"]) < time.time():  # type: ignore[arg-type]
-        return {**answer, "status": "expired", "detail": "This verification has expired; start a new one."}
-    if record["verified_at"]:
-        return {**answer, "status": "verified", "detail": f"{domain} is verified."}
-    resolver = resolver_for(request)
-    proof = await check_dns(domain, token, resolver)
-    if not proof.verified:
-        http_proof = await check_http(domain, token, resolver, app_state.settings.allowed_networks)
-        proof = http_proof if http_proof.verified else Proof(False, None, f"{proof.detail}; {http_proof.detail}")
-    if proof.verified:
-        await app_state.store.mark_verified(id_hash, proof.method or "")
-        return {**answer, "status": "verified", "method": proof.method, "detail": proof.detail}
-    return {**answer, "status": "pending", "detail": proof.detail}
+    return await verifications.check(request, verification_id)
 
 
 # --- guides -----------------------------------------------------------------------------------------------

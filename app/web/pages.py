@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from ipaddress import ip_address
+from urllib.parse import urlencode
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,7 +20,9 @@ from app.probes.canary import CHECK_ID
 from app.verdicts import REASONS, SERVICES
 from app.web.common import AUDIT_ID, load_audit, requester, state
 from app.web.report import build_report
-from app.web.starts import begin, plan_self, retest
+from app.access.domains import DomainError, normalise_domain
+from app.web import verifications
+from app.web.starts import begin, plan_domain, plan_self, retest
 from app.web.security import CSRF_COOKIE, csrf_token, csrf_valid, new_csrf_cookie
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -204,6 +207,50 @@ async def guide_page(request: Request, slug: str, audit: str = "") -> HTMLRespon
     # opened from a test result: offer the way back to it (re-testing stays a button there, a POST)
     back = audit if AUDIT_ID.match(audit) and await state(request).store.get_audit(audit, with_checks=False) else None
     return render(request, "guide.html", {"guide": guide, "body": Markup(library.render(guide)), "audit_id": back})
+
+
+# --- proving a domain, step by step --------------------------------------------------------------------------
+@router.get("/verify", response_class=HTMLResponse)
+async def verify_start(request: Request) -> HTMLResponse:
+    return render(request, "verify_start.html", {"error": None, "domain": ""})
+
+
+@router.post("/verify")
+async def verify_create(request: Request, csrf: str = Form(""), domain: str = Form("", max_length=300)) -> Response:
+    _check_csrf(request, csrf)
+    try:
+        name = normalise_domain(domain)
+    except DomainError as exc:
+        return render(request, "verify_start.html", {"error": str(exc), "domain": domain[:253]}, status_code=422)
+    created = await verifications.create(request, name)
+    return RedirectResponse(f"/verify/{created['id']}", status_code=303)
+
+
+@router.get("/verify/{verification_id}", response_class=HTMLResponse)
+async def verify_page(request: Request, verification_id: str, detail: str = "") -> HTMLResponse:
+    record = await verifications.load(request, verification_id)
+    return render(request, "verify.html", {
+        "vid": verification_id, "domain": record["domain"], "status": verifications.status_of(record),
+        "method": record["method"], "expires_at": record["expires_at"], "detail": detail[:500],
+        **verifications.instructions(str(record["domain"]), str(record["token"]))})
+
+
+@router.post("/verify/{verification_id}/check")
+async def verify_check(request: Request, verification_id: str, csrf: str = Form("")) -> Response:
+    _check_csrf(request, csrf)
+    result = await verifications.check(request, verification_id)
+    return RedirectResponse(f"/verify/{verification_id}?{urlencode({'detail': result['detail']})}", status_code=303)
+
+
+@router.post("/verify/{verification_id}/audit")
+async def verify_audit(request: Request, verification_id: str, csrf: str = Form(""),
+                       checks: list[str] = Form([])) -> Response:
+    _check_csrf(request, csrf)
+    record = await verifications.load(request, verification_id)
+    services = [s for s in SERVICES if s in checks] or list(SERVICES)
+    plan = await plan_domain(request, str(record["domain"]), verification_id, services)
+    started = await begin(request, plan)
+    return RedirectResponse(f"/audits/{started.audit.id}", status_code=303)
 
 
 @router.get("/about", response_class=HTMLResponse)

@@ -250,3 +250,32 @@ async def test_only_the_verification_holder_can_retest_a_domain(site, dns):
     assert response.status_code == 202
     second = await wait_done(site, response.json()["id"])
     assert second["previous_id"] == first
+
+
+# --- the same steps in HTML ----------------------------------------------------------------------------------
+async def test_domain_verification_in_html_from_the_form_to_the_audit(site, dns):
+    import re
+
+    token = re.search(r'name="csrf" value="([0-9a-f]+)"', (await site.get("/verify")).text).group(1)
+    bad = await site.post("/verify", data={"csrf": token, "domain": "192.0.2.1"})
+    assert bad.status_code == 422 and "not an IP address" in bad.text
+    created = await site.post("/verify", data={"csrf": token, "domain": "Corp.Test"})
+    assert created.status_code == 303
+    page_url = created.headers["location"]
+    page = (await site.get(page_url)).text
+    assert "_secure-your-server.corp.test" in page and "Check now" in page
+    value = re.search(r"(secure-your-server-verification=[A-Za-z0-9_-]+)", page).group(1)
+    checked = await site.post(page_url + "/check", data={"csrf": token})
+    assert checked.status_code == 303
+    assert "no TXT record" in (await site.get(checked.headers["location"])).text
+    dns.set("_secure-your-server.corp.test", "TXT", [f'"{value}"'])
+    checked = await site.post(page_url + "/check", data={"csrf": token})
+    page = (await site.get(checked.headers["location"])).text
+    assert "corp.test is verified" in page and "Test corp.test" in page
+    dns.set(DOMAIN, "A", ["127.0.0.41"])
+    started = await site.post(page_url + "/audit", data={"csrf": token, "checks": ["proxy"]})
+    assert started.status_code == 303 and started.headers["location"].startswith("/audits/")
+    data = await wait_done(site, started.headers["location"].rsplit("/", 1)[1])
+    assert data["target"] == DOMAIN and data["hosts"] == ["127.0.0.41"]
+    # without the CSRF token nothing happens
+    assert (await site.post(page_url + "/audit", data={"checks": ["proxy"]})).status_code == 403
