@@ -33,6 +33,8 @@ run: install | var ## Serve the site on HOST:PORT (creates .venv and ./var if ne
 test: install-test | var ## Install test deps and Debian packages, then run pytest (PYTEST_ARGS='...')
 	bash scripts/install-debian-packages.sh
 	bash scripts/install-exim.sh
+	@if command -v npm >/dev/null; then npm ci --no-audit --no-fund --loglevel=error; \
+	else echo "npm is missing: the accessibility tests need axe-core from the npm registry (install Node.js)"; fi
 	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
 
 bench: install-test ## Benchmarks against real servers, with nmap as the baseline (as root)

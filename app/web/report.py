@@ -66,7 +66,12 @@ def build_report(audit: Audit, guides: GuideLibrary, previous: Audit | None, coo
                  latest_of_target: float | None) -> Report:
     report = Report(audit)
     changes = changes_since(previous, audit)
-    for stored in audit.checks:
+    def order(stored: Any) -> tuple[Any, ...]:  # relay.v2 before relay.v10: by service, address, port, number
+        r = stored.result
+        prefix, _, number = r.name.rpartition(".v")
+        return (r.service, r.host, r.port, prefix or r.name, int(number) if number.isdigit() else 0)
+
+    for stored in sorted(audit.checks, key=order):
         result = stored.result
         change = changes.get(check_key(result), "")
         report.rows.append({"check": result, "guides": guides.for_check(result),

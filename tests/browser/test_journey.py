@@ -2,28 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
-from support import ARTIFACTS, ServedSite, require_binary
-
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                 "--disable-background-networking", "--disable-component-update", "--disable-dev-shm-usage"]
-
-
-@pytest.fixture
-def browser_page():
-    executable = require_binary("/usr/bin/chromium", "chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        problems: list[str] = []
-        page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
-        page.on("pageerror", lambda e: problems.append(str(e)))
-        page.problems = problems  # type: ignore[attr-defined]
-        yield page
-        browser.close()
-
+from support import ARTIFACTS, ServedSite
 
 def test_home_start_and_audit_done(tmp_path, browser_page, refused_port, open_port, silent_port):
     page = browser_page

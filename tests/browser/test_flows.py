@@ -1,0 +1,92 @@
+"""The visitor's journey in Debian's chromium: an open relay found, its guide, the fix, the re-test; without
+JavaScript too; and the accessibility of every kind of page (axe-core, serious and critical)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from browser_support import AXE, ThreadedServer, screenshot
+from fakes import smtp as fakes
+from support import ServedSite, require_binary
+
+POSTFIX_BANNER = b"220 mx.corp.test ESMTP Postfix (Debian/GNU)\r\n"
+
+
+class SwitchableRelay(fakes.OpenRelay):
+    """A Postfix-looking server that relays until its owner fixes it."""
+
+    banner = POSTFIX_BANNER
+    open = True
+
+    def rcpt(self, conn, arg):
+        return super().rcpt(conn, arg) if self.open else fakes.Policy.rcpt(self, conn, arg)
+
+
+def site_env(relay_port: int) -> dict[str, str]:
+    return {"SECURE_ALLOW_NETWORKS": "127.0.0.0/8", "SECURE_RELAY_PORTS": str(relay_port), "SECURE_PROXY_PORTS": "",
+            "SECURE_TARGET_COOLDOWN": "0", "SECURE_CONNECT_TIMEOUT": "2"}
+
+
+def test_open_relay_guide_fix_and_retest_shows_fixed(tmp_path, browser_page):
+    page = browser_page
+    relay = SwitchableRelay()
+    with ThreadedServer(fakes.FakeSmtpServer(relay)) as fake, ServedSite(tmp_path, site_env(fake.port)) as site:
+        page.goto(site.url + "/start")
+        page.get_by_role("button", name="Test my server at 127.0.0.1").click()
+        page.wait_for_selector("#status:text('done')", timeout=30000)
+        assert "Mail relay: open" in page.inner_text(".summary")
+        assert "Your server accepted mail for a stranger's address" in page.inner_text(".summary")
+        screenshot(page, "relay-open")
+        guide = page.locator("a[href*='/guides/postfix']").first
+        assert "#fix" in guide.get_attribute("href")
+        guide.click()
+        page.wait_for_url("**/guides/postfix*")
+        assert "Postfix" in page.inner_text("h1")
+        assert "You came here from your test result" in page.inner_text("main")
+        relay.open = False  # the owner follows the guide
+        page.get_by_role("link", name="go back to your result").click()
+        page.get_by_role("button", name="Re-test 127.0.0.1").click()
+        page.wait_for_selector("#status:text('done')", timeout=30000)
+        assert "We found no open relay" in page.inner_text(".summary")
+        assert "22 fixed" in page.inner_text(".changes")
+        screenshot(page, "relay-fixed")
+    assert [p for p in page.problems if "Content Security Policy" in p] == []
+
+
+def test_without_javascript_the_page_refreshes_itself_to_done(tmp_path, browser):
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    relay = SwitchableRelay()
+    relay.open = False
+    with ThreadedServer(fakes.FakeSmtpServer(relay)) as fake, ServedSite(tmp_path, site_env(fake.port)) as site:
+        page.goto(site.url + "/start")
+        page.get_by_role("button", name="Test my server at 127.0.0.1").click()
+        page.wait_for_url("**/audits/*")
+        page.wait_for_selector(".summary", timeout=30000)  # the meta refresh brought the finished page
+        assert "We found no open relay" in page.inner_text(".summary")
+        screenshot(page, "no-js-done")
+    context.close()
+
+
+@pytest.mark.parametrize("path", ["/", "/start", "/guides", "/guides/postfix", "/about", "/privacy", "/verify",
+                                  "AUDIT"])
+def test_no_serious_or_critical_accessibility_violation(tmp_path, browser, path):
+    if not AXE.exists():
+        require_binary(str(AXE), "axe-core from the npm registry (make test runs npm ci)")
+    context = browser.new_context(bypass_csp=True)  # to inject axe-core; the site's own CSP forbids it
+    page = context.new_page()
+    relay = SwitchableRelay()
+    with ThreadedServer(fakes.FakeSmtpServer(relay)) as fake, ServedSite(tmp_path, site_env(fake.port)) as site:
+        if path == "AUDIT":
+            page.goto(site.url + "/start")
+            page.get_by_role("button", name="Test my server at 127.0.0.1").click()
+            page.wait_for_selector("#status:text('done')", timeout=30000)
+        else:
+            page.goto(site.url + path)
+        page.add_script_tag(path=str(AXE))
+        result = page.evaluate("async () => await axe.run(document, {resultTypes: ['violations']})")
+    context.close()
+    bad = [{"id": v["id"], "impact": v["impact"], "nodes": [n["target"] for n in v["nodes"]][:3]}
+           for v in result["violations"] if v["impact"] in ("serious", "critical")]
+    assert bad == [], json.dumps(bad, indent=1)
