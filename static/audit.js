@@ -9,6 +9,8 @@
   var progress = document.getElementById("progress");
   var bar = document.getElementById("progress-bar");
   var status = document.getElementById("status");
+  var eta = document.getElementById("eta");
+  var started = parseInt(root.getAttribute("data-started"), 10) || Math.floor(Date.now() / 1000);
   var seen = {};
   var count = rows ? rows.children.length : 0;
 
@@ -30,12 +32,20 @@
     count += 1;
     var tr = document.createElement("tr");
     tr.className = "verdict-" + check.verdict;
-    cell(tr, check.host); cell(tr, String(check.port)); cell(tr, check.name);
+    cell(tr, check.host); cell(tr, String(check.port));
+    var what = cell(tr, check.name);
+    if (check.description) {
+      var p = document.createElement("p"); p.className = "small"; p.textContent = check.description; what.appendChild(p);
+    }
     cell(tr, check.verdict + " (" + check.reason + ")", "badge");
     cell(tr, check.detail || "");
     rows.appendChild(tr);
     if (progress) { progress.textContent = count + " of " + planned; }
     if (bar) { bar.value = count; }
+    if (eta && count > 0 && planned > count) {
+      var elapsed = Date.now() / 1000 - started;
+      eta.textContent = ", about " + Math.max(1, Math.round(elapsed / count * (planned - count))) + " seconds left";
+    }
   });
   source.addEventListener("done", function () {
     source.close();

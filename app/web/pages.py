@@ -176,10 +176,20 @@ async def audit_page(request: Request, audit_id: str) -> HTMLResponse:
     report = build_report(audit, app_state.guides, previous, cooldown, latest.created_at if latest else None)
     position = await app_state.store.queue_position(audit.id) if audit.status == "queued" else None
     return render(request, "audit.html", {
+        "eta": time_left(audit),
         "audit": audit, "report": report, "rows": report.rows, "sentences": report.sentences, "why": report.why,
         "open_by_port": report.open_by_port, "chain": chain[1:], "queue_position": position,
         "can_retest": audit.finished and audit.target == "self",
     })
+
+
+def time_left(audit: Any) -> int | None:
+    """Seconds an unfinished audit probably still needs, from its own pace so far (None before any result)."""
+    done = len(audit.checks)
+    if audit.finished or not audit.started_at or done == 0 or audit.planned <= done:
+        return None
+    elapsed = time.time() - audit.started_at
+    return int(elapsed / done * (audit.planned - done)) + 1
 
 
 @router.post("/audits/{audit_id}/retest")

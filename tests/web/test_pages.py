@@ -189,3 +189,18 @@ async def test_start_page_offers_the_other_address_family(settings):
     settings.ipv6_url = ""
     async with running_app(settings) as client:
         assert "ipv6.audit.example" not in (await client.get("/start")).text
+
+
+def test_time_left_follows_the_audit_pace():
+    import time as clock
+
+    from app.store import Audit
+    from app.web.pages import time_left
+
+    audit = Audit(id="x", created_at=clock.time() - 10, status="running", target="self", requester="r", hosts=[],
+                  services=["relay"], planned=10, engine_version="e", started_at=clock.time() - 10)
+    assert time_left(audit) is None  # no result yet: no guess
+    audit.checks = [object()] * 5  # half done in 10 s
+    assert 10 <= time_left(audit) <= 12
+    audit.status = "done"
+    assert time_left(audit) is None
