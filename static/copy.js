@@ -1,8 +1,8 @@
-// Copy buttons on the guides' code blocks: progressive enhancement; without JS the text is there to select.
+// Copy buttons on code blocks (guides, the curl command): progressive enhancement; without JS the text is there to select.
 (function () {
   "use strict";
   if (!navigator.clipboard) { return; }
-  var blocks = document.querySelectorAll(".guide pre > code");
+  var blocks = document.querySelectorAll(".guide pre > code, pre.command > code");
   Array.prototype.forEach.call(blocks, function (code) {
     var button = document.createElement("button");
     button.type = "button";
