@@ -34,8 +34,10 @@ COPY templates/ ./templates/
 COPY static/ ./static/
 COPY guides/ ./guides/
 COPY data/ ./data/
+COPY locales/ ./locales/
 RUN pip install --no-cache-dir -e . \
  && python -m compileall -q app \
+ && pybabel compile -d locales -f -q \
  && secure-your-server check-guides
 
 # 3. An unprivileged user that owns only the database directory; the code stays root-owned and read-only.

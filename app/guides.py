@@ -21,11 +21,12 @@ from pygments.formatters import HtmlFormatter
 from pygments.lexers import get_lexer_by_name
 from pygments.util import ClassNotFound
 
+from app.i18n import N_
 from app.verdicts import CheckResult, Verdict
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 SERVICES = ("relay", "proxy", "general")
-PRODUCT_SECTIONS = ("What you see", "Check", "Fix", "Reload", "Verify", "Re-test")
+PRODUCT_SECTIONS = (N_("What you see"), N_("Check"), N_("Fix"), N_("Reload"), N_("Verify"), N_("Re-test"))
 VALIDATORS = ("postfix-main", "postfix-master", "squid", "exim", "sendmail-mc", "nginx", "apache", "tinyproxy",
               "privoxy", "dante", "none")
 REQUIRED = ("slug", "title", "service", "products", "sources", "updated")

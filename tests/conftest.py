@@ -154,3 +154,17 @@ def proxies(tmp_path: Path):
     pool = ProxySet(tmp_path / "proxies", on_unavailable=_skip_or_fail)
     yield pool
     pool.stop_all()
+
+
+def pytest_sessionstart(session):
+    """The tests read the compiled catalogues: compile them when a .po is newer than its .mo (make test does too)."""
+    from babel.messages.mofile import write_mo
+    from babel.messages.pofile import read_po
+
+    for po in (Path(__file__).resolve().parent.parent / "locales").glob("*/LC_MESSAGES/messages.po"):
+        mo = po.with_suffix(".mo")
+        if not mo.exists() or mo.stat().st_mtime < po.stat().st_mtime:
+            with po.open("rb") as source:
+                catalog = read_po(source)
+            with mo.open("wb") as target:
+                write_mo(target, catalog)

@@ -14,7 +14,8 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse,
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
-from app import ENGINE_VERSION
+from app import ENGINE_VERSION, i18n
+from app.i18n import N_
 from app.guides import FIX_ANCHOR, guide_url
 from app.probes.canary import CHECK_ID
 from app.verdicts import REASONS, SERVICES
@@ -35,6 +36,11 @@ def _utc(timestamp: float | None) -> str:
 
 
 templates.env.filters["utc"] = _utc
+templates.env.add_extension("jinja2.ext.i18n")
+templates.env.install_gettext_callables(  # type: ignore[attr-defined]
+    lambda message, **values: i18n._(message) % values if values else i18n._(message),
+    lambda singular, plural, n, **values: i18n.ngettext(singular, plural, n) % {"num": n, **values},
+    newstyle=False)
 def _guide_link(guide: Any, audit_id: str = "") -> str:
     """A finding's link to its guide: the Fix section, and the way back to the audit."""
     query = f"?audit={audit_id}" if audit_id else ""
@@ -45,7 +51,12 @@ def _guide_link(guide: Any, audit_id: str = "") -> str:
 
 templates.env.globals["guide_url"] = _guide_link
 
-SERVICE_NAMES = {"relay": "Mail relay", "proxy": "Proxy"}
+SERVICE_NAMES = {"relay": N_("Mail relay"), "proxy": N_("Proxy")}
+VERDICT_NAMES = {"open": N_("open"), "closed": N_("closed"), "auth_required": N_("login required"),
+                 "inconclusive": N_("inconclusive"), "unreachable": N_("unreachable"), "error": N_("error"),
+                 "not tested": N_("not tested")}
+STATUS_NAMES = {"queued": N_("queued"), "running": N_("running"), "done": N_("done"), "failed": N_("failed"),
+                "interrupted": N_("interrupted")}
 
 
 def _utc(timestamp: float | None) -> str:
@@ -53,6 +64,11 @@ def _utc(timestamp: float | None) -> str:
 
 
 templates.env.filters["utc"] = _utc
+templates.env.add_extension("jinja2.ext.i18n")
+templates.env.install_gettext_callables(  # type: ignore[attr-defined]
+    lambda message, **values: i18n._(message) % values if values else i18n._(message),
+    lambda singular, plural, n, **values: i18n.ngettext(singular, plural, n) % {"num": n, **values},
+    newstyle=False)
 def _guide_link(guide: Any, audit_id: str = "") -> str:
     """A finding's link to its guide: the Fix section, and the way back to the audit."""
     query = f"?audit={audit_id}" if audit_id else ""
@@ -63,7 +79,12 @@ def _guide_link(guide: Any, audit_id: str = "") -> str:
 
 templates.env.globals["guide_url"] = _guide_link
 
-SERVICE_NAMES = {"relay": "Mail relay", "proxy": "Proxy"}
+SERVICE_NAMES = {"relay": N_("Mail relay"), "proxy": N_("Proxy")}
+VERDICT_NAMES = {"open": N_("open"), "closed": N_("closed"), "auth_required": N_("login required"),
+                 "inconclusive": N_("inconclusive"), "unreachable": N_("unreachable"), "error": N_("error"),
+                 "not tested": N_("not tested")}
+STATUS_NAMES = {"queued": N_("queued"), "running": N_("running"), "done": N_("done"), "failed": N_("failed"),
+                "interrupted": N_("interrupted")}
 SUMMARY_SENTENCES = {
     ("relay", "open"): "Your server is an open relay: anyone on the Internet can send mail through it. "
                        "A test message sent through it reached us.",
@@ -92,19 +113,38 @@ def load_partners(partners_file: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {"partners": []}
 
 
+def use_language(request: Request) -> str:
+    """Negotiate the visitor's language and make it the one `_()` answers in, for this request."""
+    language = i18n.negotiate(request.query_params.get("lang"), request.cookies.get(i18n.COOKIE),
+                              request.headers.get("accept-language"))
+    i18n.activate(language)
+    return language
+
+
 def render(request: Request, name: str, context: Mapping[str, Any] | None = None, status_code: int = 200,
            headers: Mapping[str, str] | None = None) -> HTMLResponse:
     app_state = state(request)
     cookie = request.cookies.get(CSRF_COOKIE) or new_csrf_cookie()
+    chosen = request.query_params.get("lang")
+    language = use_language(request)
     full: dict[str, Any] = {
+        "lang": language,
+        "languages": i18n.LANGUAGES,
+        "path": request.url.path,
         "settings": app_state.settings,
         "csrf": csrf_token(app_state.secret, cookie),
         "service_names": SERVICE_NAMES,
+        "verdict_names": VERDICT_NAMES,
+        "status_names": STATUS_NAMES,
         "reasons": REASONS,
         "engine_version": ENGINE_VERSION,
     }
     full.update(context or {})
     response = templates.TemplateResponse(request, name, full, status_code=status_code, headers=headers)
+    if chosen in i18n.LANGUAGES and request.cookies.get(i18n.COOKIE) != chosen:
+        response.set_cookie(i18n.COOKIE, chosen, samesite="lax", max_age=365 * 86400, path="/",
+                            secure=app_state.settings.public_url.startswith("https://"))
+    response.headers["Content-Language"] = language
     if request.cookies.get(CSRF_COOKIE) != cookie:
         response.set_cookie(CSRF_COOKIE, cookie, httponly=True, samesite="strict",
                             secure=app_state.settings.public_url.startswith("https://"), path="/")
@@ -114,8 +154,9 @@ def render(request: Request, name: str, context: Mapping[str, Any] | None = None
 
 def error_page(request: Request, status_code: int, message: str,
                headers: Mapping[str, str] | None = None) -> HTMLResponse:
-    titles = {400: "Bad request", 403: "Not yours to test", 404: "Page not found", 405: "Not allowed",
-              409: "Not yet", 422: "Please check what you entered", 429: "Too many tests", 500: "Internal error"}
+    titles = {400: N_("Bad request"), 403: N_("Not yours to test"), 404: N_("Page not found"),
+              405: N_("Not allowed"), 409: N_("Not yet"), 422: N_("Please check what you entered"),
+              429: N_("Too many tests"), 500: N_("Internal error")}
     return render(request, "error.html", {"status": status_code, "title": titles.get(status_code, "Error"),
                                           "message": message}, status_code=status_code, headers=headers)
 
@@ -166,6 +207,7 @@ async def start_submit(request: Request, csrf: str = Form(""), checks: list[str]
 
 @router.get("/audits/{audit_id}", response_class=HTMLResponse)
 async def audit_page(request: Request, audit_id: str) -> HTMLResponse:
+    use_language(request)  # the report's sentences are translated as they are built
     audit = await load_audit(request, audit_id)
     app_state = state(request)
     chain = await app_state.store.retest_chain(audit.id, limit=20)

@@ -8,25 +8,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.guides import GuideLibrary
+from app.i18n import N_, _
 from app.probes import describe_check, proxy_class
 from app.store import Audit
 from app.verdicts import CheckResult, Verdict
 
 SUMMARY_SENTENCES = {
-    ("relay", "open"): "Your server is an open relay: anyone on the Internet can send mail through it. "
-                       "A test message sent through it reached us.",
-    ("relay", "open_unconfirmed"): "Your server accepted mail for a stranger's address through the end of the "
+    ("relay", "open"): N_("Your server is an open relay: anyone on the Internet can send mail through it. "
+                       "A test message sent through it reached us."),
+    ("relay", "open_unconfirmed"): N_("Your server accepted mail for a stranger's address through the end of the "
                                    "message. It has not reached us (yet): some servers accept and then discard such "
-                                   "mail, but most relay it. Treat it as an open relay.",
-    ("relay", "closed"): "We found no open relay.",
-    ("relay", "inconclusive"): "We could not reach a final answer for the mail relay test:",
-    ("relay", "unreachable"): "No mail port answered, so your server cannot be an open relay from the Internet.",
-    ("proxy", "open"): "Your server is an open proxy: anyone on the Internet can route traffic through it.",
-    ("proxy", "closed"): "We found no open proxy.",
-    ("proxy", "inconclusive"): "We could not reach a final answer for the proxy test:",
-    ("proxy", "unreachable"): "No proxy port answered, so your server cannot be an open proxy from the Internet.",
+                                   "mail, but most relay it. Treat it as an open relay."),
+    ("relay", "closed"): N_("We found no open relay."),
+    ("relay", "inconclusive"): N_("We could not reach a final answer for the mail relay test:"),
+    ("relay", "unreachable"): N_("No mail port answered, so your server cannot be an open relay from the Internet."),
+    ("proxy", "open"): N_("Your server is an open proxy: anyone on the Internet can route traffic through it."),
+    ("proxy", "closed"): N_("We found no open proxy."),
+    ("proxy", "inconclusive"): N_("We could not reach a final answer for the proxy test:"),
+    ("proxy", "unreachable"): N_("No proxy port answered, so your server cannot be an open proxy from the Internet."),
 }
-CHANGE_LABELS = {"fixed": "fixed", "still_open": "still open", "newly_open": "newly open"}
+CHANGE_LABELS = {"fixed": N_("fixed"), "still_open": N_("still open"), "newly_open": N_("newly open")}
 
 
 def check_key(result: CheckResult) -> tuple[str, str, int, str]:
@@ -95,11 +96,12 @@ def _sentence(audit: Audit, service: str) -> str:
     checks = [c.result for c in audit.checks if c.result.service == service]
     if verdict == "open" and service == "relay" and not any(r.confirmed for r in checks):
         verdict = "open_unconfirmed"
-    sentence = SUMMARY_SENTENCES.get((service, verdict), "")
+    text = SUMMARY_SENTENCES.get((service, verdict), "")
+    sentence = _(text) if text else ""  # gettext("") would answer the catalogue's header
     if service == "proxy" and verdict == "open":
         classes = {proxy_class(r.name) for r in checks if r.verdict is Verdict.OPEN}
         if "smtp" in classes:
-            sentence += " It lets strangers reach mail servers: spam can flow through it."
+            sentence += " " + _("It lets strangers reach mail servers: spam can flow through it.")
         elif "tunnel" in classes:
-            sentence += " It opens encrypted tunnels (port 443) for strangers."
+            sentence += " " + _("It opens encrypted tunnels (port 443) for strangers.")
     return sentence

@@ -90,3 +90,24 @@ def test_no_serious_or_critical_accessibility_violation(tmp_path, browser, path)
     bad = [{"id": v["id"], "impact": v["impact"], "nodes": [n["target"] for n in v["nodes"]][:3]}
            for v in result["violations"] if v["impact"] in ("serious", "critical")]
     assert bad == [], json.dumps(bad, indent=1)
+
+
+def test_the_spanish_interface(tmp_path, browser):
+    context = browser.new_context(locale="es-ES")  # the browser asks for Spanish (Accept-Language)
+    page = context.new_page()
+    relay = SwitchableRelay()
+    relay.open = False
+    with ThreadedServer(fakes.FakeSmtpServer(relay)) as fake, ServedSite(tmp_path, site_env(fake.port)) as site:
+        page.goto(site.url + "/")
+        assert page.get_attribute("html", "lang") == "es"
+        assert "Did you receive a letter" not in page.inner_text("main")
+        page.goto(site.url + "/start")
+        page.locator(".start-form button[type=submit]").click()
+        page.wait_for_selector(".summary", timeout=30000)
+        summary = page.inner_text(".summary")
+        assert "cerrado" in summary.lower() and "We found no open relay" not in summary
+        screenshot(page, "spanish-result")
+        page.get_by_role("link", name="English").click()
+        assert page.get_attribute("html", "lang") == "en"
+        assert "We found no open relay" in page.inner_text(".summary")
+    context.close()
