@@ -37,7 +37,7 @@ COPY data/ ./data/
 COPY locales/ ./locales/
 RUN pip install --no-cache-dir -e . \
  && python -m compileall -q app \
- && pybabel compile -d locales -f -q \
+ && pybabel compile -d locales \
  && secure-your-server check-guides
 
 # 3. An unprivileged user that owns only the database directory; the code stays root-owned and read-only.

@@ -28,13 +28,13 @@ help: ## List the targets
 		| awk 'BEGIN {FS = ":.*## "} {printf "  %-16s %s\n", $$1, $$2}'
 
 run: install | var ## Serve the site on HOST:PORT (creates .venv and ./var if needed)
-	$(VENV)/bin/pybabel compile -d locales -f -q
+	$(VENV)/bin/pybabel compile -d locales
 	$(VENV)/bin/secure-your-server serve --host $(HOST) --port $(PORT)
 
 test: install-test | var ## Install test deps and Debian packages, then run pytest (PYTEST_ARGS='...')
 	bash scripts/install-debian-packages.sh
 	bash scripts/install-exim.sh
-	$(VENV)/bin/pybabel compile -d locales -f -q
+	$(VENV)/bin/pybabel compile -d locales
 	@if command -v npm >/dev/null; then npm ci --no-audit --no-fund --loglevel=error; \
 	else echo "npm is missing: the accessibility tests need axe-core from the npm registry (install Node.js)"; fi
 	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
