@@ -23,7 +23,9 @@
   }
 
   var source = new EventSource("/api/v1/audits/" + encodeURIComponent(id) + "/events");
-  if (status) { status.textContent = "running"; }
+  if (status) { status.textContent = root.getAttribute("data-running") || "running"; }
+  var ofText = root.getAttribute("data-of") || "%(done)s of %(planned)s";
+  var etaText = root.getAttribute("data-eta") || ", about {eta} seconds left";
   source.addEventListener("check", function (ev) {
     var check = JSON.parse(ev.data);
     if (seen[check.seq]) { return; }
@@ -40,11 +42,11 @@
     cell(tr, check.verdict + " (" + check.reason + ")", "badge");
     cell(tr, check.detail || "");
     rows.appendChild(tr);
-    if (progress) { progress.textContent = count + " of " + planned; }
+    if (progress) { progress.textContent = ofText.replace("%(done)s", count).replace("%(planned)s", planned); }
     if (bar) { bar.value = count; }
     if (eta && count > 0 && planned > count) {
       var elapsed = Date.now() / 1000 - started;
-      eta.textContent = ", about " + Math.max(1, Math.round(elapsed / count * (planned - count))) + " seconds left";
+      eta.textContent = etaText.replace("{eta}", Math.max(1, Math.round(elapsed / count * (planned - count))));
     }
   });
   source.addEventListener("done", function () {

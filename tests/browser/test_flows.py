@@ -111,3 +111,33 @@ def test_the_spanish_interface(tmp_path, browser):
         assert page.get_attribute("html", "lang") == "en"
         assert "We found no open relay" in page.inner_text(".summary")
     context.close()
+
+
+def test_domain_verification_flow_against_the_test_dns_server(tmp_path, browser_page, refused_port):
+    from fakes.dns import FakeDns
+
+    page = browser_page
+    dns = FakeDns()
+    with ThreadedServer(dns) as dns_thread:
+        env = {"SECURE_ALLOW_NETWORKS": "127.0.0.0/8", "SECURE_DNS_SERVERS": f"127.0.0.1:{dns_thread.port}",
+               "SECURE_RELAY_PORTS": str(refused_port), "SECURE_PROXY_PORTS": "", "SECURE_TARGET_COOLDOWN": "0"}
+        with ServedSite(tmp_path, env) as site:
+            page.goto(site.url + "/start")
+            page.get_by_role("link", name="prove that you control its domain").click()
+            page.fill("#domain", "Corp.Test")
+            page.get_by_role("button", name="Get my code").click()
+            page.wait_for_url("**/verify/*")
+            value = page.locator("code", has_text="secure-your-server-verification=").inner_text()
+            page.get_by_role("button", name="Check now").click()
+            assert "no TXT record" in page.inner_text("main")
+            set_records = {("_secure-your-server.corp.test", "TXT"): [f'"{value}"'], ("corp.test", "A"): ["127.0.0.61"]}
+            for (name, rdtype), values in set_records.items():
+                dns_thread.loop.call_soon_threadsafe(dns.set, name, rdtype, values)
+            page.get_by_role("button", name="Check now").click()
+            assert "corp.test is verified" in page.inner_text("main")
+            screenshot(page, "domain-verified")
+            page.get_by_role("button", name="Test corp.test").click()
+            page.wait_for_url("**/audits/*")
+            page.wait_for_selector("#status:text('done')", timeout=30000)
+            assert "127.0.0.61" in page.inner_text("h1")
+            assert "Mail relay: unreachable" in page.inner_text(".summary")
