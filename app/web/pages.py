@@ -41,6 +41,8 @@ templates.env.install_gettext_callables(  # type: ignore[attr-defined]
     lambda message, **values: i18n._(message) % values if values else i18n._(message),
     lambda singular, plural, n, **values: i18n.ngettext(singular, plural, n) % {"num": n, **values},
     newstyle=False)
+
+
 def _guide_link(guide: Any, audit_id: str = "") -> str:
     """A finding's link to its guide: the Fix section, and the way back to the audit."""
     query = f"?audit={audit_id}" if audit_id else ""
@@ -57,48 +59,6 @@ VERDICT_NAMES = {"open": N_("open"), "closed": N_("closed"), "auth_required": N_
                  "not tested": N_("not tested")}
 STATUS_NAMES = {"queued": N_("queued"), "running": N_("running"), "done": N_("done"), "failed": N_("failed"),
                 "interrupted": N_("interrupted")}
-
-
-def _utc(timestamp: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp)) if timestamp else ""
-
-
-templates.env.filters["utc"] = _utc
-templates.env.add_extension("jinja2.ext.i18n")
-templates.env.install_gettext_callables(  # type: ignore[attr-defined]
-    lambda message, **values: i18n._(message) % values if values else i18n._(message),
-    lambda singular, plural, n, **values: i18n.ngettext(singular, plural, n) % {"num": n, **values},
-    newstyle=False)
-def _guide_link(guide: Any, audit_id: str = "") -> str:
-    """A finding's link to its guide: the Fix section, and the way back to the audit."""
-    query = f"?audit={audit_id}" if audit_id else ""
-    url = guide_url(guide, FIX_ANCHOR if guide.service != "general" else "")
-    path, _, anchor = url.partition("#")
-    return path + query + (f"#{anchor}" if anchor else "")
-
-
-templates.env.globals["guide_url"] = _guide_link
-
-SERVICE_NAMES = {"relay": N_("Mail relay"), "proxy": N_("Proxy")}
-VERDICT_NAMES = {"open": N_("open"), "closed": N_("closed"), "auth_required": N_("login required"),
-                 "inconclusive": N_("inconclusive"), "unreachable": N_("unreachable"), "error": N_("error"),
-                 "not tested": N_("not tested")}
-STATUS_NAMES = {"queued": N_("queued"), "running": N_("running"), "done": N_("done"), "failed": N_("failed"),
-                "interrupted": N_("interrupted")}
-SUMMARY_SENTENCES = {
-    ("relay", "open"): "Your server is an open relay: anyone on the Internet can send mail through it. "
-                       "A test message sent through it reached us.",
-    ("relay", "open_unconfirmed"): "Your server accepted mail for a stranger's address through the end of the "
-                                   "message. It has not reached us (yet): some servers accept and then discard such "
-                                   "mail, but most relay it. Treat it as an open relay.",
-    ("relay", "closed"): "We found no open relay.",
-    ("relay", "inconclusive"): "We could not reach a final answer for the mail relay test:",
-    ("relay", "unreachable"): "No mail port answered, so your server cannot be an open relay from the Internet.",
-    ("proxy", "open"): "Your server is an open proxy: anyone on the Internet can route traffic through it.",
-    ("proxy", "closed"): "We found no open proxy.",
-    ("proxy", "inconclusive"): "We could not reach a final answer for the proxy test:",
-    ("proxy", "unreachable"): "No proxy port answered, so your server cannot be an open proxy from the Internet.",
-}
 
 
 def load_partners(partners_file: str) -> dict[str, Any]:
