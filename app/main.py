@@ -77,7 +77,8 @@ def create_app(settings: Settings | None = None, listeners: Sequence[Listener] =
     # slowapi's limiter holds the per-requester counters (memory by default, Redis with a redis:// URI)
     app.state.limiter = Limiter(key_func=lambda request: request.client.host if request.client else "",
                                 storage_uri=settings.limits_storage, strategy="moving-window")
-    app.add_middleware(SecurityHeadersMiddleware, public_https=settings.public_url.startswith("https://"))
+    app.add_middleware(SecurityHeadersMiddleware, public_https=settings.public_url.startswith("https://"),
+                       connect=tuple(url for url in (settings.ipv4_url, settings.ipv6_url) if url))
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
     app.include_router(api.router)
     app.include_router(pages.router)

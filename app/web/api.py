@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from ipaddress import ip_address
 from typing import Annotated, Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Body, HTTPException, Query, Request
@@ -14,7 +15,7 @@ from app.verdicts import REASONS, CheckResult
 from app.access.domains import DomainError, normalise_domain
 from app.web import verifications
 from app.guides import guide_url
-from app.web.common import AUDIT_ID, absolute_url, audit_json, check_json, load_audit, state
+from app.web.common import AUDIT_ID, absolute_url, audit_json, check_json, load_audit, requester, state
 from app.web.report import changes_since, check_key
 from app.web.starts import Started, begin, plan_domain, plan_self
 from app.web.starts import retest as retest_audit
@@ -134,6 +135,19 @@ async def create_verification(request: Request, body: VerificationRequest) -> JS
              responses={404: {"description": "unknown verification"}})
 async def check_verification(request: Request, verification_id: str) -> dict[str, Any]:
     return await verifications.check(request, verification_id)
+
+
+@router.get("/whoami", tags=["audits"])
+async def whoami(request: Request) -> JSONResponse:
+    """The address this request comes from: the start page asks the site's IPv4-only and IPv6-only names, so
+    that a dual-stack visitor learns the other address the letter may have named."""
+    address = requester(request)
+    response = JSONResponse({"address": address, "family": f"IPv{ip_address(address).version}"},
+                            headers={"Cache-Control": "no-store", "Vary": "Origin"})
+    origin = request.headers.get("origin", "")
+    if origin and origin == state(request).settings.public_url:  # only the site itself may read it cross-origin
+        response.headers["Access-Control-Allow-Origin"] = origin
+    return response
 
 
 # --- guides -----------------------------------------------------------------------------------------------

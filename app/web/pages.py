@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from html import escape
 from ipaddress import ip_address
 from urllib.parse import urlencode
 from pathlib import Path
@@ -16,7 +17,7 @@ from markupsafe import Markup
 
 from app import ENGINE_VERSION, i18n
 from app.i18n import N_
-from app.guides import FIX_ANCHOR, guide_url
+from app.guides import FIX_ANCHOR, PRODUCT_SECTIONS, guide_url
 from app.probes.canary import CHECK_ID
 from app.verdicts import REASONS, SERVICES
 from app.web.common import AUDIT_ID, load_audit, requester, state
@@ -218,7 +219,11 @@ async def guide_page(request: Request, slug: str, audit: str = "") -> HTMLRespon
         raise HTTPException(404, "No guide with this name.")
     # opened from a test result: offer the way back to it (re-testing stays a button there, a POST)
     back = audit if AUDIT_ID.match(audit) and await state(request).store.get_audit(audit, with_checks=False) else None
-    return render(request, "guide.html", {"guide": guide, "body": Markup(library.render(guide)), "audit_id": back})
+    use_language(request)
+    body = library.render(guide)
+    for section in PRODUCT_SECTIONS:  # the bodies stay English; the section headings speak the visitor's language
+        body = body.replace(f">{section}</h2>", f">{escape(i18n._(section))}</h2>")
+    return render(request, "guide.html", {"guide": guide, "body": Markup(body), "audit_id": back})
 
 
 # --- proving a domain, step by step --------------------------------------------------------------------------

@@ -141,3 +141,20 @@ def test_domain_verification_flow_against_the_test_dns_server(tmp_path, browser_
             page.wait_for_selector("#status:text('done')", timeout=30000)
             assert "127.0.0.61" in page.inner_text("h1")
             assert "Mail relay: unreachable" in page.inner_text(".summary")
+
+
+def test_a_dual_stack_visitor_learns_the_other_address(tmp_path, browser_page):
+    from support import free_port
+
+    page = browser_page
+    main_port = free_port()
+    main_url = f"http://127.0.0.1:{main_port}"
+    # the "IPv6-only" name of the same site: here another loopback port, with the main site as its public URL
+    (tmp_path / "other").mkdir()
+    with ServedSite(tmp_path / "other", {"SECURE_PUBLIC_URL": main_url}) as other, \
+            ServedSite(tmp_path, {"SECURE_IPV6_URL": other.url}, port=main_port) as site:
+        page.goto(site.url + "/start")
+        page.wait_for_selector("#other-found:not([hidden])", timeout=10000)
+        assert "127.0.0.1" in page.inner_text("#other-found")
+        assert page.get_attribute("#other-family a", "href") == other.url + "/start"
+    assert [p for p in page.problems if "Content Security Policy" in p] == []

@@ -260,3 +260,17 @@ async def test_expired_verifications_are_purged_with_old_audits(settings):
         await asyncio.sleep(0.1)
         response = await client.post(f"/api/v1/verifications/{created['id']}/check")
         assert response.status_code == 404
+
+
+async def test_whoami_and_its_cross_origin_rule(settings):
+    settings.public_url = "https://audit.example"
+    settings.ipv6_url = "https://ipv6.audit.example"
+    async with running_app(settings) as client:
+        response = await client.get("/api/v1/whoami", headers={"Origin": "https://audit.example"})
+        assert response.json() == {"address": "127.0.0.1", "family": "IPv4"}
+        assert response.headers["access-control-allow-origin"] == "https://audit.example"
+        other = await client.get("/api/v1/whoami", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+        page = await client.get("/start")
+        assert "connect-src 'self' https://ipv6.audit.example" in page.headers["content-security-policy"]
+        assert 'data-url="https://ipv6.audit.example"' in page.text

@@ -68,3 +68,10 @@ def test_the_catalogue_is_current_and_complete(tmp_path):
         untranslated = sorted(k for k in wanted & have.keys() if not have[k])
         assert missing == [], f"{po}: not in the catalogue (run pybabel extract and update): {missing[:5]}"
         assert untranslated == [], f"{po}: untranslated: {untranslated[:5]}"
+
+
+async def test_guide_section_headings_speak_the_visitors_language(client):
+    spanish = (await client.get("/guides/squid", headers={"Accept-Language": "es"})).text
+    assert 'id="fix">Corregir</h2>' in spanish and 'id="what-you-see">Lo que ve</h2>' in spanish
+    english = (await client.get("/guides/squid")).text
+    assert 'id="fix">Fix</h2>' in english
