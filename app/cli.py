@@ -26,11 +26,10 @@ def serve(host: str, port: int) -> None:
 
 
 def check_guides() -> int:
-    from pathlib import Path
-
+    from app import PROJECT_ROOT
     from app.guides import GuideError, GuideLibrary
 
-    root = Path(__file__).resolve().parent.parent / "guides"
+    root = PROJECT_ROOT / "guides"
     try:
         library = GuideLibrary(root)
     except GuideError as exc:

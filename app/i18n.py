@@ -9,12 +9,13 @@ from __future__ import annotations
 import gettext
 from contextvars import ContextVar
 from functools import lru_cache
-from pathlib import Path
 
 from babel import Locale, UnknownLocaleError
 from babel.support import Translations
 
-LOCALES = Path(__file__).resolve().parent.parent / "locales"
+from app import PROJECT_ROOT
+
+LOCALES = PROJECT_ROOT / "locales"
 DEFAULT = "en"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import AsyncIterator, Sequence
 
 from fastapi import FastAPI, Request
@@ -15,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from slowapi import Limiter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import __version__, logs
+from app import PROJECT_ROOT, __version__, logs
 from app.access.targets import Listener
 from app.audits import Auditor
 from app.config import Settings, get_settings
@@ -27,7 +26,7 @@ from app.web.common import AppState
 from app.web.docs import install_docs
 from app.web.security import SecurityHeadersMiddleware, security_headers
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = PROJECT_ROOT
 log = logs.get_logger("app")
 
 

@@ -289,10 +289,7 @@ class Store:
             return cur.rowcount
         return await self._run(_interrupt)
 
-    async def count_running(self, requester: str | None = None) -> int:
-        if requester is None:
-            return await self._run(lambda c: c.execute(
-                "SELECT COUNT(*) FROM audits WHERE status IN ('queued','running')").fetchone()[0])
+    async def count_running(self, requester: str) -> int:
         return await self._run(lambda c: c.execute(
             "SELECT COUNT(*) FROM audits WHERE status IN ('queued','running') AND requester=?",
             (requester,)).fetchone()[0])

@@ -102,8 +102,6 @@ async def sink():
 
 def require_postfix() -> None:
     """Real Postfix needs its package and root: fail under CI, skip elsewhere."""
-    import os
-
     from servers.postfix import PostfixUnavailable, postfix_available
     from support import require_binary
 
@@ -111,9 +109,7 @@ def require_postfix() -> None:
     try:
         postfix_available()
     except PostfixUnavailable as exc:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+        _skip_or_fail(str(exc))
 
 
 @pytest.fixture

@@ -56,3 +56,10 @@ def test_escape_bytes_makes_remote_input_printable_and_bounded():
     assert escape_bytes(b"\x00\x1b[31m\xff") == "\\x00\\x1b[31m\\xff"
     out = escape_bytes(b"A" * 5000, limit=100)
     assert out.startswith("A" * 100) and out.endswith("[4900 more bytes]")
+
+
+def test_every_reason_a_probe_declares_is_in_the_table():
+    from app.probes import proxy, reachability, smtp
+
+    for module in (smtp, proxy, reachability):
+        assert set(module.REASONS) <= set(REASONS), module.__name__

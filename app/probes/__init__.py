@@ -8,15 +8,12 @@ connection a slot under the per-host limit, and fills in a row for any promised 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol
 
 from app.probes import proxy, reachability, smtp
-from app.verdicts import CheckResult
+from app.probes.base import Emit, SlotFactory
 
-Emit = Callable[[CheckResult], Awaitable[None]]
-SlotFactory = Callable[[], contextlib.AbstractAsyncContextManager[None]]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ use python-socks. Every read is bounded (16 KiB a step) and every step has a tim
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import re
 import ssl
@@ -19,6 +18,7 @@ from typing import Awaitable, Callable
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
 from python_socks.async_.asyncio import Proxy
 
+from app.probes.base import Emit, SlotFactory
 from app.probes.canary import Canary, new_check_id
 from app.probes.fingerprint import PROXY_SIGNATURES, identify
 from app.probes.smtp_wire import tls_context
@@ -412,8 +412,6 @@ def planned_checks(host: str, port: int, targets: CanaryTargets,
 
 
 # --- one port ----------------------------------------------------------------------------------------------
-Emit = Callable[[CheckResult], Awaitable[None]]
-SlotFactory = Callable[[], contextlib.AbstractAsyncContextManager[None]]
 
 
 async def run_port(emit: Emit, slot: SlotFactory, host: str, port: int, options: ProxyOptions) -> None:

@@ -9,7 +9,6 @@ session runs into the server's error limits (Postfix slows down after 10 errors 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import ipaddress
 import re
@@ -17,6 +16,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Awaitable, Callable
 
+from app.probes.base import Emit, SlotFactory
 from app.probes.fingerprint import identify
 from app.probes.sink import TAG_HEADER, new_tag
 from app.probes.smtp_wire import Dropped, ProtocolError, Reply, SmtpConnection, Timeout, TlsFailed
@@ -190,9 +190,6 @@ def probe_message(*, addresses: Addresses, audit_id: str, site_url: str, helo: s
 
 
 # --- sessions ---------------------------------------------------------------------------------------------
-Emit = Callable[[CheckResult], Awaitable[None]]
-
-
 @dataclass(frozen=True)
 class RelayOptions:
     audit_id: str
@@ -359,9 +356,6 @@ def _with_reply(outcome: Outcome, reply: Reply) -> Outcome:
 
 
 # --- one port: variants spread over sessions ---------------------------------------------------------------
-SlotFactory = Callable[[], contextlib.AbstractAsyncContextManager[None]]
-
-
 async def run_port(emit: Emit, slot: SlotFactory, host: str, port: int, options: RelayOptions,
                    variants: tuple[Variant, ...] = VARIANTS) -> None:
     """Every variant on one port ends with exactly one emitted result, whatever the server does."""

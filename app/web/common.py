@@ -15,7 +15,7 @@ from app.guides import FIX_ANCHOR, GuideLibrary, guide_url
 from app.probes import describe_check
 from app.probes.canary import Canary
 from app.store import Audit, Store
-from app.verdicts import REASONS, CheckResult
+from app.verdicts import CheckResult
 
 AUDIT_ID = re.compile(r"^[A-Za-z0-9_-]{22}$")
 
@@ -84,8 +84,3 @@ def audit_json(audit: Audit, app_state: AppState, queue_position: int | None = N
         "summary": audit.summary or {"relay": None, "proxy": None},
         "checks": [check_json(c.result, app_state.guides, app_state.settings) for c in audit.checks],
     }
-
-
-def reason_text(code: str) -> dict[str, str]:
-    reason = REASONS[code]
-    return {"explanation": reason.explanation, "next_step": reason.next_step}

@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse,
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
-from app import ENGINE_VERSION, i18n
+from app import ENGINE_VERSION, PROJECT_ROOT, i18n
 from app.i18n import N_
 from app.guides import FIX_ANCHOR, PRODUCT_SECTIONS, guide_url
 from app.probes.canary import CHECK_ID
@@ -24,10 +24,10 @@ from app.web.common import AUDIT_ID, load_audit, requester, state
 from app.web.report import build_report
 from app.access.domains import DomainError, normalise_domain
 from app.web import verifications
-from app.web.starts import begin, plan_domain, plan_self, retest
+from app.web.starts import begin, in_cooldown, plan_domain, plan_self, retest
 from app.web.security import CSRF_COOKIE, csrf_token, csrf_valid, new_csrf_cookie
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+ROOT = PROJECT_ROOT
 templates = Jinja2Templates(directory=ROOT / "templates")
 router = APIRouter(include_in_schema=False)
 
@@ -173,10 +173,9 @@ async def audit_page(request: Request, audit_id: str) -> HTMLResponse:
     app_state = state(request)
     chain = await app_state.store.retest_chain(audit.id, limit=20)
     previous = await app_state.store.get_audit(audit.previous_id) if audit.previous_id else None
-    cooldown = app_state.settings.target_cooldown
-    latest = (await app_state.store.latest_for_target(audit.target_key, time.time() - cooldown)
-              if audit.target_key and cooldown > 0 else None)
-    report = build_report(audit, app_state.guides, previous, cooldown, latest.created_at if latest else None)
+    latest = await in_cooldown(request, audit.target_key)
+    report = build_report(audit, app_state.guides, previous, app_state.settings.target_cooldown,
+                          latest.created_at if latest else None)
     position = await app_state.store.queue_position(audit.id) if audit.status == "queued" else None
     return render(request, "audit.html", {
         "eta": time_left(audit),

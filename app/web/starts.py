@@ -19,10 +19,8 @@ from app.access.resolver import ResolveError, Resolver
 from app.access.targets import ForbiddenTarget, guard, resolve_guarded
 from app.audits import Forbidden
 from app.store import Audit
+from app.verdicts import SERVICES
 from app.web.common import load_audit, requester, state
-
-SERVICE_ORDER = ("relay", "proxy")
-
 
 @dataclass
 class Plan:
@@ -44,7 +42,7 @@ class Started:
 
 
 def _order(services: Sequence[str]) -> list[str]:
-    return [s for s in SERVICE_ORDER if s in services]
+    return [s for s in SERVICES if s in services]
 
 
 def plan_self(request: Request, services: Sequence[str]) -> Plan:
@@ -126,12 +124,19 @@ def check_hourly(request: Request, kind: str, amount: int, key: str, hit: bool) 
                             headers={"Retry-After": str(retry)})
 
 
+async def in_cooldown(request: Request, target_key: str | None) -> Audit | None:
+    """The target's latest servable audit, when it is younger than SECURE_TARGET_COOLDOWN (None when it is off)."""
+    cooldown = state(request).settings.target_cooldown
+    if cooldown <= 0 or not target_key:
+        return None
+    return await state(request).store.latest_for_target(target_key, time.time() - cooldown)
+
+
 async def begin(request: Request, plan: Plan, previous_id: str | None = None) -> Started:
     app_state = state(request)
     settings = app_state.settings
-    now = time.time()
-    if settings.target_cooldown > 0 and previous_id is None:
-        latest = await app_state.store.latest_for_target(plan.target_key, now - settings.target_cooldown)
+    if previous_id is None:  # a re-test refuses inside the cooldown (retest); a new request is served the latest
+        latest = await in_cooldown(request, plan.target_key)
         if latest is not None and set(plan.services) <= set(latest.services):
             return Started(latest, cached=True, retest_after=latest.created_at + settings.target_cooldown)
     if await app_state.store.count_running(plan.requester) >= settings.max_running_per_requester:
@@ -162,10 +167,9 @@ async def retest(request: Request, audit_id: str, verification_id: str | None = 
                                      "as \"verification\".")
         plan = await plan_domain(request, previous.target, verification_id, previous.services)
     settings = state(request).settings
-    if settings.target_cooldown > 0:
-        latest = await state(request).store.latest_for_target(plan.target_key, time.time() - settings.target_cooldown)
-        if latest is not None:
-            wait = max(1, int(latest.created_at + settings.target_cooldown - time.time()) + 1)
-            raise HTTPException(429, f"This server was tested less than {settings.target_cooldown:g} seconds ago. "
-                                     f"You can re-test in {wait} seconds.", headers={"Retry-After": str(wait)})
+    latest = await in_cooldown(request, plan.target_key)
+    if latest is not None:
+        wait = max(1, int(latest.created_at + settings.target_cooldown - time.time()) + 1)
+        raise HTTPException(429, f"This server was tested less than {settings.target_cooldown:g} seconds ago. "
+                                 f"You can re-test in {wait} seconds.", headers={"Retry-After": str(wait)})
     return await begin(request, plan, previous_id=previous.id)
