@@ -1,8 +1,10 @@
-"""The audit lifecycle: plan -> run checks concurrently -> persist each result -> stream events.
+"""The audit lifecycle: plan -> admit -> queue fairly -> run checks concurrently -> persist each result -> stream.
 
-Checks of one audit run concurrently, at most SECURE_MAX_CONNECTIONS_PER_HOST at once against one address
-(relay and proxy together), under a per-audit deadline. Each result is stored as soon as it lands and then
-published to whoever follows the audit's event stream. A check cut by the deadline still gets its own row.
+An audit is admitted (every limit decided) in the same store transaction that creates it, then waits in the fair
+queue for a slot. Checks of one audit run concurrently, at most SECURE_MAX_CONNECTIONS_PER_HOST connections at once
+to one address across the whole site (relay and proxy, every audit together), under a per-audit deadline. Each
+result is stored as soon as it lands and then published to whoever follows the audit's event stream. A check cut
+by the deadline still gets its own row.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import contextlib
 import ipaddress
 import time
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
 from app import ENGINE_VERSION
+from app.access.addresses import budget_key
 from app.access.targets import Listener, is_own_listener
+from app.admission import Decision, Facts
 from app.config import Settings
+from app.fairness import AddressSlots, FairQueue, Job
 from app.logs import get_logger
 from app.probes import PLANNERS, PlannedCheck, Planner, ProbeOptions
 from app.probes.proxy import CanaryTargets
@@ -29,11 +34,13 @@ log = get_logger("audits")
 
 @dataclass(frozen=True)
 class Forbidden:
-    """An address of the target that the guard refused: it gets a row, never a probe."""
+    """An address of the target that is not tested: it gets a row, never a probe. `reason` is
+    `forbidden_address` (the guard refused it) or `host_limit` (beyond SECURE_MAX_HOSTS_PER_AUDIT)."""
 
     service: str
     address: str
     why: str
+    reason: str = "forbidden_address"
 
 
 def _by_service(hosts: Sequence[str] | Mapping[str, Sequence[str]],
@@ -47,7 +54,7 @@ def _forbidden_row(item: Forbidden) -> PlannedCheck:
     async def run(emit: Any, slot: Any) -> None:
         note = f"not tested: {item.why}"
         await emit(CheckResult(service=item.service, host=item.address, port=0, name=name,
-                               verdict=Verdict.UNREACHABLE, reason="forbidden_address",
+                               verdict=Verdict.UNREACHABLE, reason=item.reason,
                                transcript=[TranscriptLine(0.0, "info", note)], detail=note))
     return PlannedCheck(item.service, item.address, 0, (name,), run)
 
@@ -103,7 +110,8 @@ class Auditor:
         self.planners = planners or PLANNERS
         self.sink = sink
         self.events = EventHub()
-        self._slots = asyncio.Semaphore(settings.max_running_audits)
+        self.queue = FairQueue(settings.max_running_audits)
+        self.address_slots = AddressSlots(settings.max_connections_per_host)
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     async def recover(self) -> int:
@@ -129,40 +137,80 @@ class Auditor:
         planned.extend(_forbidden_row(item) for item in forbidden if item.service in services)
         return planned
 
-    async def start(self, *, target: str, requester: str, hosts: Sequence[str] | Mapping[str, Sequence[str]],
-                    services: Sequence[str], previous_id: str | None = None, verification_id: str | None = None,
-                    audited_domain: str | None = None, forbidden: Sequence[Forbidden] = (),
-                    target_key: str | None = None) -> Audit:
+    def _prepare(self, *, target: str, requester: str, hosts: Sequence[str] | Mapping[str, Sequence[str]],
+                 services: Sequence[str], previous_id: str | None, verification_id: str | None,
+                 audited_domain: str | None, forbidden: Sequence[Forbidden], target_key: str | None,
+                 requester_key: str | None) -> tuple[Audit, list[PlannedCheck], list[str]]:
         audit_id = new_id()
         planned = self.plan(hosts, services, audit_id, audited_domain, forbidden)
         by_service = _by_service(hosts, services)
-        all_hosts = list(dict.fromkeys([*(a for s in services for a in by_service.get(s, ())),
-                                        *(f.address for f in forbidden if f.service in services)]))
+        tested = list(dict.fromkeys(a for s in services for a in by_service.get(s, ())))
+        all_hosts = list(dict.fromkeys([*tested, *(f.address for f in forbidden if f.service in services)]))
         audit = Audit(id=audit_id, created_at=time.time(), status="queued", target=target, requester=requester,
                       hosts=all_hosts, services=list(services), planned=sum(len(c.names) for c in planned),
                       engine_version=ENGINE_VERSION, previous_id=previous_id, verification_id=verification_id,
-                      target_key=target_key or (f"ip:{all_hosts[0]}" if target == "self" and all_hosts else None))
-        await self.store.create_audit(audit)
-        log.info("audit.created", extra={"audit": audit.id, "target": target, "requester": requester,
-                                         "hosts": all_hosts, "services": list(services), "planned": audit.planned,
-                                         "forbidden": len(forbidden), "previous": previous_id})
-        task = asyncio.create_task(self._run(audit, planned), name=f"audit-{audit.id}")
-        self._tasks[audit.id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(audit.id, None))
+                      target_key=target_key or (f"ip:{all_hosts[0]}" if target == "self" and all_hosts else None),
+                      requester_key=requester_key or requester)
+        return audit, planned, list(dict.fromkeys(budget_key(a) for a in tested))
+
+    async def start(self, *, target: str, requester: str, hosts: Sequence[str] | Mapping[str, Sequence[str]],
+                    services: Sequence[str], previous_id: str | None = None, verification_id: str | None = None,
+                    audited_domain: str | None = None, forbidden: Sequence[Forbidden] = (),
+                    target_key: str | None = None, requester_key: str | None = None) -> Audit:
+        """Create and queue an audit without any limit (tests and tools; the site goes through admit())."""
+        audit, planned, addresses = self._prepare(
+            target=target, requester=requester, hosts=hosts, services=services, previous_id=previous_id,
+            verification_id=verification_id, audited_domain=audited_domain, forbidden=forbidden,
+            target_key=target_key, requester_key=requester_key)
+        await self.store.create_audit(audit, addresses)
+        self._enqueue(audit, planned, addresses, len(forbidden))
         return audit
+
+    async def admit(self, *, target: str, requester: str, requester_key: str,
+                    hosts: Sequence[str] | Mapping[str, Sequence[str]], services: Sequence[str],
+                    decide: Callable[[Facts], Decision], previous_id: str | None = None,
+                    verification_id: str | None = None, audited_domain: str | None = None,
+                    forbidden: Sequence[Forbidden] = ()) -> tuple[Decision, Audit | None]:
+        """Decide every limit and create the audit in one store transaction; queue it when admitted."""
+        audit, planned, addresses = self._prepare(
+            target=target, requester=requester, hosts=hosts, services=services, previous_id=previous_id,
+            verification_id=verification_id, audited_domain=audited_domain, forbidden=forbidden,
+            target_key=None, requester_key=requester_key)
+        decision = await self.store.admit(audit, addresses, self.settings.target_cooldown, decide)
+        if decision.outcome != "create":
+            log.info("audit.refused" if decision.outcome == "refused" else "audit.cached",
+                     extra={"target": target, "requester": requester, "code": decision.code,
+                            "latest": decision.latest.id if decision.latest else None})
+            return decision, None
+        self._enqueue(audit, planned, addresses, len(forbidden))
+        return decision, audit
+
+    def _enqueue(self, audit: Audit, planned: list[PlannedCheck], addresses: list[str], forbidden: int) -> None:
+        log.info("audit.created", extra={"audit": audit.id, "target": audit.target, "requester": audit.requester,
+                                         "hosts": audit.hosts, "services": audit.services, "planned": audit.planned,
+                                         "forbidden": forbidden, "previous": audit.previous_id})
+
+        def start() -> None:
+            task = asyncio.create_task(self._run(audit, planned), name=f"audit-{audit.id}")
+            self._tasks[audit.id] = task
+            task.add_done_callback(lambda _t: self._done(audit.id))
+        self.queue.add(Job(audit.id, audit.requester_key or audit.requester, frozenset(addresses), start))
+
+    def _done(self, audit_id: str) -> None:
+        self._tasks.pop(audit_id, None)
+        self.queue.finished(audit_id)
 
     async def _run(self, audit: Audit, planned: list[PlannedCheck]) -> None:
         try:
-            async with self._slots:
-                await self.store.mark_running(audit.id)
-                log.info("audit.running", extra={"audit": audit.id})
-                started = time.monotonic()
-                results = await self._run_checks(audit.id, planned)
-                summary = summarize_audit(((r.service, r.verdict, r.reason) for r in results), audit.services)
-                await self.store.finish_audit(audit.id, "done", summary)
-                log.info("audit.done", extra={"audit": audit.id, "summary": summary, "checks": len(results),
-                                              "seconds": round(time.monotonic() - started, 3)})
-                self.events.publish(audit.id, Event("done", -1, {"status": "done", "summary": summary}))
+            await self.store.mark_running(audit.id)
+            log.info("audit.running", extra={"audit": audit.id})
+            started = time.monotonic()
+            results = await self._run_checks(audit.id, planned)
+            summary = summarize_audit(((r.service, r.verdict, r.reason) for r in results), audit.services)
+            await self.store.finish_audit(audit.id, "done", summary)
+            log.info("audit.done", extra={"audit": audit.id, "summary": summary, "checks": len(results),
+                                          "seconds": round(time.monotonic() - started, 3)})
+            self.events.publish(audit.id, Event("done", -1, {"status": "done", "summary": summary}))
         except asyncio.CancelledError:
             # the site is shutting down: what ran is stored, the rest can never finish
             await asyncio.shield(self.store.finish_audit(audit.id, "interrupted", None, "the site shut down"))
@@ -174,8 +222,6 @@ class Auditor:
             self.events.publish(audit.id, Event("done", -1, {"status": "failed", "summary": None}))
 
     async def _run_checks(self, audit_id: str, planned: list[PlannedCheck]) -> list[CheckResult]:
-        host_slots = {host: asyncio.Semaphore(self.settings.max_connections_per_host)
-                      for host in {c.host for c in planned}}
         results: dict[int, CheckResult] = {}
         seq = 0
         record_lock = asyncio.Lock()
@@ -200,7 +246,7 @@ class Auditor:
 
             @contextlib.asynccontextmanager
             async def slot() -> AsyncIterator[None]:
-                async with host_slots[unit.host]:
+                async with self.address_slots.hold(budget_key(unit.host)):
                     yield
 
             try:
@@ -292,6 +338,9 @@ class Auditor:
             self.events.unsubscribe(audit_id, queue)
 
     async def shutdown(self) -> None:
+        for job in self.queue.drain():  # never started: they can never finish now
+            await self.store.finish_audit(job.audit_id, "interrupted", None, "the site shut down")
+            self.events.publish(job.audit_id, Event("done", -1, {"status": "interrupted", "summary": None}))
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()

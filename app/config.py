@@ -91,6 +91,15 @@ class Settings(BaseSettings):
     max_running_per_requester: int = Field(default=2, ge=1)
     max_running_audits: int = Field(default=20, ge=1)
     target_cooldown: float = Field(default=60.0, ge=0)
+    # the budget of one target address, whoever asks (issue 10): see the README's "Abuse limits"
+    audits_per_target_per_hour: int = Field(default=6, ge=1)
+    max_hosts_per_audit: int = Field(default=10, ge=1, le=100)
+    max_queued_audits: int = Field(default=200, ge=1)
+    ipv6_requester_prefix: int = Field(default=64, ge=32, le=128)
+    verification_check_interval: float = Field(default=10.0, ge=0)
+    verification_checks_per_hour: int = Field(default=60, ge=1)
+    verification_fetches_per_domain_per_hour: int = Field(default=10, ge=1)
+    verification_fetches_per_address_per_hour: int = Field(default=30, ge=1)
 
     contact_email: str = "abuse@example.org"
     verification_days: int = Field(default=30, ge=1)

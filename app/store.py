@@ -15,11 +15,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
+
+from app.admission import Decision, Facts
 
 from app.verdicts import CheckResult, TranscriptLine
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 UNFINISHED = ("queued", "running")
 T = TypeVar("T")
 
@@ -41,10 +43,20 @@ CREATE TABLE IF NOT EXISTS audits (
     engine_version TEXT NOT NULL,
     summary TEXT,
     error TEXT,
-    target_key TEXT
+    target_key TEXT,
+    requester_key TEXT
 );
 CREATE INDEX IF NOT EXISTS audits_target ON audits(target_key, created_at);
 CREATE INDEX IF NOT EXISTS audits_status ON audits(status);
+CREATE INDEX IF NOT EXISTS audits_requester ON audits(requester_key, created_at);
+-- the addresses an audit tests, one per server (budget key): the per-target cooldown and hourly budget
+CREATE TABLE IF NOT EXISTS audit_addresses (
+    audit_id TEXT NOT NULL REFERENCES audits(id) ON DELETE CASCADE,
+    address TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (audit_id, address)
+);
+CREATE INDEX IF NOT EXISTS audit_addresses_by_address ON audit_addresses(address, created_at);
 CREATE TABLE IF NOT EXISTS checks (
     audit_id TEXT NOT NULL REFERENCES audits(id) ON DELETE CASCADE,
     seq INTEGER NOT NULL,
@@ -80,6 +92,12 @@ CREATE TABLE IF NOT EXISTS verifications (
 _MIGRATIONS: dict[int, list[str]] = {
     2: ["ALTER TABLE checks ADD COLUMN tag TEXT"],
     3: ["ALTER TABLE audits ADD COLUMN target_key TEXT", "DROP INDEX IF EXISTS audits_target"],
+    4: ["ALTER TABLE audits ADD COLUMN requester_key TEXT",
+        "UPDATE audits SET requester_key=requester",
+        "CREATE TABLE IF NOT EXISTS audit_addresses (audit_id TEXT NOT NULL REFERENCES audits(id) ON DELETE CASCADE,"
+        " address TEXT NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (audit_id, address))",
+        "INSERT OR IGNORE INTO audit_addresses(audit_id, address, created_at)"
+        " SELECT audits.id, json_each.value, audits.created_at FROM audits, json_each(audits.hosts)"],
 }
 
 
@@ -112,7 +130,8 @@ class Audit:
     finished_at: float | None = None
     summary: dict[str, str | None] | None = None
     error: str | None = None
-    target_key: str | None = None  # "ip:<address>" or "domain:<name>": what the cooldown is about
+    target_key: str | None = None  # "ip:<address>" or "domain:<name>" (kept for old rows; limits use addresses)
+    requester_key: str | None = None  # the requester's address, or its IPv6 /64: what per-requester limits count
     checks: list[StoredCheck] = field(default_factory=list)
 
     @property
@@ -127,8 +146,21 @@ def _audit_from_row(row: sqlite3.Row) -> Audit:
         planned=row["planned"], engine_version=row["engine_version"], previous_id=row["previous_id"],
         verification_id=row["verification_id"], started_at=row["started_at"], finished_at=row["finished_at"],
         summary=json.loads(row["summary"]) if row["summary"] else None, error=row["error"],
-        target_key=row["target_key"],
+        target_key=row["target_key"], requester_key=row["requester_key"],
     )
+
+
+def _latest_covering(c: sqlite3.Connection, addresses: Sequence[str], since: float) -> Audit | None:
+    """The newest audit of any of the addresses since `since` that may be served again: never a failed or
+    interrupted one (an error is not a result)."""
+    if not addresses:
+        return None
+    marks = ",".join("?" * len(addresses))
+    row = c.execute(
+        f"SELECT audits.* FROM audits JOIN audit_addresses a ON a.audit_id = audits.id WHERE a.address IN ({marks})"
+        " AND a.created_at >= ? AND audits.status IN ('queued','running','done') ORDER BY audits.created_at DESC"
+        " LIMIT 1", (*addresses, since)).fetchone()
+    return _audit_from_row(row) if row else None
 
 
 def _check_from_row(row: sqlite3.Row) -> StoredCheck:
@@ -210,15 +242,59 @@ class Store:
         return await self._run(_secret)
 
     # --- audits ---------------------------------------------------------------------------------------------
-    async def create_audit(self, audit: Audit) -> None:
-        def _insert(c: sqlite3.Connection) -> None:
-            c.execute(
-                "INSERT INTO audits(id, created_at, status, target, requester, verification_id, hosts, services,"
-                " planned, previous_id, engine_version, target_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (audit.id, audit.created_at, audit.status, audit.target, audit.requester, audit.verification_id,
-                 json.dumps(audit.hosts), json.dumps(audit.services), audit.planned, audit.previous_id,
-                 audit.engine_version, audit.target_key))
-        await self._run(_insert)
+    async def create_audit(self, audit: Audit, addresses: Sequence[str] = ()) -> None:
+        """Store an audit without any limit (tests and tools); the site admits audits through admit()."""
+        await self._run(lambda c: self._insert_audit(c, audit, addresses))
+
+    @staticmethod
+    def _insert_audit(c: sqlite3.Connection, audit: Audit, addresses: Sequence[str]) -> None:
+        c.execute(
+            "INSERT INTO audits(id, created_at, status, target, requester, verification_id, hosts, services,"
+            " planned, previous_id, engine_version, target_key, requester_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (audit.id, audit.created_at, audit.status, audit.target, audit.requester, audit.verification_id,
+             json.dumps(audit.hosts), json.dumps(audit.services), audit.planned, audit.previous_id,
+             audit.engine_version, audit.target_key, audit.requester_key or audit.requester))
+        c.executemany("INSERT OR IGNORE INTO audit_addresses(audit_id, address, created_at) VALUES (?,?,?)",
+                      [(audit.id, address, audit.created_at) for address in addresses])
+
+    async def admit(self, audit: Audit, addresses: Sequence[str], cooldown: float,
+                    decide: Callable[[Facts], Decision]) -> Decision:
+        """Read every fact a limit needs and create the audit if `decide` allows it, in one write transaction
+        (BEGIN IMMEDIATE: also across processes sharing the database), so concurrent requests are counted
+        one after the other. `addresses` are the audit's budget keys."""
+        key = audit.requester_key or audit.requester
+
+        def _admit(c: sqlite3.Connection) -> Decision:
+            c.execute("BEGIN IMMEDIATE")
+            now = time.time()
+            marks = ",".join("?" * len(addresses))
+            latest = _latest_covering(c, addresses, now - cooldown) if cooldown > 0 else None
+            target_hour = [(r["address"], r["n"], r["oldest"]) for r in c.execute(
+                f"SELECT address, COUNT(*) AS n, MIN(created_at) AS oldest FROM audit_addresses"
+                f" WHERE address IN ({marks}) AND created_at >= ? GROUP BY address ORDER BY n DESC",
+                (*addresses, now - 3600))] if addresses else []
+            running = c.execute("SELECT COUNT(*) FROM audits WHERE requester_key=? AND status IN"
+                                " ('queued','running')", (key,)).fetchone()[0]
+            hour = c.execute("SELECT COUNT(*), MIN(created_at) FROM audits WHERE requester_key=? AND"
+                             " created_at >= ?", (key, now - 3600)).fetchone()
+            queued = c.execute("SELECT COUNT(*) FROM audits WHERE status='queued'").fetchone()[0]
+            decision = decide(Facts(now=now, latest=latest, target_hour=target_hour, requester_running=running,
+                                    requester_hour=hour[0], requester_oldest=hour[1], queued=queued))
+            if decision.outcome == "create":
+                audit.created_at = now
+                self._insert_audit(c, audit, addresses)
+            return decision
+        return await self._run(_admit)
+
+    async def latest_covering(self, addresses: Sequence[str], since: float) -> Audit | None:
+        """The newest servable audit of any of the addresses since `since` (the cooldown's subject)."""
+        def _latest(c: sqlite3.Connection) -> Audit | None:
+            return _latest_covering(c, addresses, since)
+        return await self._run(_latest)
+
+    async def addresses_of(self, audit_id: str) -> list[str]:
+        return await self._run(lambda c: [r[0] for r in c.execute(
+            "SELECT address FROM audit_addresses WHERE audit_id=? ORDER BY rowid", (audit_id,))])
 
     async def mark_running(self, audit_id: str) -> None:
         await self._run(lambda c: c.execute(
@@ -288,31 +364,6 @@ class Store:
                 " WHERE status IN ('queued', 'running')", (time.time(),))
             return cur.rowcount
         return await self._run(_interrupt)
-
-    async def count_running(self, requester: str) -> int:
-        return await self._run(lambda c: c.execute(
-            "SELECT COUNT(*) FROM audits WHERE status IN ('queued','running') AND requester=?",
-            (requester,)).fetchone()[0])
-
-    async def latest_for_target(self, target_key: str, since: float) -> Audit | None:
-        """The newest audit of a target since `since` that may be served again: never a failed or interrupted
-        one (an error is not a result)."""
-        def _latest(c: sqlite3.Connection) -> Audit | None:
-            row = c.execute("SELECT * FROM audits WHERE target_key=? AND created_at>=? AND status IN"
-                            " ('queued','running','done') ORDER BY created_at DESC LIMIT 1",
-                            (target_key, since)).fetchone()
-            return _audit_from_row(row) if row else None
-        return await self._run(_latest)
-
-    async def queue_position(self, audit_id: str) -> int | None:
-        """1 for the next queued audit to run; None when the audit is not queued."""
-        def _position(c: sqlite3.Connection) -> int | None:
-            row = c.execute("SELECT status, created_at FROM audits WHERE id=?", (audit_id,)).fetchone()
-            if row is None or row["status"] != "queued":
-                return None
-            return c.execute("SELECT COUNT(*) FROM audits WHERE status='queued' AND created_at<=?",
-                             (row["created_at"],)).fetchone()[0]
-        return await self._run(_position)
 
     # --- verifications --------------------------------------------------------------------------------------
     async def create_verification(self, id_hash: str, domain: str, token: str, requester: str,

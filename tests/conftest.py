@@ -68,6 +68,7 @@ def settings(tmp_path: Path, refused_port: int, open_port: int) -> Settings:
         connect_timeout=2,
         audit_deadline=20,
         target_cooldown=0,  # the cooldown tests turn it on
+        verification_check_interval=0,  # the limit tests turn it on
     )
 
 

@@ -15,7 +15,7 @@ import re
 import secrets
 import ssl
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 from urllib.parse import urljoin, urlsplit
 
 import idna
@@ -96,8 +96,13 @@ async def check_dns(domain: str, token: str, resolver: Resolver) -> Proof:
     return Proof(False, None, f"no TXT record at {name} yet (DNS changes can take a while to appear)")
 
 
+class FetchBudgetSpent(Exception):
+    """The hourly budget of fetches to this domain or address is spent."""
+
+
 async def check_http(domain: str, token: str, resolver: Resolver, allow_networks: Sequence[Network],
-                     timeout: float = HTTP_TIMEOUT) -> Proof:
+                     timeout: float = HTTP_TIMEOUT, may_fetch: Callable[[str], bool] | None = None) -> Proof:
+    """`may_fetch(address)` is asked before every connection (each one spends the hourly fetch budget)."""
     try:
         resolved = await resolve_guarded(domain, resolver, allow_networks)
     except ResolveError as exc:
@@ -108,7 +113,10 @@ async def check_http(domain: str, token: str, resolver: Resolver, allow_networks
     url = f"http://{domain}{WELL_KNOWN}"
     for _hop in range(MAX_REDIRECTS + 1):
         try:
-            status, location, body = await _fetch(url, domain, resolved.allowed, timeout)
+            status, location, body = await _fetch(url, domain, resolved.allowed, timeout, may_fetch)
+        except FetchBudgetSpent:
+            return Proof(False, None, f"we fetched {WELL_KNOWN} from {domain} (or its address) as often as we allow "
+                                      "in one hour; the DNS record is still checked every time")
         except (OSError, TimeoutError, ssl.SSLError, ValueError) as exc:
             return Proof(False, None, f"could not fetch {url}: {type(exc).__name__}")
         if status in (301, 302, 303, 307, 308) and location:
@@ -128,7 +136,8 @@ async def check_http(domain: str, token: str, resolver: Resolver, allow_networks
     return Proof(False, None, f"more than {MAX_REDIRECTS} redirects")
 
 
-async def _fetch(url: str, domain: str, addresses: Sequence[str], timeout: float) -> tuple[int, str, bytes]:
+async def _fetch(url: str, domain: str, addresses: Sequence[str], timeout: float,
+                 may_fetch: Callable[[str], bool] | None = None) -> tuple[int, str, bytes]:
     """GET url from one of the pinned addresses: (status, Location, at most 1 KiB of body)."""
     parts = urlsplit(url)
     secure = parts.scheme == "https"
@@ -136,6 +145,8 @@ async def _fetch(url: str, domain: str, addresses: Sequence[str], timeout: float
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     last_error: Exception = OSError("no address")
     for address in addresses:
+        if may_fetch is not None and not may_fetch(address):
+            raise FetchBudgetSpent(address)
         try:
             async with asyncio.timeout(timeout):
                 context = None

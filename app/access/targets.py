@@ -11,6 +11,8 @@ import ipaddress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+from app.access.addresses import unique
+
 if TYPE_CHECKING:
     from app.access.resolver import Resolver
 
@@ -128,7 +130,7 @@ def check_address(text: str, allow_networks: Sequence[Network]) -> str | None:
 async def resolve_guarded(name: str, resolver: "Resolver", allow_networks: Sequence[Network]) -> Resolved:
     allowed: list[str] = []
     refused: list[tuple[str, str]] = []
-    for text in await resolver.addresses(name):
+    for text in unique(await resolver.addresses(name)):  # ::ffff:a.b.c.d is a.b.c.d: one server, tested once
         reason = check_address(text, allow_networks)
         if reason is None:
             allowed.append(text)

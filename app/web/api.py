@@ -107,7 +107,7 @@ async def create_self_audit(request: Request,
 async def get_audit(request: Request, audit_id: str) -> dict[str, Any]:
     audit = await load_audit(request, audit_id)
     store = state(request).store
-    position = await store.queue_position(audit.id) if audit.status == "queued" else None
+    position = state(request).auditor.queue.position(audit.id) if audit.status == "queued" else None
     data = audit_json(audit, state(request), position)
     if audit.previous_id:  # per check: fixed, still_open or newly_open against the audit it repeats
         changes = changes_since(await store.get_audit(audit.previous_id), audit)

@@ -173,10 +173,10 @@ async def audit_page(request: Request, audit_id: str) -> HTMLResponse:
     app_state = state(request)
     chain = await app_state.store.retest_chain(audit.id, limit=20)
     previous = await app_state.store.get_audit(audit.previous_id) if audit.previous_id else None
-    latest = await in_cooldown(request, audit.target_key)
+    latest = await in_cooldown(request, audit)
     report = build_report(audit, app_state.guides, previous, app_state.settings.target_cooldown,
                           latest.created_at if latest else None)
-    position = await app_state.store.queue_position(audit.id) if audit.status == "queued" else None
+    position = app_state.auditor.queue.position(audit.id) if audit.status == "queued" else None
     return render(request, "audit.html", {
         "eta": time_left(audit),
         "audit": audit, "report": report, "rows": report.rows, "sentences": report.sentences, "why": report.why,

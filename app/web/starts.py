@@ -1,37 +1,46 @@
 """Who may start what: the plan of an audit request (own address or verified domain), then the limits.
 
-Shared by the API and the HTML forms. Order of refusals: bad input (422) and not yours (403) first, then the
-target's cooldown (the latest audit is served again, 200), then the requester's limits (429 with Retry-After).
+Shared by the API and the HTML forms. Order of refusals: bad input (422) and not yours (403) first; then every
+limit at once, in the store transaction that creates the audit (app.admission): inside the target's cooldown the
+latest audit of the same target is served again (200), anything else is refused with 429 and Retry-After.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from typing import Sequence
 
 from fastapi import HTTPException, Request
-from limits import RateLimitItemPerHour
+from limits import RateLimitItem
 
+from app.access.addresses import budget_key, normalise, requester_key, unique
 from app.access.domains import hash_id
 from app.access.resolver import ResolveError, Resolver
 from app.access.targets import ForbiddenTarget, guard, resolve_guarded
+from app.admission import Decision, Limits, decide
 from app.audits import Forbidden
 from app.store import Audit
 from app.verdicts import SERVICES
 from app.web.common import load_audit, requester, state
 
+
 @dataclass
 class Plan:
     target: str  # "self" or the domain
-    target_key: str
     requester: str
+    requester_key: str
     services: list[str]
     hosts: dict[str, list[str]]
     forbidden: list[Forbidden] = field(default_factory=list)
     verification_hash: str | None = None
     audited_domain: str | None = None
+
+    @property
+    def tested(self) -> list[str]:
+        return list(dict.fromkeys(a for s in self.services for a in self.hosts.get(s, ())))
 
 
 @dataclass
@@ -39,6 +48,11 @@ class Started:
     audit: Audit
     cached: bool = False  # the latest audit of this target, served again inside the cooldown
     retest_after: float | None = None
+
+
+def the_requester_key(request: Request) -> str:
+    """Who the per-requester limits count: the address, or its IPv6 network (SECURE_IPV6_REQUESTER_PREFIX)."""
+    return requester_key(requester(request), state(request).settings.ipv6_requester_prefix)
 
 
 def _order(services: Sequence[str]) -> list[str]:
@@ -52,7 +66,8 @@ def plan_self(request: Request, services: Sequence[str]) -> Plan:
     except ForbiddenTarget as exc:
         raise HTTPException(403, str(exc)) from None
     ordered = _order(services)
-    return Plan("self", f"ip:{address}", address, ordered, {s: [address] for s in ordered})
+    address = normalise(address)
+    return Plan("self", address, the_requester_key(request), ordered, {s: [address] for s in ordered})
 
 
 async def verified_domain(request: Request, domain: str, verification_id: str | None) -> str:
@@ -82,7 +97,7 @@ async def plan_domain(request: Request, domain: str, verification_id: str | None
     settings = state(request).settings
     resolver = resolver_for(request)
     ordered = _order(services)
-    hosts: dict[str, list[str]] = {}
+    candidates: dict[str, list[str]] = {}
     forbidden: list[Forbidden] = []
     try:
         for service in ordered:
@@ -94,60 +109,98 @@ async def plan_domain(request: Request, domain: str, verification_id: str | None
                 names = [domain]
             addresses: list[str] = []
             refused: dict[str, str] = {}
-            for name in names[:10]:  # every MX host, each address tested on its own (IPv4 and IPv6)
+            for name in names[:10]:  # by MX preference; each address tested on its own (IPv4 and IPv6)
                 resolved = await resolve_guarded(name, resolver, settings.allowed_networks)
-                addresses.extend(a for a in resolved.allowed if a not in addresses)
+                addresses.extend(resolved.allowed)
                 for address, why in resolved.refused:
-                    refused.setdefault(address, f"{name} resolves to {address}, and {why}")
-            hosts[service] = addresses
+                    refused.setdefault(normalise(address), f"{name} resolves to {address}, and {why}")
+            candidates[service] = unique(addresses)
             forbidden.extend(Forbidden(service, address, why) for address, why in refused.items())
     except ResolveError as exc:
         raise HTTPException(503, f"We could not look up {domain}: {exc}. Try again in a minute.",
                             headers={"Retry-After": "60"}) from None
-    if not any(hosts.values()):
+    if not any(candidates.values()):
         why = "; ".join(f.why for f in forbidden) or f"{domain} has no address for the requested checks"
         raise HTTPException(403, f"Nothing of {domain} can be tested: {why}.")
-    return Plan(domain, f"domain:{domain}", requester(request), ordered, hosts, forbidden, id_hash, domain)
+    hosts, skipped = cap_hosts(candidates, settings.max_hosts_per_audit)
+    forbidden.extend(skipped)
+    return Plan(domain, requester(request), the_requester_key(request), ordered, hosts, forbidden, id_hash, domain)
 
 
-def check_hourly(request: Request, kind: str, amount: int, key: str, hit: bool) -> None:
-    """`kind` per hour per requester (slowapi's limiter and storage); 429 with Retry-After when spent."""
+def cap_hosts(candidates: dict[str, list[str]], cap: int) -> tuple[dict[str, list[str]], list[Forbidden]]:
+    """At most `cap` servers per audit, the services taking turns in their own order (MX preference first);
+    every address left out gets a `host_limit` row, never silently dropped."""
+    chosen: list[str] = []  # budget keys
+    queues = {service: list(addresses) for service, addresses in candidates.items()}
+    while len(chosen) < cap and any(queues.values()):
+        for queue in queues.values():
+            while queue and budget_key(queue[0]) in chosen:
+                queue.pop(0)  # already chosen for another service: it costs nothing more
+            if queue and len(chosen) < cap:
+                chosen.append(budget_key(queue.pop(0)))
+    hosts = {s: [a for a in addresses if budget_key(a) in chosen] for s, addresses in candidates.items()}
+    why = (f"this audit tests at most {cap} addresses, chosen by MX preference; test this server from itself "
+           "(target \"self\") to cover it")
+    skipped = [Forbidden(s, a, why, "host_limit") for s, addresses in candidates.items() for a in addresses
+               if budget_key(a) not in chosen]
+    return hosts, skipped
+
+
+def spend(request: Request, item: RateLimitItem, kind: str, key: str) -> int | None:
+    """Take one from a limit in slowapi's limiter (memory, or Redis when several processes share it); the hit
+    is taken before any work, in one step, so concurrent requests cannot all pass. None when allowed, else the
+    seconds until the limit allows one more."""
     limiter = request.app.state.limiter.limiter
-    item = RateLimitItemPerHour(amount)
-    allowed = limiter.hit(item, kind, key) if hit else limiter.test(item, kind, key)
-    if not allowed:
-        reset, _remaining = limiter.get_window_stats(item, kind, key)
-        retry = max(1, int(reset - time.time()) + 1)
-        what = {"audits": "tests", "verifications": "domain verifications"}[kind]
-        raise HTTPException(429, f"You have started {amount} {what} in the last hour, the most we allow from one "
-                                 f"address. Try again in {retry // 60 + 1} minutes.",
-                            headers={"Retry-After": str(retry)})
-
-
-async def in_cooldown(request: Request, target_key: str | None) -> Audit | None:
-    """The target's latest servable audit, when it is younger than SECURE_TARGET_COOLDOWN (None when it is off)."""
-    cooldown = state(request).settings.target_cooldown
-    if cooldown <= 0 or not target_key:
+    if limiter.hit(item, kind, key):
         return None
-    return await state(request).store.latest_for_target(target_key, time.time() - cooldown)
+    reset, _remaining = limiter.get_window_stats(item, kind, key)
+    return max(1, int(reset - time.time()) + 1)
+
+
+async def in_cooldown(request: Request, audit: Audit) -> Audit | None:
+    """The latest servable audit of any of the audit's addresses, when it is younger than SECURE_TARGET_COOLDOWN
+    (None when the cooldown is off)."""
+    app_state = state(request)
+    cooldown = app_state.settings.target_cooldown
+    if cooldown <= 0:
+        return None
+    addresses = await app_state.store.addresses_of(audit.id)
+    return await app_state.store.latest_covering(addresses, time.time() - cooldown)
+
+
+def refusal(decision: Decision) -> HTTPException:
+    """A refused admission as the visitor reads it, with Retry-After."""
+    wait = decision.retry_after or 60
+    minutes = wait // 60 + 1
+    messages = {
+        "cooldown": f"This server was tested less than {decision.limit or 0:g} seconds ago. You can re-test in "
+                    f"{wait} seconds.",
+        "target_hourly": f"The address {decision.address} has been tested {decision.limit} times in the last hour, "
+                         f"the most we allow for one server whoever asks. Try again in {minutes} minutes.",
+        "requester_running": "You already have the most tests running at once that we allow; wait for one to "
+                             "finish, then try again.",
+        "requester_hourly": f"You have started {decision.limit} tests in the last hour, the most we allow from one "
+                            f"address. Try again in {minutes} minutes.",
+        "busy": "The site is busy with other tests right now. Try again in a minute.",
+    }
+    status = 503 if decision.code == "busy" else 429
+    return HTTPException(status, messages[decision.code], headers={"Retry-After": str(wait)})
 
 
 async def begin(request: Request, plan: Plan, previous_id: str | None = None) -> Started:
     app_state = state(request)
     settings = app_state.settings
-    if previous_id is None:  # a re-test refuses inside the cooldown (retest); a new request is served the latest
-        latest = await in_cooldown(request, plan.target_key)
-        if latest is not None and set(plan.services) <= set(latest.services):
-            return Started(latest, cached=True, retest_after=latest.created_at + settings.target_cooldown)
-    if await app_state.store.count_running(plan.requester) >= settings.max_running_per_requester:
-        raise HTTPException(429, "You already have the most tests running at once that we allow; wait for one "
-                                 "to finish, then try again.", headers={"Retry-After": "30"})
-    check_hourly(request, "audits", settings.audits_per_hour, plan.requester, hit=False)
-    audit = await app_state.auditor.start(
-        target=plan.target, requester=plan.requester, hosts=plan.hosts, services=plan.services,
-        previous_id=previous_id, verification_id=plan.verification_hash, audited_domain=plan.audited_domain,
-        forbidden=plan.forbidden, target_key=plan.target_key)
-    check_hourly(request, "audits", settings.audits_per_hour, plan.requester, hit=True)
+    judge = functools.partial(decide, limits=Limits.from_settings(settings), target=plan.target,
+                              hosts=plan.tested, services=plan.services, retest=previous_id is not None)
+    decision, audit = await app_state.auditor.admit(
+        target=plan.target, requester=plan.requester, requester_key=plan.requester_key, hosts=plan.hosts,
+        services=plan.services, decide=judge, previous_id=previous_id, verification_id=plan.verification_hash,
+        audited_domain=plan.audited_domain, forbidden=plan.forbidden)
+    if decision.outcome == "cached" and decision.latest is not None:
+        latest = decision.latest
+        return Started(latest, cached=True, retest_after=latest.created_at + settings.target_cooldown)
+    if audit is None:
+        raise refusal(decision)
     return Started(audit)
 
 
@@ -166,10 +219,4 @@ async def retest(request: Request, audit_id: str, verification_id: str | None = 
             raise HTTPException(403, "Only the holder of the domain's verification can re-test it: pass its id "
                                      "as \"verification\".")
         plan = await plan_domain(request, previous.target, verification_id, previous.services)
-    settings = state(request).settings
-    latest = await in_cooldown(request, plan.target_key)
-    if latest is not None:
-        wait = max(1, int(latest.created_at + settings.target_cooldown - time.time()) + 1)
-        raise HTTPException(429, f"This server was tested less than {settings.target_cooldown:g} seconds ago. "
-                                 f"You can re-test in {wait} seconds.", headers={"Retry-After": str(wait)})
     return await begin(request, plan, previous_id=previous.id)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import HTTPException, Request
+from limits import RateLimitItem, RateLimitItemPerHour, RateLimitItemPerSecond
+
+from app.access.addresses import budget_key
 
 from app.access.domains import (DNS_LABEL, WELL_KNOWN, Proof, check_dns, check_http, hash_id, new_secret,
                                 token_value)
 from app.web.common import absolute_url, requester, state
-from app.web.starts import check_hourly, resolver_for
+from app.web.starts import resolver_for, spend, the_requester_key
 
 VERIFICATION_ID = re.compile(r"^[A-Za-z0-9_-]{22}$")
 
@@ -21,12 +24,35 @@ def instructions(domain: str, token: str) -> dict[str, Any]:
             "http": {"url": f"http://{domain}{WELL_KNOWN}", "body": token}}
 
 
+def limited(request: Request, item: RateLimitItem, kind: str, key: str, message: str, when: bool = True) -> None:
+    """429 with Retry-After when the limit is spent; `message` may name {wait} seconds or {minutes}."""
+    wait = spend(request, item, kind, key) if when else None
+    if wait is not None:
+        raise HTTPException(429, message.format(wait=wait, minutes=wait // 60 + 1), headers={"Retry-After": str(wait)})
+
+
+def fetch_budget(request: Request, domain: str) -> Callable[[str], bool]:
+    """Whether one more HTTP fetch of the verification file may go to `address` now: at most
+    SECURE_VERIFICATION_FETCHES_PER_DOMAIN_PER_HOUR for the domain and ..._PER_ADDRESS_PER_HOUR for the
+    address (many names can point at one address), whoever asks."""
+    settings = state(request).settings
+    per_domain = RateLimitItemPerHour(settings.verification_fetches_per_domain_per_hour)
+    per_address = RateLimitItemPerHour(settings.verification_fetches_per_address_per_hour)
+
+    def may_fetch(address: str) -> bool:
+        return (spend(request, per_domain, "verification-fetch-domain", domain) is None
+                and spend(request, per_address, "verification-fetch-address", budget_key(address)) is None)
+    return may_fetch
+
+
 async def create(request: Request, domain: str) -> dict[str, Any]:
     """A new verification of an already normalised domain; its id is returned here once, and stored hashed."""
     app_state = state(request)
     settings = app_state.settings
     who = requester(request)
-    check_hourly(request, "verifications", settings.verifications_per_hour, who, hit=True)
+    limited(request, RateLimitItemPerHour(settings.verifications_per_hour), "verifications",
+            the_requester_key(request), f"You have started {settings.verifications_per_hour} domain verifications "
+            "in the last hour, the most we allow from one address. Try again in {minutes} minutes.")
     verification_id, token = new_secret(), new_secret()
     expires_at = time.time() + settings.verification_days * 86400
     await app_state.store.create_verification(hash_id(verification_id), domain, token, who, expires_at)
@@ -60,10 +86,19 @@ async def check(request: Request, verification_id: str) -> dict[str, Any]:
         return {**answer, "status": "expired", "detail": "This verification has expired; start a new one."}
     if status == "verified":
         return {**answer, "status": "verified", "detail": f"{domain} is verified."}
+    settings = state(request).settings
+    limited(request, RateLimitItemPerSecond(1, max(1, round(settings.verification_check_interval))),
+            "verification-check", str(record["id_hash"]),
+            "This verification was checked a moment ago; check again in {wait} seconds.",
+            when=settings.verification_check_interval > 0)
+    limited(request, RateLimitItemPerHour(settings.verification_checks_per_hour), "verification-checks",
+            the_requester_key(request), f"You have checked verifications {settings.verification_checks_per_hour} "
+            "times in the last hour, the most we allow from one address. Try again in {minutes} minutes.")
     resolver = resolver_for(request)
     proof = await check_dns(domain, token, resolver)
     if not proof.verified:
-        http_proof = await check_http(domain, token, resolver, state(request).settings.allowed_networks)
+        http_proof = await check_http(domain, token, resolver, settings.allowed_networks,
+                                      may_fetch=fetch_budget(request, domain))
         proof = http_proof if http_proof.verified else Proof(False, None, f"{proof.detail}; {http_proof.detail}")
     if proof.verified:
         await state(request).store.mark_verified(hash_id(verification_id), proof.method or "")

@@ -90,7 +90,8 @@ FORBIDDEN_NAMES: dict[str, tuple[dict[str, list[str]], set[str], set[str]]] = {
     "mixed6.test": ({"A": ["1.1.1.1"], "AAAA": ["fe80::1", "2606:4700:4700::1111"]},
                     {"1.1.1.1", "2606:4700:4700::1111"}, {"fe80::1"}),
     "v6local.test": ({"AAAA": ["fd00::1"]}, set(), {"fd00::1"}),
-    "mapped.test": ({"AAAA": ["::ffff:192.168.1.1"]}, set(), {"::ffff:192.168.1.1"}),
+    # an IPv4-mapped address is the IPv4 address itself: refused (and reported) in that form
+    "mapped.test": ({"AAAA": ["::ffff:192.168.1.1"]}, set(), {"192.168.1.1"}),
     "compat.test": ({"AAAA": ["::127.0.0.1"]}, set(), {"::127.0.0.1"}),
     "sixtofour.test": ({"AAAA": ["2002:0a00:0001::1", "2002:0808:0808::1"]},
                        {"2002:0808:0808::1"}, {"2002:0a00:0001::1"}),
@@ -123,8 +124,9 @@ CNAME_EXPECTED = {
 PUBLIC_NAMES = {
     "public.test": ({"A": ["8.8.8.8", "1.1.1.1"], "AAAA": ["2606:4700:4700::1111"]},
                     {"8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"}),
+    # ::ffff:8.8.8.8 is 8.8.8.8, and NAT64's 64:ff9b::8.8.8.8 lands on the same server: tested once
     "public-embedded.test": ({"AAAA": ["::ffff:8.8.8.8", "64:ff9b::8.8.8.8", teredo(TEREDO_SERVER, "8.8.8.8")]},
-                             {"::ffff:8.8.8.8", "64:ff9b::8.8.8.8", teredo(TEREDO_SERVER, "8.8.8.8")}),
+                             {"8.8.8.8", teredo(TEREDO_SERVER, "8.8.8.8")}),
 }
 
 

@@ -38,12 +38,19 @@ async def test_failed_and_interrupted_audits_are_never_served_from_the_cooldown(
         assert third.status_code == 202
 
 
-async def test_a_cached_audit_must_cover_the_checks_asked_for(settings):
+async def test_the_cooldown_covers_every_service_of_the_address(settings):
+    """A request for more services than the latest audit covered is not a new audit inside the cooldown: 429."""
     settings.target_cooldown = 60
     async with running_app(settings) as client:
         relay_only = await client.post("/api/v1/audits", json={"target": "self", "checks": ["relay"]})
+        assert relay_only.status_code == 202
         both = await client.post("/api/v1/audits/self")
-        assert both.status_code == 202 and both.json()["id"] != relay_only.json()["id"]
+        assert both.status_code == 429 and 50 <= int(both.headers["retry-after"]) <= 61
+        assert "tested less than 60 seconds ago" in both.json()["detail"]
+        proxy_only = await client.post("/api/v1/audits", json={"target": "self", "checks": ["proxy"]})
+        assert proxy_only.status_code == 429
+        relay_again = await client.post("/api/v1/audits", json={"target": "self", "checks": ["relay"]})
+        assert relay_again.status_code == 200 and relay_again.json()["id"] == relay_only.json()["id"]
 
 
 async def test_audits_per_hour_per_requester(settings):
