@@ -1,0 +1,296 @@
+"""The site cannot be turned against anyone: every limit tried as an attacker would, with real concurrency against a
+running `serve` (bounded bursts over loopback; loopback addresses stand in for a victim's public address).
+
+Each test names the row of issue 10's table it pins; each failed on the main before the fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections import Counter
+
+import httpx
+import pytest
+from fakes.dns import FakeDns
+from support import ServedSite, free_port
+
+BASE_ENV = {"SECURE_ALLOW_NETWORKS": "127.0.0.0/8", "SECURE_CONNECT_TIMEOUT": "2", "SECURE_LOG_LEVEL": "WARNING"}
+WELL_KNOWN = "/.well-known/secure-your-server.txt"
+
+
+async def burst(url: str, count: int, path: str, json: dict | None = None, local: str | None = None,
+                headers: dict | None = None) -> list[httpx.Response]:
+    """`count` POSTs at once, each on its own connection (bounded: count <= 300, 30 s)."""
+    assert count <= 300
+    transport = httpx.AsyncHTTPTransport(local_address=local) if local else None
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, transport=transport, limits=limits, timeout=30) as client:
+        return list(await asyncio.gather(*(client.post(path, json=json, headers=headers) for _ in range(count))))
+
+
+def audits_in(db, where: str = "1=1", args: tuple = ()) -> list[sqlite3.Row]:
+    with sqlite3.connect(db) as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute(f"SELECT * FROM audits WHERE {where} ORDER BY created_at", args).fetchall()
+
+
+async def wait_all_done(url: str, ids: list[str], seconds: float = 120) -> list[dict]:
+    deadline = time.monotonic() + seconds
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        while True:
+            data = [(await client.get(f"/api/v1/audits/{i}")).json() for i in ids]
+            if all(d["status"] not in ("queued", "running") for d in data):
+                return data
+            assert time.monotonic() < deadline, [d["status"] for d in data]
+            await asyncio.sleep(0.2)
+
+
+# --- row 1: limits are decided where the audit is created ------------------------------------------------------
+async def test_a_burst_creates_exactly_what_the_limits_allow(tmp_path, silent_port):
+    env = {**BASE_ENV, "SECURE_RELAY_PORTS": str(silent_port), "SECURE_PROXY_PORTS": "",
+           "SECURE_CONNECT_TIMEOUT": "5", "SECURE_TARGET_COOLDOWN": "0"}
+    with ServedSite(tmp_path, env) as site:
+        answers = await burst(site.url, 120, "/api/v1/audits/self")
+        codes = Counter(r.status_code for r in answers)
+        assert codes == {202: 2, 429: 118}  # SECURE_MAX_RUNNING_PER_REQUESTER=2, and a 429 starts nothing
+        created = audits_in(site.db)
+        assert len(created) == 2
+        assert {r.json()["id"] for r in answers if r.status_code == 202} == {row["id"] for row in created}
+        assert all(int(r.headers["retry-after"]) > 0 for r in answers if r.status_code == 429)
+
+
+async def test_inside_the_cooldown_a_burst_gets_one_audit(tmp_path, silent_port):
+    env = {**BASE_ENV, "SECURE_RELAY_PORTS": str(silent_port), "SECURE_PROXY_PORTS": "",
+           "SECURE_CONNECT_TIMEOUT": "5", "SECURE_TARGET_COOLDOWN": "60"}
+    with ServedSite(tmp_path, env) as site:
+        answers = await burst(site.url, 120, "/api/v1/audits/self")
+        assert Counter(r.status_code for r in answers) == {202: 1, 200: 119}
+        assert len({r.json()["id"] for r in answers}) == 1
+        assert len(audits_in(site.db)) == 1
+
+
+# --- row 2: the queue is fair ---------------------------------------------------------------------------------------
+async def test_one_requesters_burst_delays_another_by_at_most_one_slot(tmp_path, silent_port):
+    env = {**BASE_ENV, "SECURE_RELAY_PORTS": str(silent_port), "SECURE_PROXY_PORTS": "",
+           "SECURE_CONNECT_TIMEOUT": "1", "SECURE_TARGET_COOLDOWN": "0", "SECURE_MAX_RUNNING_AUDITS": "1",
+           "SECURE_MAX_RUNNING_PER_REQUESTER": "6", "SECURE_AUDITS_PER_TARGET_PER_HOUR": "50"}
+    with ServedSite(tmp_path, env) as site:
+        mine = [r.json()["id"] for r in await burst(site.url, 6, "/api/v1/audits/self")]
+        theirs = (await burst(site.url, 1, "/api/v1/audits/self", local="127.0.0.2"))[0].json()["id"]
+        async with httpx.AsyncClient(base_url=site.url, timeout=10) as client:
+            position = (await client.get(f"/api/v1/audits/{theirs}")).json()["queue_position"]
+        assert position in (1, 2)  # behind at most one of the six, never behind all of them
+        data = {d["id"]: d for d in await wait_all_done(site.url, [*mine, theirs], seconds=60)}
+        started = sorted(audits_in(site.db), key=lambda row: row["started_at"])
+        order = [row["id"] for row in started]
+        assert order.index(theirs) <= 2, order
+        assert all(d["status"] == "done" for d in data.values())
+
+
+# --- rows 3 and 8: verification checks and IPv6 requesters ----------------------------------------------------------
+class CountingWeb:
+    """An HTTP server on 127.0.0.3:80 that counts the GETs reaching it (the "victim" of verification fetches)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    async def __aenter__(self) -> "CountingWeb":
+        try:
+            self.server = await asyncio.start_server(self.handle, "127.0.0.3", 80)
+        except OSError as exc:
+            pytest.fail(f"cannot listen on 127.0.0.3:80 (run as root): {exc}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            self.requests += 1
+            writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_verification_checks_are_limited_and_fetches_budgeted(tmp_path):
+    async with FakeDns() as dns, CountingWeb() as web:
+        env = {**BASE_ENV, "SECURE_DNS_SERVERS": dns.server, "SECURE_VERIFICATIONS_PER_HOUR": "20",
+               "SECURE_VERIFICATION_FETCHES_PER_ADDRESS_PER_HOUR": "5"}
+        with ServedSite(tmp_path, env) as site:
+            async with httpx.AsyncClient(base_url=site.url, timeout=10) as client:
+                ids = []
+                for n in range(8):
+                    dns.set(f"name{n}.test", "A", ["127.0.0.3"])
+                    ids.append((await client.post("/api/v1/verifications", json={"domain": f"name{n}.test"}))
+                               .json()["id"])
+            # 300 checks of one verification at once: one looks, the rest wait 10 s
+            answers = await burst(site.url, 300, f"/api/v1/verifications/{ids[0]}/check")
+            codes = Counter(r.status_code for r in answers)
+            assert codes == {200: 1, 429: 299}
+            assert web.requests == 1
+            assert all(1 <= int(r.headers["retry-after"]) <= 10 for r in answers if r.status_code == 429)
+            # many names for one address: the address's hourly fetch budget (5) holds, whatever the name
+            async with httpx.AsyncClient(base_url=site.url, timeout=10) as client:
+                answers = [await client.post(f"/api/v1/verifications/{i}/check") for i in ids[1:]]
+            assert [r.status_code for r in answers] == [200] * 7
+            assert web.requests == 5
+            assert "as often as we allow" in answers[-1].json()["detail"]
+
+
+async def test_ipv6_requesters_are_counted_per_64(tmp_path):
+    env = {**BASE_ENV, "SECURE_TRUSTED_PROXIES": "127.0.0.1/32", "SECURE_VERIFICATIONS_PER_HOUR": "4"}
+    with ServedSite(tmp_path, env) as site:
+        codes: Counter[int] = Counter()
+        for n in range(1, 6):  # five addresses of one /64, two verifications each
+            headers = {"X-Forwarded-For": f"2001:db8:1:2::{n:x}"}
+            for answer in await burst(site.url, 2, "/api/v1/verifications", {"domain": "corp.test"}, headers=headers):
+                codes[answer.status_code] += 1
+        assert codes == {201: 4, 429: 6}
+        other = await burst(site.url, 1, "/api/v1/verifications", {"domain": "corp.test"},
+                            headers={"X-Forwarded-For": "2001:db8:1:3::1"})
+        assert other[0].status_code == 201  # the next /64 is another subscriber
+
+
+# --- rows 4, 5 and 6: a budget per target address ---------------------------------------------------------------
+async def verified(client: httpx.AsyncClient, dns: FakeDns, domain: str) -> str:
+    created = (await client.post("/api/v1/verifications", json={"domain": domain})).json()
+    dns.set(created["dns"]["name"], "TXT", [f'"{created["dns"]["value"]}"'])
+    check = (await client.post(f"/api/v1/verifications/{created['id']}/check")).json()
+    assert check["status"] == "verified", check
+    return created["id"]
+
+
+async def test_a_domain_audit_tests_at_most_ten_addresses_by_mx_preference(tmp_path, refused_port):
+    async with FakeDns() as dns:
+        env = {**BASE_ENV, "SECURE_DNS_SERVERS": dns.server, "SECURE_RELAY_PORTS": str(refused_port),
+               "SECURE_PROXY_PORTS": ""}
+        dns.set("wide.test", "MX", [f"{n} mx{n}.wide.test." for n in range(10)])
+        for n in range(10):
+            dns.set(f"mx{n}.wide.test", "A", [f"127.0.{n + 10}.{i}" for i in range(1, 17)])
+            dns.set(f"mx{n}.wide.test", "AAAA", [f"::ffff:127.0.{n + 10}.{i}" for i in range(1, 17)])
+        with ServedSite(tmp_path, env) as site:
+            async with httpx.AsyncClient(base_url=site.url, timeout=10) as client:
+                verification = await verified(client, dns, "wide.test")
+                answer = await client.post("/api/v1/audits", json={"target": "wide.test", "verification": verification,
+                                                                   "checks": ["relay"]})
+                assert answer.status_code == 202
+            data = (await wait_all_done(site.url, [answer.json()["id"]]))[0]
+        tested = {c["host"] for c in data["checks"] if c["name"] != "relay.guard"}
+        assert tested == {f"127.0.10.{i}" for i in range(1, 11)}  # the most preferred MX first; ::ffff: is the same
+        skipped = [c for c in data["checks"] if c["reason"] == "host_limit"]
+        assert len(skipped) == 160 - 10 and {c["verdict"] for c in skipped} == {"unreachable"}
+        assert len(data["checks"]) == 10 * 22 + 150
+
+
+async def test_the_cooldown_and_the_hourly_budget_are_per_address(tmp_path, refused_port):
+    async with FakeDns() as dns:
+        env = {**BASE_ENV, "SECURE_DNS_SERVERS": dns.server, "SECURE_RELAY_PORTS": str(refused_port),
+               "SECURE_PROXY_PORTS": str(refused_port), "SECURE_TARGET_COOLDOWN": "60"}
+        for n in range(5):
+            dns.set(f"name{n}.test", "A", ["127.0.0.5"])
+            dns.set(f"name{n}.test", "AAAA", ["::ffff:127.0.0.5"])
+        with ServedSite(tmp_path, env) as site:
+            async with httpx.AsyncClient(base_url=site.url, timeout=10) as client:
+                names = {f"name{n}.test": await verified(client, dns, f"name{n}.test") for n in range(5)}
+                codes = [(await client.post("/api/v1/audits", json={"target": name, "verification": vid})).status_code
+                         for name, vid in names.items()]
+                assert codes == [202, 429, 429, 429, 429]  # five names, one server: one audit
+                first = audits_in(site.db)[0]
+                assert first["hosts"] == '["127.0.0.5"]'  # its AAAA ::ffff:127.0.0.5 is the same server
+                # the same name again, for the services it covered: the latest audit
+                again = await client.post("/api/v1/audits", json={"target": "name0.test", "verification": names["name0.test"],
+                                                                  "checks": ["proxy"]})
+                assert again.status_code == 200 and again.json()["id"] == first["id"]
+        assert len(audits_in(site.db)) == 1
+    # without a cooldown, the hourly budget of the address holds across every name and service
+    async with FakeDns() as dns:
+        env = {**env, "SECURE_DNS_SERVERS": dns.server, "SECURE_TARGET_COOLDOWN": "0",
+               "SECURE_AUDITS_PER_HOUR": "50", "SECURE_MAX_RUNNING_PER_REQUESTER": "50"}
+        for n in range(5):
+            dns.set(f"name{n}.test", "A", ["127.0.0.6"])
+        (tmp_path / "second").mkdir()
+        with ServedSite(tmp_path / "second", env) as site:
+            async with httpx.AsyncClient(base_url=site.url, timeout=10) as client:
+                names = {f"name{n}.test": await verified(client, dns, f"name{n}.test") for n in range(5)}
+                answers = []
+                for round_ in range(2):
+                    for name, vid in names.items():
+                        checks = ["relay"] if round_ else ["proxy"]
+                        answers.append(await client.post("/api/v1/audits", json={"target": name, "verification": vid,
+                                                                                 "checks": checks}))
+            assert [a.status_code for a in answers] == [202] * 6 + [429] * 4  # SECURE_AUDITS_PER_TARGET_PER_HOUR=6
+            assert "127.0.0.6 has been tested 6 times in the last hour" in answers[-1].json()["detail"]
+            assert len(audits_in(site.db)) == 6
+
+
+# --- row 7: one address, many audits: no false timeouts ---------------------------------------------------------
+class CountingSmtp:
+    """A tiny SMTP server refusing relay, recording how many connections it holds at once."""
+
+    def __init__(self) -> None:
+        self.now = self.most = self.total = 0
+
+    async def __aenter__(self) -> "CountingSmtp":
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.now += 1
+        self.total += 1
+        self.most = max(self.most, self.now)
+        try:
+            writer.write(b"220 counting ESMTP\r\n")
+            for _ in range(200):  # bounded
+                line = await asyncio.wait_for(reader.readline(), 10)
+                if not line:
+                    break
+                verb = line[:4].upper()
+                await asyncio.sleep(0.01)  # a little work per command, so connections overlap
+                if verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    break
+                reply = {b"RCPT": b"554 5.7.1 Relay access denied\r\n", b"DATA": b"503 no recipients\r\n"}
+                writer.write(reply.get(verb, b"250 ok\r\n"))
+                await writer.drain()
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            self.now -= 1
+            writer.close()
+
+
+async def test_concurrent_audits_of_one_address_hold_three_connections_site_wide(tmp_path):
+    async with FakeDns() as dns, CountingSmtp() as smtp:
+        env = {**BASE_ENV, "SECURE_DNS_SERVERS": dns.server, "SECURE_RELAY_PORTS": str(smtp.port),
+               "SECURE_PROXY_PORTS": "", "SECURE_TARGET_COOLDOWN": "0", "SECURE_AUDITS_PER_TARGET_PER_HOUR": "20",
+               "SECURE_MAX_RUNNING_PER_REQUESTER": "20", "SECURE_AUDITS_PER_HOUR": "50"}
+        with ServedSite(tmp_path, env) as site:
+            async with httpx.AsyncClient(base_url=site.url, timeout=10) as client:
+                for n in range(6):
+                    dns.set(f"name{n}.test", "MX", ["10 mx.victim.test."])
+                dns.set("mx.victim.test", "A", ["127.0.0.1"])
+                names = {f"name{n}.test": await verified(client, dns, f"name{n}.test") for n in range(6)}
+
+                async def start(name: str, vid: str) -> str:
+                    answer = await client.post("/api/v1/audits", json={"target": name, "verification": vid,
+                                                                       "checks": ["relay"]})
+                    assert answer.status_code == 202, answer.text
+                    return answer.json()["id"]
+                ids = await asyncio.gather(*(start(n, v) for n, v in names.items()))
+                ids.extend(await asyncio.gather(*(start(n, v) for n, v in names.items())))
+            results = await wait_all_done(site.url, ids, seconds=90)
+    assert smtp.total >= 12 * 3 and smtp.most <= 3, (smtp.total, smtp.most)
+    reasons = Counter(c["reason"] for d in results for c in d["checks"])
+    assert reasons == {"relay_denied": 12 * 22}, reasons
