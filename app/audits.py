@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import time
 from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
 from app import ENGINE_VERSION
 from app.access.addresses import budget_key
-from app.access.targets import Listener, is_own_listener
+from app.access.targets import IPAddress, Listener, is_own_listener
 from app.admission import Decision, Facts
 from app.config import Settings
 from app.fairness import AddressSlots, FairQueue, Job
+from app.listeners import site_addresses
 from app.logs import get_logger
 from app.probes import PLANNERS, PlannedCheck, Planner, ProbeOptions
 from app.probes.proxy import CanaryTargets
@@ -102,8 +102,10 @@ def probe_options(settings: Settings, audit_id: str, audited_domain: str | None 
 class Auditor:
     def __init__(self, settings: Settings, store: Store, listeners: Sequence[Listener] = (),
                  planners: dict[str, Planner] | None = None, sink: Sink | None = None,
-                 canary: CanaryTargets | None = None) -> None:
+                 canary: CanaryTargets | None = None, own_addresses: Sequence[str | IPAddress] = ()) -> None:
         self.settings = settings
+        # where listeners on 0.0.0.0 / :: answer: what start_listeners found, and always what the settings name
+        self.own_addresses = tuple(dict.fromkeys([*own_addresses, *site_addresses(settings)]))
         self.canary = canary
         self.store = store
         self.listeners = list(listeners)
@@ -131,8 +133,8 @@ class Auditor:
         planned: list[PlannedCheck] = []
         for service in services:
             for host in by_service.get(service, ()):
-                address = ipaddress.ip_address(host)
-                usable = [p for p in ports[service] if not is_own_listener(address, p, self.listeners)]
+                usable = [p for p in ports[service]
+                          if not is_own_listener(host, p, self.listeners, self.own_addresses)]
                 planned.extend(self.planners[service](host, usable, options))
         planned.extend(_forbidden_row(item) for item in forbidden if item.service in services)
         return planned

@@ -73,6 +73,15 @@ class Settings(BaseSettings):
     canary_tls_listen: str = ""
     canary_address: str = ""
     canary_name: str = ""  # a DNS name of the canary address, for SOCKS4a (empty: no SOCKS4a check)
+    # own addresses (issue 10): the site's public addresses, where its listeners on 0.0.0.0 / :: answer too;
+    # never tested, like the canary address and an IP literal in public_url
+    public_addresses: StrList = Field(default_factory=list)
+
+    @field_validator("public_addresses", mode="before")
+    @classmethod
+    def _public_addresses(cls, value: Any) -> Any:
+        return [str(ipaddress.ip_address(str(a).strip().strip("[]").split("%", 1)[0])) for a in _split_list(value)]
+
     dns_servers: StrList = Field(default_factory=list)
     probe_addresses: NetworkList = Field(default_factory=list)  # where our probes come from (the About page)
     ipv4_url: str = ""  # the site under a name with only an A record (dual-stack visitors test their other address)

@@ -5,13 +5,15 @@ Every one of them is added to the list of the site's own listeners, which audits
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from app.access.targets import Listener
+from app.access.targets import IPAddress, Listener, parse_address
 from app.config import Settings, parse_listen
 from app.probes.canary import Canary, HttpCanary, SmtpCanary, self_signed_context
 from app.probes.proxy import CanaryTargets
@@ -28,6 +30,7 @@ class ListenerConfigError(ValueError):
 class Listeners:
     canary: Canary
     own: list[Listener] = field(default_factory=list)
+    addresses: tuple[IPAddress, ...] = ()  # the site's own addresses (site_addresses), never tested
     sink: Sink | None = None
     targets: CanaryTargets | None = None
     _servers: list[Any] = field(default_factory=list)
@@ -45,8 +48,43 @@ def _is_unspecified(host: str) -> bool:
         return False
 
 
+def site_addresses(settings: Settings, extra: tuple[str, ...] = ()) -> tuple[IPAddress, ...]:
+    """The site's own addresses, where its listeners on 0.0.0.0 / :: answer: SECURE_PUBLIC_ADDRESSES, the canary
+    address, the hosts of the site's URLs when they are IP literals, and `extra` (the machine's interfaces)."""
+    found: list[IPAddress] = []
+    hosts = [*settings.public_addresses, settings.canary_address,
+             *(urlsplit(url).hostname or "" for url in (settings.public_url, settings.ipv4_url, settings.ipv6_url)),
+             *extra]
+    for host in hosts:
+        try:
+            address = parse_address(host)
+        except ValueError:
+            continue  # a name (public_url), or empty
+        if address not in found:
+            found.append(address)
+    return tuple(found)
+
+
+def _interface_addresses() -> tuple[str, ...]:
+    """Best effort: the addresses this machine's name resolves to (no interface listing without psutil)."""
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return ()
+    return tuple(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+async def machine_addresses(seconds: float = 2.0) -> tuple[str, ...]:
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(_interface_addresses), seconds)
+    except (asyncio.TimeoutError, OSError):
+        log.warning("listeners.no_interface_addresses")
+        return ()
+
+
 async def start_listeners(settings: Settings, secret: str, app_listeners: list[Listener]) -> Listeners:
-    listeners = Listeners(canary=Canary(secret), own=list(app_listeners))
+    listeners = Listeners(canary=Canary(secret), own=list(app_listeners),
+                          addresses=site_addresses(settings, await machine_addresses()))
     try:
         if settings.sink_listen:
             host, port = parse_listen(settings.sink_listen)
@@ -92,4 +130,6 @@ async def start_listeners(settings: Settings, secret: str, app_listeners: list[L
     except BaseException:
         await listeners.stop()
         raise
+    log.info("listeners.own", extra={"listeners": [f"{o.host}:{o.port}" for o in listeners.own],
+                                     "addresses": [str(a) for a in listeners.addresses]})
     return listeners

@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None, listeners: Sequence[Listener] =
         await store.open()
         secret = settings.secret_key or await store.secret()
         own = await start_listeners(settings, secret, list(listeners))
-        auditor = Auditor(settings, store, own.own, sink=own.sink, canary=own.targets)
+        auditor = Auditor(settings, store, own.own, sink=own.sink, canary=own.targets, own_addresses=own.addresses)
         if own.sink is not None:
             own.sink.on_delivery = auditor.delivered
         await auditor.recover()

@@ -92,6 +92,48 @@ async def test_own_listeners_are_never_planned(settings, store):
     assert [c.port for c in planned] == [8000, 8080]
 
 
+
+async def test_own_listeners_are_never_planned_in_any_form(settings, store):
+    """Issue 10: the sink on 127.0.0.1 was tested through ::ffff:127.0.0.1 and reported open, confirmed."""
+    settings.relay_ports = [25, 2525, 587]
+    settings.proxy_ports = [443, 8080]
+    listeners = [Listener("127.0.0.1", 2525), Listener("0.0.0.0", 25), Listener("::", 443)]
+    auditor = Auditor(settings, store, listeners=listeners)
+    for host in ("::ffff:127.0.0.1", "::ffff:7f00:1", "127.0.0.1"):
+        planned = auditor.plan([host], ["relay", "proxy"])
+        assert [(c.service, c.port) for c in planned] == [("relay", 587), ("proxy", 8080)], host
+        assert {c.host for c in planned} == {host}
+
+
+async def test_the_sites_public_and_canary_addresses_are_own(settings, store):
+    public, canary, elsewhere = "93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "8.8.8.8"
+    settings.public_addresses = [public]
+    settings.canary_address = canary
+    settings.relay_ports = [25, 587]
+    settings.proxy_ports = [443, 8080]
+    auditor = Auditor(settings, store, listeners=[Listener("0.0.0.0", 25), Listener("::", 443)])
+    for host in (public, f"::ffff:{public}", f"64:ff9b::{public}", canary):
+        planned = auditor.plan([host], ["relay", "proxy"])
+        assert [(c.service, c.port) for c in planned] == [("relay", 587), ("proxy", 8080)], host
+    planned = auditor.plan([elsewhere], ["relay", "proxy"])
+    assert [(c.service, c.port) for c in planned] == [("relay", 25), ("relay", 587), ("proxy", 443),
+                                                      ("proxy", 8080)]
+    # what start_listeners found (the machine's addresses) counts too
+    auditor = Auditor(settings, store, listeners=[Listener("0.0.0.0", 25)], own_addresses=[elsewhere])
+    assert [c.port for c in auditor.plan([elsewhere], ["relay"])] == [587]
+
+
+def test_site_addresses_from_the_settings(settings):
+    from app.listeners import site_addresses
+
+    settings.public_addresses = ["93.184.216.34", "2001:db8::5"]
+    settings.canary_address = "192.0.2.7"
+    settings.public_url = "http://[2001:db8::9]:8000"
+    settings.ipv4_url = "https://v4.example.org"
+    assert [str(a) for a in site_addresses(settings, ("fe80::1%eth0", "93.184.216.34"))] == [
+        "93.184.216.34", "2001:db8::5", "192.0.2.7", "2001:db8::9", "fe80::1"]
+
+
 async def test_real_reachability_audit_end_to_end(settings, store, open_port, refused_port):
     auditor = Auditor(settings, store)
     audit = await run_audit(auditor, services=("relay", "proxy"))

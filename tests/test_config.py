@@ -77,3 +77,15 @@ def test_probe_names_must_be_plain_hostnames(value):
         Settings(probe_helo=value)
     with pytest.raises(ValidationError):
         Settings(probe_domain=value)
+
+
+def test_public_addresses_comma_or_json_and_validated(monkeypatch):
+    assert Settings(_env_file=None).public_addresses == []
+    monkeypatch.setenv("SECURE_PUBLIC_ADDRESSES", "93.184.216.34, [2001:DB8::1]")
+    assert Settings().public_addresses == ["93.184.216.34", "2001:db8::1"]
+    monkeypatch.setenv("SECURE_PUBLIC_ADDRESSES", '["93.184.216.34"]')
+    assert Settings().public_addresses == ["93.184.216.34"]
+    for bad in ("site.example.org", "93.184.216.0/24", "300.1.2.3"):
+        monkeypatch.setenv("SECURE_PUBLIC_ADDRESSES", bad)
+        with pytest.raises(ValidationError):
+            Settings()

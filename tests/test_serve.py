@@ -4,6 +4,7 @@ import asyncio
 import subprocess
 
 import httpx
+import pytest
 from support import ServedSite, free_port, wait_done_sync
 
 from app.store import Store
@@ -43,6 +44,21 @@ def test_the_site_never_tests_its_own_port(tmp_path, refused_port, open_port):
         data = wait_done_sync(site.url, audit_id)
         assert {c["port"] for c in data["checks"]} == {refused_port, open_port}
 
+
+
+@pytest.mark.parametrize("sink_host", ["127.0.0.1", "0.0.0.0"])
+def test_the_site_never_tests_its_own_sink(tmp_path, refused_port, sink_host):
+    """Issue 10: the sink is one of the site's listeners; a self audit from its address skips its port."""
+    sink = free_port()
+    env = {"SECURE_ALLOW_NETWORKS": "127.0.0.0/8", "SECURE_SINK_LISTEN": f"{sink_host}:{sink}",
+           "SECURE_PROBE_DOMAIN": "sink.test.example", "SECURE_RELAY_PORTS": f"{sink},{refused_port}",
+           "SECURE_PROXY_PORTS": f"{sink},{refused_port}", "SECURE_CONNECT_TIMEOUT": "2"}
+    with ServedSite(tmp_path, env) as site:
+        audit_id = httpx.post(site.url + "/api/v1/audits/self", timeout=5).json()["id"]
+        data = wait_done_sync(site.url, audit_id)
+    assert data["status"] == "done"
+    assert {(c["service"], c["port"]) for c in data["checks"]} == {("relay", refused_port), ("proxy", refused_port)}
+    assert f"{sink_host}:{sink}" in site.log.read_text()  # the sink did listen there
 
 def test_kill_9_mid_audit_loses_nothing_and_marks_it_interrupted(tmp_path, refused_port, open_port, silent_port):
     env = {"SECURE_ALLOW_NETWORKS": "127.0.0.0/8", "SECURE_RELAY_PORTS": str(refused_port),

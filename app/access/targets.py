@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from app.access.addresses import unique
 
@@ -96,16 +96,61 @@ class Listener:
     port: int
 
 
-def is_own_listener(address: IPAddress, port: int, listeners: Sequence[Listener]) -> bool:
-    """Whether (address, port) reaches one of the site's own listeners (the app, the sink, the canaries)."""
+AddressLike = IPAddress | str
+
+
+def parse_address(value: AddressLike) -> IPAddress:
+    """An address from any form it is written in: plain, `[v6]`, with a zone id (dropped)."""
+    if isinstance(value, ipaddress.IPv6Address) and value.scope_id:
+        value = str(value)
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return value
+    text = value.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    return ipaddress.ip_address(text.split("%", 1)[0])
+
+
+def address_forms(value: AddressLike) -> frozenset[IPAddress]:
+    """Every address a connection to `value` may reach: the address without its zone id, and the IPv4
+    address an IPv6 form carries (mapped ::ffff:a.b.c.d, compatible, 6to4, Teredo, NAT64)."""
+    address = parse_address(value)
+    forms: set[IPAddress] = {address}
+    if isinstance(address, ipaddress.IPv6Address):
+        inner = embedded_ipv4(address)
+        if inner is not None:
+            forms.add(inner)
+    return frozenset(forms)
+
+
+def _own_on_every_address(form: IPAddress, site: frozenset[IPAddress]) -> bool:
+    """Whether a listener on 0.0.0.0 or :: may answer at `form`: the site's own addresses, and every address that
+    is not a public unicast one (loopback, private, link-local, the unspecified address itself...), since any of
+    them may be an interface of this machine. Both families: `::` is dual-stack by default, and the site's
+    other-family address is still the site."""
+    return form in site or why_not_public(form) is not None
+
+
+def is_own_listener(address: AddressLike, port: int, listeners: Sequence[Listener],
+                    site_addresses: Iterable[AddressLike] = ()) -> bool:
+    """Whether (address, port) reaches one of the site's own listeners (the app, the sink, the canaries).
+
+    Addresses are compared in every form (see `address_forms`), never as strings. `site_addresses` are the
+    site's own addresses (SECURE_PUBLIC_ADDRESSES, the canary address, the machine's interfaces), where a
+    listener on 0.0.0.0 or :: answers too.
+    """
+    forms = address_forms(address)
+    site: frozenset[IPAddress] = frozenset().union(*(address_forms(a) for a in site_addresses))
     for listener in listeners:
         if listener.port != port:
             continue
         try:
-            bound = ipaddress.ip_address(listener.host)
+            bound = address_forms(listener.host)
         except ValueError:
             return True  # a name we did not resolve: stay on the safe side for this port
-        if bound == address or bound.is_unspecified and (address.is_loopback or address.is_private):
+        if forms & bound:
+            return True
+        if any(b.is_unspecified for b in bound) and any(_own_on_every_address(f, site) for f in forms):
             return True
     return False
 

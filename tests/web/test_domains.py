@@ -279,3 +279,27 @@ async def test_domain_verification_in_html_from_the_form_to_the_audit(site, dns)
     assert data["target"] == DOMAIN and data["hosts"] == ["127.0.0.41"]
     # without the CSRF token nothing happens
     assert (await site.post(page_url + "/audit", data={"checks": ["proxy"]})).status_code == 403
+
+
+async def test_a_domain_pointing_at_the_sites_own_sink_in_another_form_skips_it(settings, dns, refused_port):
+    """Issue 10, row 12: the sink on 127.0.0.1 was tested through ::ffff:127.0.0.1 and reported open, confirmed."""
+    from support import free_port
+
+    sink_port = free_port()
+    settings.dns_servers = [dns.server]
+    settings.allow_networks = ["127.0.0.0/8", "::ffff:127.0.0.0/104", "2002:7f00:1::/48"]
+    settings.sink_listen = f"127.0.0.1:{sink_port}"
+    settings.probe_domain = "sink.test.example"
+    settings.relay_ports = [sink_port, refused_port]
+    async with running_app(settings) as site:
+        verification = await verify(site, dns)
+        dns.set(DOMAIN, "MX", ["10 mx1.corp.test."])
+        dns.set("mx1.corp.test", "A", ["127.0.0.1"])
+        # the mapped form is 127.0.0.1 itself (tested once); the 6to4 form embeds it and is another route to it
+        dns.set("mx1.corp.test", "AAAA", ["::ffff:127.0.0.1", "2002:7f00:1::1"])
+        response = await site.post("/api/v1/audits", json={"target": DOMAIN, "verification": verification,
+                                                            "checks": ["relay"]})
+        assert response.status_code == 202
+        data = await wait_done(site, response.json()["id"])
+    assert {(c["host"], c["port"]) for c in data["checks"]} == {("127.0.0.1", refused_port),
+                                                                ("2002:7f00:1::1", refused_port)}
