@@ -12,9 +12,9 @@ import time
 from collections import Counter
 
 import httpx
-import pytest
+from fakes.counting import CountingSmtp, CountingWeb
 from fakes.dns import FakeDns
-from support import ServedSite, free_port
+from support import ServedSite
 
 BASE_ENV = {"SECURE_ALLOW_NETWORKS": "127.0.0.0/8", "SECURE_CONNECT_TIMEOUT": "2", "SECURE_LOG_LEVEL": "WARNING"}
 WELL_KNOWN = "/.well-known/secure-your-server.txt"
@@ -90,35 +90,6 @@ async def test_one_requesters_burst_delays_another_by_at_most_one_slot(tmp_path,
 
 
 # --- rows 3 and 8: verification checks and IPv6 requesters ----------------------------------------------------------
-class CountingWeb:
-    """An HTTP server on 127.0.0.3:80 that counts the GETs reaching it (the "victim" of verification fetches)."""
-
-    def __init__(self) -> None:
-        self.requests = 0
-
-    async def __aenter__(self) -> "CountingWeb":
-        try:
-            self.server = await asyncio.start_server(self.handle, "127.0.0.3", 80)
-        except OSError as exc:
-            pytest.fail(f"cannot listen on 127.0.0.3:80 (run as root): {exc}")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.close()
-        await self.server.wait_closed()
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            self.requests += 1
-            writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, TimeoutError):
-            pass
-        finally:
-            writer.close()
-
-
 async def test_verification_checks_are_limited_and_fetches_budgeted(tmp_path):
     async with FakeDns() as dns, CountingWeb() as web:
         env = {**BASE_ENV, "SECURE_DNS_SERVERS": dns.server, "SECURE_VERIFICATIONS_PER_HOUR": "20",
@@ -231,46 +202,6 @@ async def test_the_cooldown_and_the_hourly_budget_are_per_address(tmp_path, refu
 
 
 # --- row 7: one address, many audits: no false timeouts ---------------------------------------------------------
-class CountingSmtp:
-    """A tiny SMTP server refusing relay, recording how many connections it holds at once."""
-
-    def __init__(self) -> None:
-        self.now = self.most = self.total = 0
-
-    async def __aenter__(self) -> "CountingSmtp":
-        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.close()
-        await self.server.wait_closed()
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.now += 1
-        self.total += 1
-        self.most = max(self.most, self.now)
-        try:
-            writer.write(b"220 counting ESMTP\r\n")
-            for _ in range(200):  # bounded
-                line = await asyncio.wait_for(reader.readline(), 10)
-                if not line:
-                    break
-                verb = line[:4].upper()
-                await asyncio.sleep(0.01)  # a little work per command, so connections overlap
-                if verb == b"QUIT":
-                    writer.write(b"221 bye\r\n")
-                    break
-                reply = {b"RCPT": b"554 5.7.1 Relay access denied\r\n", b"DATA": b"503 no recipients\r\n"}
-                writer.write(reply.get(verb, b"250 ok\r\n"))
-                await writer.drain()
-        except (OSError, TimeoutError):
-            pass
-        finally:
-            self.now -= 1
-            writer.close()
-
-
 async def test_concurrent_audits_of_one_address_hold_three_connections_site_wide(tmp_path):
     async with FakeDns() as dns, CountingSmtp() as smtp:
         env = {**BASE_ENV, "SECURE_DNS_SERVERS": dns.server, "SECURE_RELAY_PORTS": str(smtp.port),
@@ -294,3 +225,29 @@ async def test_concurrent_audits_of_one_address_hold_three_connections_site_wide
     assert smtp.total >= 12 * 3 and smtp.most <= 3, (smtp.total, smtp.most)
     reasons = Counter(c["reason"] for d in results for c in d["checks"])
     assert reasons == {"relay_denied": 12 * 22}, reasons
+
+
+async def test_a_hundred_concurrent_audits_of_one_real_postfix_give_no_false_timeouts(tmp_path, sink, postfix_ok):
+    """On the old main, 100 concurrent audits of one Postfix opened 3 connections each at once: its listen queue
+    overflowed and 278-366 rows ended `inconclusive`/`timeout`. Now they take turns on the address."""
+    from servers.postfix import start_postfix
+
+    instance = await asyncio.to_thread(start_postfix, tmp_path / "postfix", "closed", sink_port=sink.port)
+    try:
+        env = {**BASE_ENV, "SECURE_RELAY_PORTS": str(instance.port), "SECURE_PROXY_PORTS": "",
+               "SECURE_TARGET_COOLDOWN": "0", "SECURE_AUDITS_PER_TARGET_PER_HOUR": "100",
+               "SECURE_MAX_RUNNING_PER_REQUESTER": "100", "SECURE_AUDITS_PER_HOUR": "100",
+               "SECURE_SMTP_COMMAND_TIMEOUT": "10"}
+        (tmp_path / "site").mkdir()
+        with ServedSite(tmp_path / "site", env) as site:
+            answers = await burst(site.url, 100, "/api/v1/audits", {"target": "self", "checks": ["relay"]})
+            assert Counter(r.status_code for r in answers) == {202: 100}
+            started = time.monotonic()
+            results = await wait_all_done(site.url, [r.json()["id"] for r in answers], seconds=600)
+            took = time.monotonic() - started
+    finally:
+        await asyncio.to_thread(instance.stop)
+    reasons = Counter(c["reason"] for d in results for c in d["checks"])
+    assert reasons["timeout"] == 0 and sum(reasons.values()) == 100 * 22, reasons
+    assert {d["summary"]["relay"] for d in results} == {"closed"}, reasons
+    print(f"100 audits of one Postfix in {took:.1f} s: {dict(reasons)}")
