@@ -19,7 +19,7 @@ TEST_STAMP  := $(VENV)/.installed-test.stamp
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
 
-.PHONY: help run test bench venv install install-test debian-packages clean distclean
+.PHONY: help run test bench bench-abuse venv install install-test debian-packages clean distclean
 
 help: ## List the targets
 	@echo "Usage: make TARGET [HOST=$(HOST)] [PORT=$(PORT)] [PYTEST_ARGS='...'] [PYTHON=$(PYTHON)]"
@@ -43,6 +43,10 @@ bench: install-test ## Benchmarks against real servers, with nmap as the baselin
 	bash scripts/install-debian-packages.sh
 	$(VENV_PYTHON) bench/relay.py
 	$(VENV_PYTHON) bench/proxy.py
+	$(VENV_PYTHON) bench/abuse.py
+
+bench-abuse: install-test ## The most traffic one address can get through the site per hour, beside the README's bounds
+	$(VENV_PYTHON) bench/abuse.py
 
 venv: $(VENV_PYTHON) ## Create the virtualenv .venv
 
