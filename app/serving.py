@@ -21,7 +21,7 @@ from app import logs
 from app.config import Settings
 
 FD_RESERVE = 64  # descriptors kept for the database, the sink and canaries, outgoing probes and logs
-log = logs.get_logger("serve")
+log = logs.get_logger("serve")  # per-connection refusals log at debug: a flood must not flood the log too
 
 
 class GuardedH11Protocol(H11Protocol):

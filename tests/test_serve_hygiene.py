@@ -277,3 +277,19 @@ def test_a_cross_site_post_to_a_real_serve_is_403_and_curl_works(tmp_path, origi
         assert forged.status_code == 403 and forged.json()["detail"]
         assert forged.headers["x-content-type-options"] == "nosniff"  # the security headers are on it too
         assert httpx.post(site.url + "/api/v1/audits/self", timeout=5).status_code == 202
+
+
+def test_serve_hands_uvicorn_the_limits(monkeypatch):
+    import resource
+
+    from app import serving
+    from app.config import Settings
+
+    settings = Settings(max_http_connections=1000, keep_alive_timeout=3, max_header_bytes=8192)
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (128, 4096))
+    options = serving.uvicorn_options(settings)
+    assert options["http"].max_connections == 64  # 128 descriptors minus the 64 kept for the rest
+    assert options["limit_concurrency"] == 65 and options["timeout_keep_alive"] == 3
+    assert options["h11_max_incomplete_event_size"] == 8192 and options["http"].max_head == 8192
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (1 << 20, 1 << 20))
+    assert serving.uvicorn_options(settings)["http"].max_connections == 1000
