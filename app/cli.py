@@ -13,6 +13,7 @@ def serve(host: str, port: int) -> None:
 
     from app.config import get_settings
     from app.main import create_app
+    from app.serving import uvicorn_options
 
     settings = get_settings()
     if not settings.public_url:  # links then point where this process listens
@@ -21,8 +22,9 @@ def serve(host: str, port: int) -> None:
     app = create_app(settings, listeners=[Listener(host, port)])
     # uvicorn's own proxy-header handling stays OFF: by default it believes X-Forwarded-For from 127.0.0.1,
     # which would let anyone on the host aim `self` anywhere. access/requester.py alone decides.
+    # the request timer and the connection caps live in our h11 protocol (app/serving.py)
     uvicorn.run(app, host=host, port=port, proxy_headers=False, server_header=False, access_log=False,
-                log_level=settings.log_level.lower())
+                log_level=settings.log_level.lower(), **uvicorn_options(settings))
 
 
 def check_guides() -> int:

@@ -110,6 +110,16 @@ class Settings(BaseSettings):
     verification_fetches_per_domain_per_hour: int = Field(default=10, ge=1)
     verification_fetches_per_address_per_hour: int = Field(default=30, ge=1)
 
+    # server hygiene (issue 10): bounds on what one connection, request or requester may hold
+    request_head_timeout: float = Field(default=10.0, gt=0)  # a request's head (and body) must arrive within this
+    keep_alive_timeout: float = Field(default=5.0, gt=0)  # an idle keep-alive connection is closed after this
+    max_header_bytes: int = Field(default=16384, ge=1024)  # the request line and headers together
+    max_http_connections: int = Field(default=1000, ge=8)  # open connections; also uvicorn's limit_concurrency
+    max_connections_per_peer: int = Field(default=32, ge=1)  # open connections from one address (not trusted proxies)
+    max_body_bytes: int = Field(default=16384, ge=1024)  # request bodies; beyond it 413 before anything is parsed
+    max_event_streams: int = Field(default=200, ge=1)  # open /events streams on the whole site
+    max_event_streams_per_requester: int = Field(default=4, ge=1)
+
     contact_email: str = "abuse@example.org"
     verification_days: int = Field(default=30, ge=1)
     retention_days: int = Field(default=90, ge=1)

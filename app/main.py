@@ -24,6 +24,7 @@ from app.store import Store
 from app.web import api, pages
 from app.web.common import AppState
 from app.web.docs import install_docs
+from app.web.hygiene import BodyLimitMiddleware, CrossSiteApiMiddleware, StreamSlots
 from app.web.security import SecurityHeadersMiddleware, security_headers
 
 ROOT = PROJECT_ROOT
@@ -76,6 +77,11 @@ def create_app(settings: Settings | None = None, listeners: Sequence[Listener] =
     # slowapi's limiter holds the per-requester counters (memory by default, Redis with a redis:// URI)
     app.state.limiter = Limiter(key_func=lambda request: request.client.host if request.client else "",
                                 storage_uri=settings.limits_storage, strategy="moving-window")
+    # outermost last: the security headers also go on the hygiene middleware's own 403 and 413 answers
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(CrossSiteApiMiddleware,
+                       own_origins=(settings.public_url, settings.ipv4_url, settings.ipv6_url))
+    app.state.event_streams = StreamSlots(settings.max_event_streams, settings.max_event_streams_per_requester)
     app.add_middleware(SecurityHeadersMiddleware, public_https=settings.public_url.startswith("https://"),
                        connect=tuple(url for url in (settings.ipv4_url, settings.ipv6_url) if url))
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")

@@ -90,7 +90,9 @@ async def scenario(name: str, seconds: float, attack: Callable[[str, FakeDns, Pa
     async with FakeDns() as dns, CountingSmtp(VICTIM) as smtp, CountingWeb(VICTIM) as web:
         env = {"SECURE_ALLOW_NETWORKS": "127.0.0.0/8", "SECURE_RELAY_PORTS": str(smtp.port),
                "SECURE_PROXY_PORTS": "", "SECURE_DNS_SERVERS": dns.server, "SECURE_LOG_LEVEL": "WARNING",
-               "SECURE_CONNECT_TIMEOUT": "2", "SECURE_TARGET_COOLDOWN": "0", **(extra_env or {})}
+               "SECURE_CONNECT_TIMEOUT": "2", "SECURE_TARGET_COOLDOWN": "0",
+               "SECURE_MAX_CONNECTIONS_PER_PEER": "400",  # every request of a burst reaches the limits
+               **(extra_env or {})}
         with tempfile.TemporaryDirectory() as folder, ServedSite(Path(folder), env) as site:
             started = time.monotonic()
             await attack(site.url, dns, site.db)

@@ -64,7 +64,9 @@ async def wait_done(client: httpx.AsyncClient, audit_id: str, seconds: float = 2
 class ServedSite:
     """The real site in its own process (`secure-your-server serve`), as an operator runs it."""
 
-    def __init__(self, tmp_path: Path, env: dict[str, str], port: int | None = None) -> None:
+    def __init__(self, tmp_path: Path, env: dict[str, str], port: int | None = None,
+                 open_files: int | None = None) -> None:
+        """`open_files`: the process's RLIMIT_NOFILE (as `ulimit -n`), to show what a small one does."""
         import subprocess
         import sys
 
@@ -77,7 +79,8 @@ class ServedSite:
         self._log_file = open(self.log, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env=full_env, stdout=self._log_file, stderr=subprocess.STDOUT)
+            cwd=ROOT, env=full_env, stdout=self._log_file, stderr=subprocess.STDOUT,
+            preexec_fn=None if open_files is None else lambda: _limit_files(open_files))
         self._wait_ready()
 
     def _wait_ready(self, seconds: float = 20.0) -> None:
@@ -109,6 +112,12 @@ class ServedSite:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _limit_files(count: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
 
 
 def wait_done_sync(url: str, audit_id: str, seconds: float = 30.0) -> dict:

@@ -16,7 +16,10 @@ from fakes.counting import CountingSmtp, CountingWeb
 from fakes.dns import FakeDns
 from support import ServedSite
 
-BASE_ENV = {"SECURE_ALLOW_NETWORKS": "127.0.0.0/8", "SECURE_CONNECT_TIMEOUT": "2", "SECURE_LOG_LEVEL": "WARNING"}
+# bursts come from one client on up to 300 connections at once: let them all reach the admission code (the
+# per-peer connection cap, SECURE_MAX_CONNECTIONS_PER_PEER, is tested in test_serve_hygiene.py)
+BASE_ENV = {"SECURE_ALLOW_NETWORKS": "127.0.0.0/8", "SECURE_CONNECT_TIMEOUT": "2", "SECURE_LOG_LEVEL": "WARNING",
+            "SECURE_MAX_CONNECTIONS_PER_PEER": "400"}
 WELL_KNOWN = "/.well-known/secure-your-server.txt"
 
 

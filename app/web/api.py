@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from ipaddress import ip_address
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Callable, Literal
 
 from fastapi import APIRouter, Body, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -15,14 +15,16 @@ from app.verdicts import REASONS, CheckResult
 from app.access.domains import DomainError, normalise_domain
 from app.web import verifications
 from app.guides import guide_url
+from app.web.hygiene import StreamSlots
 from app.web.common import AUDIT_ID, absolute_url, audit_json, check_json, load_audit, requester, state
 from app.web.report import changes_since, check_key
-from app.web.starts import Started, begin, plan_domain, plan_self
+from app.web.starts import Started, begin, plan_domain, plan_self, the_requester_key
 from app.web.starts import retest as retest_audit
 
 router = APIRouter(prefix="/api/v1", tags=["audits"])
 
 Service = Literal["relay", "proxy"]
+STREAM_RETRY_AFTER = 10  # seconds; a browser's EventSource retries on its own anyway
 
 
 class SelfAuditRequest(BaseModel):
@@ -182,6 +184,11 @@ async def audit_events(request: Request, audit_id: str) -> StreamingResponse:
         raise HTTPException(404, "No audit with this id.")
     await load_audit(request, audit_id)
     app_state = state(request)
+    slots: StreamSlots = request.app.state.event_streams
+    key = the_requester_key(request)  # an IPv6 /64 is one requester
+    if not slots.acquire(key):
+        raise HTTPException(429, "Too many open event streams; close one, or poll GET /api/v1/audits/{id}.",
+                            headers={"Retry-After": str(STREAM_RETRY_AFTER)})
 
     async def stream() -> AsyncIterator[str]:
         yield "retry: 3000\n\n"
@@ -196,8 +203,22 @@ async def audit_events(request: Request, audit_id: str) -> StreamingResponse:
                 yield _sse("done", event.data)
                 return
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return CountedStream(lambda: slots.release(key), stream(), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class CountedStream(StreamingResponse):
+    """Gives its stream slot back however the response ends (done, client gone, error), even if never started."""
+
+    def __init__(self, release: Callable[[], None], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
 
 def _check_event(event: Event, app_state: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import json
 import time
 from html import escape
 from ipaddress import ip_address
-from urllib.parse import urlencode
+from urllib.parse import quote
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -82,6 +82,12 @@ def use_language(request: Request) -> str:
     return language
 
 
+def local_path(path: str) -> str:
+    """The request's path as a link that stays on the site (the language links): one leading slash, never `//host`
+    or `/\\host` (which browsers read as another host), and percent-encoded, since browsers drop tabs and newlines."""
+    return quote("/" + path.lstrip("/\\"), safe="/:@!$'()*+,;=")
+
+
 def render(request: Request, name: str, context: Mapping[str, Any] | None = None, status_code: int = 200,
            headers: Mapping[str, str] | None = None) -> HTMLResponse:
     app_state = state(request)
@@ -91,7 +97,7 @@ def render(request: Request, name: str, context: Mapping[str, Any] | None = None
     full: dict[str, Any] = {
         "lang": language,
         "languages": i18n.LANGUAGES,
-        "path": request.url.path,
+        "path": local_path(request.url.path),
         "settings": app_state.settings,
         "csrf": csrf_token(app_state.secret, cookie),
         "service_names": SERVICE_NAMES,
@@ -243,19 +249,27 @@ async def verify_create(request: Request, csrf: str = Form(""), domain: str = Fo
 
 
 @router.get("/verify/{verification_id}", response_class=HTMLResponse)
-async def verify_page(request: Request, verification_id: str, detail: str = "") -> HTMLResponse:
+async def verify_page(request: Request, verification_id: str, result: str = "") -> HTMLResponse:
     record = await verifications.load(request, verification_id)
     return render(request, "verify.html", {
         "vid": verification_id, "domain": record["domain"], "status": verifications.status_of(record),
-        "method": record["method"], "expires_at": record["expires_at"], "detail": detail[:500],
+        "method": record["method"], "expires_at": record["expires_at"],
+        "detail": verifications.notice_text(result, str(record["domain"])),
         **verifications.instructions(str(record["domain"]), str(record["token"]))})
 
 
 @router.post("/verify/{verification_id}/check")
 async def verify_check(request: Request, verification_id: str, csrf: str = Form("")) -> Response:
     _check_csrf(request, csrf)
-    result = await verifications.check(request, verification_id)
-    return RedirectResponse(f"/verify/{verification_id}?{urlencode({'detail': result['detail']})}", status_code=303)
+    try:
+        result = await verifications.check(request, verification_id)
+    except HTTPException as exc:
+        if exc.status_code != 429:
+            raise
+        # checked again too soon (or too often this hour): the visitor stays on the steps, with a plain notice
+        return RedirectResponse(f"/verify/{verification_id}?result=wait", status_code=303)
+    code = verifications.notice_code(result)
+    return RedirectResponse(f"/verify/{verification_id}?result={code}", status_code=303)
 
 
 @router.post("/verify/{verification_id}/audit")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 
 from starlette.datastructures import MutableHeaders
@@ -70,7 +71,12 @@ def csrf_token(secret: str, cookie: str) -> str:
     return hmac.new(secret.encode(), b"csrf:" + cookie.encode(), hashlib.sha256).hexdigest()
 
 
+CSRF_TOKEN = re.compile(r"[0-9a-f]{64}")
+
+
 def csrf_valid(secret: str, cookie: str | None, token: str | None) -> bool:
-    if not cookie or not token:
+    """False for anything but a well-formed token that matches: hmac.compare_digest raises on non-ASCII text,
+    which would answer 500 to a forged form."""
+    if not isinstance(cookie, str) or not isinstance(token, str) or not cookie or not CSRF_TOKEN.fullmatch(token):
         return False
-    return hmac.compare_digest(csrf_token(secret, cookie), token)
+    return hmac.compare_digest(csrf_token(secret, cookie).encode(), token.encode())

@@ -104,3 +104,30 @@ async def check(request: Request, verification_id: str) -> dict[str, Any]:
         await state(request).store.mark_verified(hash_id(verification_id), proof.method or "")
         return {**answer, "status": "verified", "method": proof.method, "detail": proof.detail}
     return {**answer, "status": "pending", "detail": proof.detail}
+
+
+# What the verify page may say after "Check now": the site's own sentences only, picked by a code in the redirect.
+# (It once printed `?detail=` verbatim, so anyone could put a forged notice on an official page.)
+NOTICES = {
+    "no_txt": "We found no TXT record at {dns_name} yet (DNS changes can take a while to appear), "
+              "and not the file either.",
+    "txt_wrong": "The TXT record at {dns_name} does not hold the code, and we did not find the file either. "
+                 "Compare the record's value with the one above.",
+    "not_found": "We did not find the code yet, neither in DNS nor in the file on the web server.",
+    "wait": "We looked for the code a moment ago. Wait a few seconds, then check again.",
+}
+
+
+def notice_code(result: dict[str, Any]) -> str:
+    """The notice for a pending check (a verified or expired one shows its own page)."""
+    detail = str(result.get("detail", ""))
+    if detail.startswith("no TXT record"):
+        return "no_txt"
+    if detail.startswith("the TXT record"):
+        return "txt_wrong"
+    return "not_found"
+
+
+def notice_text(code: str, domain: str) -> str:
+    template = NOTICES.get(code)
+    return template.format(dns_name=f"{DNS_LABEL}.{domain}") if template else ""
