@@ -1,20 +1,23 @@
 """Bounded evidence (issue 10, part 9): a relay session's opening dialogue is stored once and referenced by its
-rows."""
+rows; one audit keeps at most 1 MiB of transcript; the API, the event stream and the page stay bounded."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sqlite3
+import tracemalloc
 
 from fakes import smtp as fakes
-from support import relay_port
+from support import relay_port, running_app
 
-from app.audits import Auditor
+from app.audits import CUT_NOTE, EVIDENCE_BUDGET, Auditor, EvidenceBudget
 from app.probes.smtp import VARIANTS_PER_SESSION
 from app.store import Store
 from app.verdicts import CheckResult, Opening, TranscriptLine, Verdict
 
+MIB = 1024 * 1024
+NOTE_ROOM = 256  # bytes a row may add beyond the budget: the cut marker, or our sink's delivery note
 
 
 def stored_bytes(db: str) -> tuple[int, int]:
@@ -101,6 +104,11 @@ async def test_the_store_keeps_an_opening_once_and_rebuilds_every_row(settings, 
             assert texts[-1].startswith("verdict: closed (relay_denied)")
         # rows of one session share one loaded opening: read once, not once per row
         assert len({id(s.result.opening) for s in loaded.checks}) == 3
+        # comparing with a previous audit reads verdicts only
+        bare = await store.get_audit(audit.id, transcripts=False)
+        assert [(s.result.name, s.result.verdict) for s in bare.checks] == \
+            [(s.result.name, s.result.verdict) for s in loaded.checks]
+        assert all(s.result.transcript == [] and s.result.opening is None for s in bare.checks)
         public = loaded.checks[0].result.to_dict()
         assert set(public) == {"service", "host", "port", "name", "verdict", "reason", "confirmed", "fingerprint",
                                "transcript", "detail", "tag"}  # as the README's API says: no `opening`
@@ -158,3 +166,110 @@ async def test_a_version_3_database_keeps_its_full_transcripts(tmp_path):
         assert texts_of(again.checks[0].result) == [line["text"] for line in full]
     finally:
         await store.close()
+
+
+# --- the budget ------------------------------------------------------------------------------------------------
+def _row(name: str, lines: list[TranscriptLine], opening: Opening | None = None) -> CheckResult:
+    return CheckResult(service="relay", host="192.0.2.1", port=25, name=name, verdict=Verdict.OPEN,
+                       reason="accepted_unconfirmed", transcript=lines, opening=opening, detail="accepted",
+                       tag="sys0123456789abcdef", fingerprint={"product": "Postfix", "version": None, "raw": "x"})
+
+
+def _cost(lines: list[TranscriptLine]) -> int:
+    return sum(len(json.dumps(line.to_dict())) + 1 for line in lines)
+
+
+def test_the_budget_cuts_lines_never_verdicts():
+    opening = Opening("s1", [TranscriptLine(0.0, "in", "220 " + "g" * 300)])
+    own = [TranscriptLine(0.1, "out", f"RCPT TO:<{i}>") for i in range(4)]
+    limit = _cost(list(opening.lines)) * 2 + _cost(own) + _cost(own[:2])  # room for two rows and a half
+    budget = EvidenceBudget(limit)
+    first = _row("relay.v1", [*opening.lines, *own], opening)
+    assert budget.admit(first) is first  # within the budget: untouched
+    second = budget.admit(_row("relay.v2", [*opening.lines, *own], opening))
+    assert second.opening is opening  # its opening still fits, then its own lines that fit, then the marker
+    assert [line.text for line in second.transcript] == [opening.lines[0].text, own[0].text, own[1].text, CUT_NOTE]
+    third = budget.admit(_row("relay.v3", [*opening.lines, *own], opening))
+    assert [line.text for line in third.transcript] == [CUT_NOTE] and third.opening is None
+    small = budget.admit(_row("relay.v4", [TranscriptLine(0.0, "info", "x")]))
+    assert [line.text for line in small.transcript] == [CUT_NOTE]  # once spent, every later row is cut
+    for row in (second, third, small):
+        assert (row.verdict, row.reason, row.detail, row.tag, row.fingerprint["product"]) == \
+            (Verdict.OPEN, "accepted_unconfirmed", "accepted", "sys0123456789abcdef", "Postfix")
+    assert budget.spent <= limit
+
+
+def test_an_opening_that_no_longer_fits_whole_is_shown_as_far_as_it_fits():
+    opening = Opening("s1", [TranscriptLine(0.0, "in", f"220-{i} " + "g" * 100) for i in range(3)])
+    budget = EvidenceBudget(_cost(list(opening.lines[:2])))
+    row = budget.admit(_row("relay.v1", [*opening.lines, TranscriptLine(0.1, "out", "RSET")], opening))
+    assert row.opening is None  # not referenced: the store keeps no more than the row shows
+    assert [line.text for line in row.transcript] == [opening.lines[0].text, opening.lines[1].text, CUT_NOTE]
+    assert budget.spent <= budget.limit
+
+
+def test_a_shared_opening_counts_for_every_row_that_shows_it():
+    opening = Opening("s1", [TranscriptLine(0.0, "in", "220 " + "g" * 1000)])
+    limit = 3 * _cost(list(opening.lines)) + 10
+    budget = EvidenceBudget(limit)
+    rows = [budget.admit(_row(f"relay.v{i}", list(opening.lines), opening)) for i in range(1, 6)]
+    assert [r.opening is opening for r in rows] == [True, True, True, False, False]
+    assert EVIDENCE_BUDGET == MIB
+
+
+# --- the whole site: 32 hostile hosts --------------------------------------------------------------------------
+async def test_an_audit_of_32_hostile_hosts_keeps_its_evidence_bounded(settings, tmp_path):
+    policy = fakes.HugeGreeting(binary=True)  # escaped, each greeting shows as about 60 KiB of text
+    first, last = greeting_texts(policy)
+    first_shown = "220-huge.test.example greeting line 00 "  # its printable beginning; the rest shows escaped
+    hosts = tuple(f"127.0.0.{i}" for i in range(1, 33))
+    async with fakes.FakeSmtpServer(policy, hosts) as server:
+        settings.relay_ports = [server.port]
+        settings.audit_deadline = 60
+        async with running_app(settings) as client:
+            auditor = client.app.state.sys.auditor
+            audit = await auditor.start(target="self", requester="127.0.0.1", hosts=list(hosts), services=["relay"])
+            await asyncio.wait_for(asyncio.shield(auditor._tasks[audit.id]), 90)
+            peaks = {}
+            for name, path in (("api", f"/api/v1/audits/{audit.id}"), ("page", f"/audits/{audit.id}"),
+                               ("events", f"/api/v1/audits/{audit.id}/events")):
+                tracemalloc.start()
+                try:
+                    peaks[name] = (await client.get(path), tracemalloc.get_traced_memory()[1])
+                finally:
+                    tracemalloc.stop()
+    (response, api_peak), (page, page_peak), (events, events_peak) = peaks["api"], peaks["page"], peaks["events"]
+    # what the site allocates at most while reading the audit and answering (the client's copy included); on main
+    # the answers alone were 51, 40 and 52 MiB
+    assert max(api_peak, page_peak, events_peak) < 24 * MIB, (api_peak, page_peak, events_peak)
+    db = settings.database_url.removeprefix("sqlite:///")
+    rows_count = 32 * 22
+    row_bytes, opening_bytes = stored_bytes(db)
+    assert row_bytes + opening_bytes <= MIB + rows_count * NOTE_ROOM  # on main: 50 MiB
+
+    assert response.status_code == 200
+    data = response.json()
+    assert len(response.content) < 3 * MIB  # on main: 51 MiB
+    checks = data["checks"]
+    assert len(checks) == rows_count
+    # verdicts and reasons are whole whatever the evidence budget did
+    assert {(c["verdict"], c["reason"]) for c in checks} == {("closed", "relay_denied")}
+    assert data["summary"]["relay"] == "closed"
+    texts = [[line["text"] for line in c["transcript"]] for c in checks]
+    whole = [t for t in texts if t[-1] != CUT_NOTE]
+    cut = [t for t in texts if t[-1] == CUT_NOTE]
+    assert whole and cut and len(whole) + len(cut) == rows_count
+    for t in whole:  # a row that kept its evidence shows its session's whole greeting, then its own dialogue
+        assert any(x.startswith(first_shown) for x in t) and t[-1].startswith("verdict: closed")
+    assert all(c["transcript"] and set(c["transcript"][0]) == {"t", "dir", "text"} for c in checks)
+    assert all("opening" not in c for c in checks)
+    # every stored opening is used by a row that shows it whole; none is stored twice
+    conn = sqlite3.connect(db)
+    used = conn.execute("SELECT COUNT(DISTINCT opening) FROM checks WHERE opening IS NOT NULL").fetchone()[0]
+    stored = conn.execute("SELECT COUNT(*) FROM openings").fetchone()[0]
+    conn.close()
+    assert used == stored > 0
+
+    assert page.status_code == 200 and len(page.content) < 3 * MIB  # on main: 40 MiB
+    assert "transcript cut: this audit" in page.text
+    assert len(events.content) < 3 * MIB and events.text.count("event: check") == rows_count
