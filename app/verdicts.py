@@ -147,7 +147,8 @@ class CheckResult:
     transcript: list[TranscriptLine] = field(default_factory=list)
     detail: str = ""
     tag: str | None = None  # the proof tag of a relayed message we wait for at our sink
-    # internal, never in the public JSON: the shared beginning of `transcript` (its first len(opening.lines) lines are opening.lines); None: all own
+    # internal, never in the public JSON: the shared beginning of `transcript`, whose first len(opening.lines)
+    # lines are opening.lines; None: every line is the check's own
     opening: Opening | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:

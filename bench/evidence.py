@@ -3,9 +3,10 @@
     .venv/bin/python bench/evidence.py [--hosts 32] [--greeting 16384]
 
 A fake SMTP server on 127.0.0.1 .. 127.0.0.N (one port, the same on every address) greets with a multi-line
-greeting of about `--greeting` bytes (non-printable bytes, each escaped as \\xNN in the evidence, unless --text) and refuses to relay. One relay audit of all N addresses runs in-process;
-then we print the transcript bytes stored in SQLite, the size of GET /api/v1/audits/{id}, of the result page and of
-one SSE replay, and how much the process's peak RSS grew while serving them. Everything stays on loopback.
+greeting of about `--greeting` bytes (bytes that the evidence escapes as \\xNN, unless --text) and refuses to
+relay. One relay audit of all N addresses runs in-process; then we print the transcript bytes stored in SQLite,
+the size of GET /api/v1/audits/{id}, of the result page and of one SSE replay, and how much the process's peak
+RSS grew while serving them. Everything stays on loopback.
 Set SYS_ROOT to measure another checkout (e.g. SYS_ROOT=/work/main for the numbers before a change).
 """
 
@@ -103,7 +104,8 @@ async def main(hosts_count: int, greeting: int, binary: bool) -> None:
           f"{len(data['checks'])} rows ({greeted} show the greeting); summary {data['summary']}")
     print(f"stored transcripts: {(checks + openings) / mib:.2f} MiB (rows {checks / mib:.2f} MiB, "
           f"shared openings {openings / mib:.2f} MiB)")
-    print(f"GET /api/v1/audits/id: {len(response.content) / mib:.2f} MiB JSON, peak RSS +{rss_api - rss_before:.0f} MiB")
+    print(f"GET /api/v1/audits/id: {len(response.content) / mib:.2f} MiB JSON, "
+          f"peak RSS +{rss_api - rss_before:.0f} MiB")
     print(f"GET /audits/id: {len(page.content) / mib:.2f} MiB HTML, peak RSS +{rss_page - rss_api:.0f} MiB")
     print(f"GET /api/v1/audits/id/events: {len(sse.content) / mib:.2f} MiB, peak RSS +{rss_sse - rss_page:.0f} MiB")
 
