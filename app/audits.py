@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
@@ -30,6 +31,53 @@ from app.store import Audit, Store, new_id
 from app.verdicts import CheckResult, TranscriptLine, Verdict, summarize_audit
 
 log = get_logger("audits")
+
+EVIDENCE_BUDGET = 1024 * 1024  # bytes of transcript one audit keeps, counted as its rows show them (JSON)
+CUT_NOTE = "… transcript cut: this audit's evidence reached 1 MiB"
+
+
+def _line_cost(line: TranscriptLine) -> int:
+    """What a line adds to the stored and the public JSON: its object as the store writes it, and a comma."""
+    return len(json.dumps(line.to_dict())) + 1
+
+
+class EvidenceBudget:
+    """At most `limit` bytes of transcript per audit, counted as the rows show them: a shared opening counts for
+    every row that shows it (the store keeps it once, so the stored bytes are fewer). Rows are admitted in the
+    order they are stored; the row that reaches the limit keeps its first lines that fit, every later row keeps
+    none, and each cut row ends with CUT_NOTE. Verdict, reason, detail and fingerprint are never touched."""
+
+    def __init__(self, limit: int = EVIDENCE_BUDGET) -> None:
+        self.limit = limit
+        self.spent = 0
+        self.exhausted = False
+        self._opening_costs: dict[str, int] = {}
+
+    def admit(self, result: CheckResult) -> CheckResult:
+        opening = result.opening
+        rest = result.transcript
+        kept_opening = None
+        if opening is not None and not self.exhausted:
+            cost = self._opening_costs.get(opening.key)
+            if cost is None:
+                cost = self._opening_costs[opening.key] = sum(_line_cost(line) for line in opening.lines)
+            if self.spent + cost <= self.limit:
+                self.spent += cost
+                kept_opening, rest = opening, result.own_lines
+        kept: list[TranscriptLine] = []
+        for line in rest:
+            cost = 0 if self.exhausted else _line_cost(line)
+            if self.exhausted or self.spent + cost > self.limit:
+                self.exhausted = True
+                break
+            self.spent += cost
+            kept.append(line)
+        else:
+            if kept_opening is opening:  # nothing cut
+                return result
+        last = result.transcript[-1].t if result.transcript else 0.0
+        shown = kept_opening.lines if kept_opening is not None else ()
+        return replace(result, transcript=[*shown, *kept, TranscriptLine(last, "info", CUT_NOTE)], opening=kept_opening)
 
 
 @dataclass(frozen=True)
@@ -227,11 +275,16 @@ class Auditor:
         results: dict[int, CheckResult] = {}
         seq = 0
         record_lock = asyncio.Lock()
+        budget = EvidenceBudget()
 
         async def record(result: CheckResult) -> None:
             nonlocal seq
             async with record_lock:  # seq follows the order in which results are stored
                 seq += 1
+                spent = budget.exhausted
+                result = budget.admit(result)
+                if budget.exhausted and not spent:
+                    log.warning("audit.evidence_cut", extra={"audit": audit_id, "seq": seq, "bytes": budget.spent})
                 await self.store.add_check(audit_id, seq, result)
                 results[seq] = result
                 self.events.publish(audit_id, Event("check", seq, result))

@@ -15,13 +15,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterable, Sequence, TypeVar
 
 from app.admission import Decision, Facts
 
-from app.verdicts import CheckResult, TranscriptLine
+from app.verdicts import CheckResult, Opening, TranscriptLine
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 UNFINISHED = ("queued", "running")
 T = TypeVar("T")
 
@@ -72,9 +72,16 @@ CREATE TABLE IF NOT EXISTS checks (
     transcript TEXT NOT NULL,
     detail TEXT NOT NULL,
     tag TEXT,
+    opening TEXT,  -- the key of the shared opening (in `openings`) that comes before `transcript`; NULL: none
     PRIMARY KEY (audit_id, seq)
 );
 CREATE INDEX IF NOT EXISTS checks_tag ON checks(tag) WHERE tag IS NOT NULL;
+CREATE TABLE IF NOT EXISTS openings (  -- a relay session's connect, greeting and EHLO: stored once, shown per row
+    audit_id TEXT NOT NULL REFERENCES audits(id) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    lines TEXT NOT NULL,
+    PRIMARY KEY (audit_id, key)
+);
 CREATE TABLE IF NOT EXISTS verifications (
     id_hash TEXT PRIMARY KEY,
     domain TEXT NOT NULL,
@@ -98,6 +105,8 @@ _MIGRATIONS: dict[int, list[str]] = {
         " address TEXT NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (audit_id, address))",
         "INSERT OR IGNORE INTO audit_addresses(audit_id, address, created_at)"
         " SELECT audits.id, json_each.value, audits.created_at FROM audits, json_each(audits.hosts)"],
+    # a check's shared opening, stored once in `openings` (created by _SCHEMA); older rows keep full transcripts
+    5: ["ALTER TABLE checks ADD COLUMN opening TEXT"],
 }
 
 
@@ -163,15 +172,36 @@ def _latest_covering(c: sqlite3.Connection, addresses: Sequence[str], since: flo
     return _audit_from_row(row) if row else None
 
 
-def _check_from_row(row: sqlite3.Row) -> StoredCheck:
+def _lines_json(lines: Iterable[TranscriptLine]) -> str:
+    return json.dumps([line.to_dict() for line in lines])
+
+
+def _lines(text: str) -> list[TranscriptLine]:
+    return [TranscriptLine(**line) for line in json.loads(text)]
+
+
+def _check_from_row(row: sqlite3.Row, openings: dict[str, Opening]) -> StoredCheck:
+    """A row's transcript is its shared opening (one object per audit, see _openings) followed by its own lines;
+    rows stored before version 5, and rows without an opening, hold every line themselves."""
+    own = _lines(row["transcript"])
+    opening = openings.get(row["opening"]) if row["opening"] else None
     result = CheckResult(
         service=row["service"], host=row["host"], port=row["port"], name=row["name"], verdict=row["verdict"],
         reason=row["reason"], confirmed=bool(row["confirmed"]),
         fingerprint=json.loads(row["fingerprint"]) if row["fingerprint"] else None,
-        transcript=[TranscriptLine(**line) for line in json.loads(row["transcript"])], detail=row["detail"],
-        tag=row["tag"],
+        transcript=[*opening.lines, *own] if opening is not None else own, detail=row["detail"],
+        tag=row["tag"], opening=opening,
     )
     return StoredCheck(seq=row["seq"], finished_at=row["finished_at"], result=result)
+
+
+def _openings(c: sqlite3.Connection, audit_id: str, key: str | None = None) -> dict[str, Opening]:
+    """The shared openings of an audit (or the one with `key`), each read once."""
+    if key is None:
+        rows = c.execute("SELECT key, lines FROM openings WHERE audit_id=?", (audit_id,))
+    else:
+        rows = c.execute("SELECT key, lines FROM openings WHERE audit_id=? AND key=?", (audit_id, key))
+    return {row["key"]: Opening(row["key"], _lines(row["lines"])) for row in rows}
 
 
 class Store:
@@ -307,40 +337,61 @@ class Store:
             (status, json.dumps(summary) if summary is not None else None, error, time.time(), audit_id)))
 
     async def add_check(self, audit_id: str, seq: int, result: CheckResult) -> float:
+        """The row with its own lines; its shared opening goes to `openings` with the first row that uses it."""
         finished_at = time.time()
-        data = result.to_dict()
-        await self._run(lambda c: c.execute(
-            "INSERT INTO checks(audit_id, seq, finished_at, service, host, port, name, verdict, reason, confirmed,"
-            " fingerprint, transcript, detail, tag) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (audit_id, seq, finished_at, result.service, result.host, result.port, result.name,
-             result.verdict.value, result.reason, int(result.confirmed),
-             json.dumps(data["fingerprint"]) if data["fingerprint"] is not None else None,
-             json.dumps(data["transcript"]), result.detail, result.tag)))
+        fingerprint = json.dumps(result.fingerprint) if result.fingerprint is not None else None
+        own = _lines_json(result.own_lines)
+        opening = result.opening
+
+        def _insert(c: sqlite3.Connection) -> None:
+            if opening is not None and not c.execute("SELECT 1 FROM openings WHERE audit_id=? AND key=?",
+                                                     (audit_id, opening.key)).fetchone():
+                c.execute("INSERT INTO openings(audit_id, key, lines) VALUES (?,?,?)",
+                          (audit_id, opening.key, _lines_json(opening.lines)))
+            c.execute(
+                "INSERT INTO checks(audit_id, seq, finished_at, service, host, port, name, verdict, reason,"
+                " confirmed, fingerprint, transcript, detail, tag, opening) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (audit_id, seq, finished_at, result.service, result.host, result.port, result.name,
+                 result.verdict.value, result.reason, int(result.confirmed), fingerprint, own, result.detail,
+                 result.tag, opening.key if opening is not None else None))
+        await self._run(_insert)
         return finished_at
 
     async def update_check(self, audit_id: str, seq: int, result: CheckResult) -> None:
-        """A later finding about a stored check (our sink received its message)."""
-        data = result.to_dict()
+        """A later finding about a stored check (our sink received its message); its opening stays as stored."""
+        own = _lines_json(result.own_lines)
         await self._run(lambda c: c.execute(
             "UPDATE checks SET verdict=?, reason=?, confirmed=?, transcript=?, detail=? WHERE audit_id=? AND seq=?",
-            (result.verdict.value, result.reason, int(result.confirmed), json.dumps(data["transcript"]),
-             result.detail, audit_id, seq)))
+            (result.verdict.value, result.reason, int(result.confirmed), own, result.detail, audit_id, seq)))
 
     async def find_check_by_tag(self, tag: str) -> tuple[str, StoredCheck] | None:
         def _find(c: sqlite3.Connection) -> tuple[str, StoredCheck] | None:
             row = c.execute("SELECT * FROM checks WHERE tag=?", (tag,)).fetchone()
-            return (row["audit_id"], _check_from_row(row)) if row else None
+            if row is None:
+                return None
+            openings = _openings(c, row["audit_id"], row["opening"]) if row["opening"] else {}
+            return row["audit_id"], _check_from_row(row, openings)
         return await self._run(_find)
 
-    async def get_audit(self, audit_id: str, with_checks: bool = True) -> Audit | None:
+    async def get_audit(self, audit_id: str, with_checks: bool = True, transcripts: bool = True) -> Audit | None:
+        """The audit; with its checks unless `with_checks` is false, and their transcripts unless `transcripts` is
+        false (comparing verdicts with a previous audit needs no evidence). An opening shared by several rows is
+        read once and its lines are the same objects in each of them."""
         def _get(c: sqlite3.Connection) -> Audit | None:
             row = c.execute("SELECT * FROM audits WHERE id=?", (audit_id,)).fetchone()
             if row is None:
                 return None
             audit = _audit_from_row(row)
             if with_checks:
-                audit.checks = [_check_from_row(r) for r in c.execute(
-                    "SELECT * FROM checks WHERE audit_id=? ORDER BY seq", (audit_id,))]
+                if transcripts:
+                    openings = _openings(c, audit_id)
+                    query = "SELECT * FROM checks WHERE audit_id=? ORDER BY seq"
+                else:
+                    openings = {}
+                    query = ("SELECT seq, finished_at, service, host, port, name, verdict, reason, confirmed,"
+                             " fingerprint, '[]' AS transcript, detail, tag, NULL AS opening FROM checks"
+                             " WHERE audit_id=? ORDER BY seq")
+                audit.checks = [_check_from_row(r, openings) for r in c.execute(query, (audit_id,))]
             return audit
         return await self._run(_get)
 

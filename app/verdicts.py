@@ -5,7 +5,7 @@ Pages, API, CLI and store all render from here; a reason code is never renamed, 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Iterable
 
@@ -111,6 +111,31 @@ class TranscriptLine:
     dir: str  # "out" (we sent), "in" (we received), "info" (what happened)
     text: str
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "dir": self.dir, "text": self.text}
+
+
+class Opening:
+    """The shared beginning of several checks' transcripts: a relay session's connect, greeting, EHLO and STARTTLS,
+    which every variant tested on that connection shows first. Stored once per audit and referenced by its rows;
+    `key` is unique within an audit. The lines are shared objects, never copied per row."""
+
+    __slots__ = ("key", "lines", "_dicts")
+
+    def __init__(self, key: str, lines: Iterable[TranscriptLine]) -> None:
+        self.key = key
+        self.lines: tuple[TranscriptLine, ...] = tuple(lines)
+        self._dicts: list[dict[str, Any]] | None = None
+
+    def dicts(self) -> list[dict[str, Any]]:
+        """The lines as JSON objects, made once and shared by every row that shows this opening (read-only)."""
+        if self._dicts is None:
+            self._dicts = [line.to_dict() for line in self.lines]
+        return self._dicts
+
+    def __repr__(self) -> str:
+        return f"Opening({self.key!r}, {len(self.lines)} lines)"
+
 
 @dataclass
 class CheckResult:
@@ -125,16 +150,37 @@ class CheckResult:
     transcript: list[TranscriptLine] = field(default_factory=list)
     detail: str = ""
     tag: str | None = None  # the proof tag of a relayed message we wait for at our sink
+    # internal, never in the public JSON: the shared beginning of `transcript`, whose first len(opening.lines)
+    # lines are opening.lines; None: every line is the check's own
+    opening: Opening | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.reason not in REASONS:
             raise ValueError(f"unknown reason code {self.reason!r}")
         self.verdict = Verdict(self.verdict)
+        if self.opening is not None and not _starts_with(self.transcript, self.opening.lines):
+            raise ValueError("a check's transcript must begin with the opening it references")
+
+    @property
+    def own_lines(self) -> list[TranscriptLine]:
+        """The lines after the shared opening (all lines when there is none)."""
+        return self.transcript[len(self.opening.lines):] if self.opening is not None else self.transcript
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["verdict"] = self.verdict.value
-        return data
+        """The public form (README's API: DESIGN.md's contract plus `detail` and `tag`); `opening` stays out. A
+        shared opening's line objects are the same in every row that shows it: no copy per row."""
+        opening = self.opening.dicts() if self.opening is not None else []
+        return {
+            "service": self.service, "host": self.host, "port": self.port, "name": self.name,
+            "verdict": self.verdict.value, "reason": self.reason, "confirmed": self.confirmed,
+            "fingerprint": dict(self.fingerprint) if self.fingerprint is not None else None,
+            "transcript": [*opening, *(line.to_dict() for line in self.own_lines)],
+            "detail": self.detail, "tag": self.tag,
+        }
+
+
+def _starts_with(lines: list[TranscriptLine], prefix: tuple[TranscriptLine, ...]) -> bool:
+    return len(lines) >= len(prefix) and all(a is b or a == b for a, b in zip(lines, prefix))
 
 
 def escape_bytes(data: bytes, limit: int = 2000) -> str:

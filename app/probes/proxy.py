@@ -527,4 +527,4 @@ def _result(check: ProxyCheck, host: str, port: int, verdict: Verdict, reason: s
             transcript: Transcript, fingerprint: dict[str, str | None] | None) -> CheckResult:
     return CheckResult(service="proxy", host=host, port=port, name=f"proxy.{check.id}", verdict=verdict,
                        reason=reason, confirmed=verdict is Verdict.OPEN, fingerprint=fingerprint,
-                       transcript=transcript.lines, detail=note)
+                       transcript=transcript.lines, detail=note, opening=transcript.opening)

@@ -370,7 +370,8 @@ async def run_port(emit: Emit, slot: SlotFactory, host: str, port: int, options:
         await emit(CheckResult(
             service="relay", host=host, port=port, name=f"relay.{variant.id}", verdict=outcome.verdict,
             reason=outcome.reason, fingerprint=fingerprints.get("port"), transcript=transcript.lines,
-            detail=outcome.note, tag=tag if outcome.reason == "accepted_unconfirmed" else None))
+            detail=outcome.note, tag=tag if outcome.reason == "accepted_unconfirmed" else None,
+            opening=transcript.opening))
 
     chunks = [variants[i:i + VARIANTS_PER_SESSION] for i in range(0, len(variants), VARIANTS_PER_SESSION)]
     started = Transcript()

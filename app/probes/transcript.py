@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 
-from app.verdicts import TranscriptLine, escape_bytes
+from app.verdicts import Opening, TranscriptLine, escape_bytes
 
 MAX_TRANSCRIPT_BYTES = 64 * 1024
 
@@ -18,6 +19,8 @@ class Transcript:
         self.lines: list[TranscriptLine] = []
         self._size = 0
         self._truncated = False
+        self.opening: Opening | None = None  # the first lines, shared with other transcripts (see fork)
+        self._shared: Opening | None = None  # what this transcript's forks share, while it has not grown
 
     def add(self, direction: str, data: bytes | str) -> None:
         text = escape_bytes(data) if isinstance(data, bytes) else data
@@ -34,11 +37,21 @@ class Transcript:
         self.add("info", text)
 
     def fork(self) -> "Transcript":
-        """A copy that shares the lines so far (a session's greeting) and grows on its own."""
+        """A copy that shares the lines so far (a session's greeting) and grows on its own.
+
+        The shared lines become the copy's `opening`, one object for every fork of the same lines, so that the
+        store keeps them once and the rows of a session reference them. A fork of a fork keeps the first opening
+        (the lines after it are that check's own and are copied)."""
         copy = Transcript(self.started, self.limit)
         copy.lines = list(self.lines)
         copy._size = self._size
         copy._truncated = self._truncated
+        if self.opening is not None:
+            copy.opening = self.opening
+        elif self.lines:
+            if self._shared is None or len(self._shared.lines) != len(self.lines):
+                self._shared = Opening(secrets.token_hex(8), self.lines)
+            copy.opening = self._shared
         return copy
 
     def _now(self) -> float:

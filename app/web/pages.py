@@ -178,7 +178,8 @@ async def audit_page(request: Request, audit_id: str) -> HTMLResponse:
     audit = await load_audit(request, audit_id)
     app_state = state(request)
     chain = await app_state.store.retest_chain(audit.id, limit=20)
-    previous = await app_state.store.get_audit(audit.previous_id) if audit.previous_id else None
+    previous = (await app_state.store.get_audit(audit.previous_id, transcripts=False)
+                if audit.previous_id else None)
     latest = await in_cooldown(request, audit)
     report = build_report(audit, app_state.guides, previous, app_state.settings.target_cooldown,
                           latest.created_at if latest else None)

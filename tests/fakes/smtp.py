@@ -78,23 +78,39 @@ class Policy:
 
 
 class FakeSmtpServer:
-    def __init__(self, policy: Policy) -> None:
+    """The policy on 127.0.0.1, or on several loopback addresses (127.0.0.x, Linux answers on all of 127/8) at one
+    common port, as a domain's mail hosts that share a port number."""
+
+    def __init__(self, policy: Policy, hosts: tuple[str, ...] = ("127.0.0.1",)) -> None:
+        assert hosts and all(h.startswith("127.") for h in hosts), "fakes listen on loopback only"
         self.policy = policy
-        self._server: asyncio.base_events.Server | None = None
+        self.hosts = hosts
+        self._servers: list[asyncio.base_events.Server] = []
 
     async def __aenter__(self) -> "FakeSmtpServer":
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self
+        for _ in range(10):  # bounded: the free port of the first address may be taken on another
+            first = await asyncio.start_server(self._handle, self.hosts[0], 0)
+            port = first.sockets[0].getsockname()[1]
+            try:
+                rest = [await asyncio.start_server(self._handle, list(self.hosts[1:]), port)] if self.hosts[1:] else []
+            except OSError:
+                first.close()
+                await first.wait_closed()
+                continue
+            self._servers = [first, *rest]
+            return self
+        raise OSError(f"no common free port on {len(self.hosts)} loopback addresses")
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            await server.wait_closed()
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return self._server.sockets[0].getsockname()[1]
+        assert self._servers
+        return self._servers[0].sockets[0].getsockname()[1]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         policy = self.policy
@@ -270,6 +286,23 @@ class EndlessMultiline(Policy):
                 except ConnectionError:
                     return False
         return False
+
+
+class HugeGreeting(Policy):
+    """A hostile greeting of about `size` bytes in many `220-` lines (each line numbered, so a test can find every
+    one of them), under our reader's bounds of 64 lines and 16 KiB a reply; `binary` fills the lines with bytes
+    that the evidence shows escaped (\\xNN, four characters each). Then it refuses to relay, like Postfix."""
+
+    LINE = 250
+
+    def __init__(self, size: int = 16 * 1024, binary: bool = False) -> None:
+        super().__init__()
+        count = max(1, min(62, size // self.LINE))
+        fill = bytes(range(0x80, 0x100)) * 2 if binary else b"x" * self.LINE
+        self.greeting_lines = [(f"huge.test.example greeting line {i:02d} ".encode() + fill)[:self.LINE - 6]
+                               for i in range(count)]
+        self.banner = b"".join(b"220-" + line + b"\r\n" for line in self.greeting_lines) + \
+            b"220 huge.test.example ESMTP the end of a long greeting\r\n"
 
 
 class Garbage(Policy):
