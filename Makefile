@@ -44,6 +44,7 @@ bench: install-test ## Benchmarks against real servers, with nmap as the baselin
 	$(VENV_PYTHON) bench/relay.py
 	$(VENV_PYTHON) bench/proxy.py
 	$(VENV_PYTHON) bench/abuse.py
+	$(VENV_PYTHON) bench/evidence.py
 
 bench-abuse: install-test ## The most traffic one address can get through the site per hour, beside the README's bounds
 	$(VENV_PYTHON) bench/abuse.py

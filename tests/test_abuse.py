@@ -254,3 +254,47 @@ async def test_a_hundred_concurrent_audits_of_one_real_postfix_give_no_false_tim
     assert reasons["timeout"] == 0 and sum(reasons.values()) == 100 * 22, reasons
     assert {d["summary"]["relay"] for d in results} == {"closed"}, reasons
     print(f"100 audits of one Postfix in {took:.1f} s: {dict(reasons)}")
+
+
+# --- row 11: bounded evidence, through a real serve --------------------------------------------------------------
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_hostile_greetings_on_32_hosts_keep_the_audit_within_its_evidence_bound(tmp_path):
+    """On the old main a 16 KiB greeting on 32 hosts stored 60 MB of JSON and each GET grew the site by 150 MiB."""
+    from fakes import smtp as fakes
+
+    hosts = tuple(f"127.0.0.{n}" for n in range(1, 33))
+    policy = fakes.HugeGreeting()
+    async with FakeDns() as dns, fakes.FakeSmtpServer(policy, hosts) as server:
+        dns.set("hostile.test", "MX", ["10 mx.hostile.test.", "20 mx2.hostile.test."])  # 16 addresses a name at most
+        dns.set("mx.hostile.test", "A", list(hosts[:16]))
+        dns.set("mx2.hostile.test", "A", list(hosts[16:]))
+        env = {**BASE_ENV, "SECURE_DNS_SERVERS": dns.server, "SECURE_RELAY_PORTS": str(server.port),
+               "SECURE_PROXY_PORTS": "", "SECURE_MAX_HOSTS_PER_AUDIT": "32"}
+        with ServedSite(tmp_path, env) as site:
+            async with httpx.AsyncClient(base_url=site.url, timeout=30) as client:
+                verification = await verified(client, dns, "hostile.test")
+                answer = await client.post("/api/v1/audits", json={"target": "hostile.test", "checks": ["relay"],
+                                                                   "verification": verification})
+                audit_id = answer.json()["id"]
+                await wait_all_done(site.url, [audit_id], seconds=120)
+                before = rss_kib(site.process.pid)
+                body = (await client.get(f"/api/v1/audits/{audit_id}")).content
+                page = (await client.get(f"/audits/{audit_id}")).content
+                grown = rss_kib(site.process.pid) - before
+            with sqlite3.connect(site.db) as conn:
+                stored = conn.execute("SELECT COALESCE(SUM(LENGTH(transcript)), 0) FROM checks").fetchone()[0]
+                stored += conn.execute("SELECT COALESCE(SUM(LENGTH(lines)), 0) FROM openings").fetchone()[0]
+    data = httpx.Response(200, content=body).json()
+    assert len({c["host"] for c in data["checks"]}) == 32 and len(data["checks"]) == 32 * 22
+    assert {c["reason"] for c in data["checks"]} == {"relay_denied"}  # a cut transcript never changes a verdict
+    assert stored <= 2**20 + 256 * len(data["checks"]), stored
+    assert len(body) < 3 * 2**20 and len(page) < 3 * 2**20, (len(body), len(page))
+    assert grown < 64 * 1024, grown
+    print(f"32 hosts, 16 KiB greetings: stored {stored / 2**20:.2f} MiB, GET {len(body) / 2**20:.2f} MiB, "
+          f"page {len(page) / 2**20:.2f} MiB, serve RSS +{grown / 1024:.1f} MiB")
