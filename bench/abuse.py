@@ -127,32 +127,22 @@ def one_requester(seconds: float) -> Callable[[str, FakeDns, Path], Awaitable[No
     return attack
 
 
-def many_requesters(seconds: float) -> Callable[[str, FakeDns, Path], Awaitable[None]]:
-    async def attack(url: str, dns: FakeDns, db: Path) -> None:  # 20 addresses, each with its own verified name
-        names: dict[str, tuple[str, str]] = {}
-        for n, name in enumerate(names_for(dns, 20, "req")):
-            local = f"127.0.1.{n + 1}"
-            vid = await verify(url, dns, name, local=local)
+def requesters(seconds: float, count: int, prefix: str,
+               identity: Callable[[int], tuple[str | None, dict[str, str] | None]]
+               ) -> Callable[[str, FakeDns, Path], Awaitable[None]]:
+    """`count` requesters, each verifying its own name for the victim (`identity(n)`: the local address it
+    connects from, or the forwarding header a trusted proxy sets), then all starting audits all the time."""
+    async def attack(url: str, dns: FakeDns, db: Path) -> None:
+        names: dict[str, tuple[str, str | None, dict[str, str] | None]] = {}
+        for n, name in enumerate(names_for(dns, count, prefix)):
+            local, headers = identity(n)
+            vid = await verify(url, dns, name, local=local, headers=headers)
             if vid:
-                names[name] = (vid, local)
+                names[name] = (vid, local, headers)
 
         async def step(_round: int) -> None:
-            await asyncio.gather(*(domain_audits(url, {n: v}, local=local) for n, (v, local) in names.items()))
-        await pound(seconds, step)
-    return attack
-
-
-def one_64(seconds: float) -> Callable[[str, FakeDns, Path], Awaitable[None]]:
-    async def attack(url: str, dns: FakeDns, db: Path) -> None:  # 40 addresses of one /64, each verifying names
-        names: dict[str, tuple[str, dict[str, str]]] = {}
-        for n, name in enumerate(names_for(dns, 40, "six")):
-            headers = {"X-Forwarded-For": f"2001:db8:7:7::{n + 1:x}"}
-            vid = await verify(url, dns, name, headers=headers)
-            if vid:
-                names[name] = (vid, headers)
-
-        async def step(_round: int) -> None:
-            await asyncio.gather(*(domain_audits(url, {n: v}, headers=h) for n, (v, h) in names.items()))
+            await asyncio.gather(*(domain_audits(url, {n: v}, local=local, headers=headers)
+                                   for n, (v, local, headers) in names.items()))
         await pound(seconds, step)
     return attack
 
@@ -187,8 +177,9 @@ async def main(seconds: float) -> int:
     trusted = {"SECURE_TRUSTED_PROXIES": "127.0.0.1/32"}
     runs = [
         await scenario("one requester", seconds, one_requester(seconds)),
-        await scenario("20 requesters", seconds, many_requesters(seconds)),
-        await scenario("one IPv6 /64", seconds, one_64(seconds), trusted),
+        await scenario("20 requesters", seconds, requesters(seconds, 20, "req", lambda n: (f"127.0.1.{n + 1}", None))),
+        await scenario("one IPv6 /64", seconds, requesters(  # 40 addresses of one /64, behind a trusted proxy
+            seconds, 40, "six", lambda n: (None, {"X-Forwarded-For": f"2001:db8:7:7::{n + 1:x}"})), trusted),
         await scenario("20 names, one address", seconds, many_names(seconds)),
         await scenario("verification checks", seconds, verification_checks(seconds)),
     ]

@@ -114,17 +114,23 @@ def test_a_keep_alive_connection_gets_the_same_bound_for_its_next_request(tmp_pa
 
 
 # --- idle connections against a small descriptor limit ----------------------------------------------------------
+async def healthz_while_held(site: ServedSite, pairs: list) -> tuple[float, list, int]:
+    """How fast /healthz answers while `pairs` are held, which of them the site closed within 1 s, how many stayed
+    open; then closes them all."""
+    start = time.monotonic()
+    answered = await healthz_seconds(site)
+    closes = await asyncio.gather(*(closed_after(reader, start, 1.0) for reader, _w in pairs))
+    close_all([writer for _r, writer in pairs])
+    return answered, closes, sum(c is None for c in closes)
+
+
 def test_idle_connections_do_not_starve_the_site_with_128_descriptors(tmp_path):
     env = {"SECURE_REQUEST_HEAD_TIMEOUT": "30"}  # long: the caps, not the timer, must keep the site answering
 
     async def attack(site: ServedSite) -> None:
         # one address: the per-address cap (32) closes the rest at once
         pairs = await asyncio.gather(*(connect(site, "127.0.0.2") for _ in range(150)))
-        start = time.monotonic()
-        answered = await healthz_seconds(site)
-        closes = await asyncio.gather(*(closed_after(reader, start, 1.0) for reader, _w in pairs))
-        still_open = sum(c is None for c in closes)
-        close_all([writer for _r, writer in pairs])
+        answered, closes, still_open = await healthz_while_held(site, pairs)
         print(f"150 idle connections from one address, ulimit -n 128: {still_open} kept open, "
               f"/healthz answered in {answered:.3f} s")
         assert answered < 1.0 and still_open == 32
@@ -135,11 +141,7 @@ def test_idle_connections_do_not_starve_the_site_with_128_descriptors(tmp_path):
         pairs = []
         for source in sources:  # one by one, so that the oldest are the first ones
             pairs.append(await connect(site, source))
-        start = time.monotonic()
-        answered = await healthz_seconds(site)
-        closes = await asyncio.gather(*(closed_after(reader, start, 1.0) for reader, _w in pairs))
-        still_open = sum(c is None for c in closes)
-        close_all([writer for _r, writer in pairs])
+        answered, closes, still_open = await healthz_while_held(site, pairs)
         print(f"150 idle connections from 15 addresses, ulimit -n 128: {still_open} kept open, "
               f"/healthz answered in {answered:.3f} s")
         assert answered < 1.0 and still_open <= 64
