@@ -363,19 +363,27 @@ class Auditor:
     async def follow(self, audit_id: str, keepalive: float = 15.0) -> AsyncIterator[Event | None]:
         """Every event of an audit: the stored checks first, then the live ones, then `done`.
 
-        Yields None as a keep-alive when nothing happened for `keepalive` seconds.
+        A row that changes after it was sent (our sink received its message: `confirmed`) is sent again with its
+        final state, always before `done`. Yields None as a keep-alive when nothing happened for `keepalive` s.
         """
         queue = self.events.subscribe(audit_id)  # before reading the store, so nothing falls in between
+        sent: dict[int, tuple[str, str, bool]] = {}  # seq -> the state the follower has seen
+
+        def news(event: Event) -> bool:
+            state = _state(event.data)
+            if sent.get(event.seq) == state:
+                return False
+            sent[event.seq] = state
+            return True
         try:
-            sent: set[int] = set()
             while True:
                 audit = await self.store.get_audit(audit_id)
                 if audit is None:
                     return
                 for stored in audit.checks:
-                    if stored.seq not in sent:
-                        sent.add(stored.seq)
-                        yield Event("check", stored.seq, stored.result)
+                    event = Event("check", stored.seq, stored.result)
+                    if news(event):
+                        yield event
                 if audit.finished:
                     yield Event("done", -1, {"status": audit.status, "summary": audit.summary})
                     return
@@ -383,9 +391,8 @@ class Auditor:
                     while True:
                         event = await asyncio.wait_for(queue.get(), keepalive)
                         if event.kind == "done":
-                            break  # re-read the store: it holds every check and the final status
-                        if event.seq not in sent:
-                            sent.add(event.seq)
+                            break  # re-read the store: it holds every check in its final state, and the status
+                        if news(event):
                             yield event
                 except TimeoutError:
                     yield None
@@ -400,6 +407,10 @@ class Auditor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _state(result: CheckResult) -> tuple[str, str, bool]:
+    return (str(result.verdict), result.reason, result.confirmed)
 
 
 def _row(unit: PlannedCheck, name: str, verdict: Verdict, reason: str, note: str) -> CheckResult:

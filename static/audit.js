@@ -28,7 +28,15 @@
   var etaText = root.getAttribute("data-eta") || ", about {eta} seconds left";
   source.addEventListener("check", function (ev) {
     var check = JSON.parse(ev.data);
-    if (seen[check.seq]) { return; }
+    var known = seen[check.seq];
+    if (known) {  // the same row in its final state (our sink received its message): update it in place
+      if (known.nodeType) {
+        known.className = "verdict-" + check.verdict;
+        known.children[3].firstChild.textContent = check.verdict + " (" + check.reason + ")";
+        known.children[4].textContent = check.detail || "";
+      }
+      return;
+    }
     seen[check.seq] = true;
     if (check.seq <= count) { return; }  // already rendered by the server
     count += 1;
@@ -42,6 +50,7 @@
     cell(tr, check.verdict + " (" + check.reason + ")", "badge");
     cell(tr, check.detail || "");
     rows.appendChild(tr);
+    seen[check.seq] = tr;
     if (progress) { progress.textContent = ofText.replace("%(done)s", count).replace("%(planned)s", planned); }
     if (bar) { bar.value = count; }
     if (eta && count > 0 && planned > count) {

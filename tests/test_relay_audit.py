@@ -90,3 +90,34 @@ async def test_store_migrates_a_version_1_database(tmp_path):
     assert audit.requester_key == "192.0.2.1"
     assert await store.addresses_of(audit.id) == ["192.0.2.1"]
     await store.close()
+
+
+async def test_a_live_follower_sees_every_row_confirmed_before_done(settings, store, sink):
+    """Issue 11: the upgrade of a row to `confirmed` was stored but never streamed to a live follower."""
+    settings.relay_ports = []
+    settings.probe_domain = PROBE_DOMAIN
+    policy = fakes.OpenRelay()
+    policy.sink = ("127.0.0.1", sink.port, PROBE_DOMAIN)
+    async with fakes.FakeSmtpServer(policy) as server:
+        settings.relay_ports = [server.port]
+        auditor = Auditor(settings, store, sink=sink)
+        sink.on_delivery = auditor.delivered
+        audit = await auditor.start(target="self", requester="127.0.0.1", hosts=["127.0.0.1"], services=["relay"])
+        seen: list = []
+        async with asyncio.timeout(30):
+            async for event in auditor.follow(audit.id, keepalive=5):
+                if event is None:
+                    continue
+                seen.append(event)
+                if event.kind == "done":
+                    break
+    assert seen[-1].kind == "done" and seen[-1].data["summary"] == {"relay": "open", "proxy": None}
+    checks = [e for e in seen if e.kind == "check"]
+    final = {e.seq: e.data for e in checks}  # the last state sent for each row
+    assert len(final) == 22
+    assert {(r.reason, r.confirmed) for r in final.values()} == {("delivered", True)}
+    # followed live, not replayed: each row was first sent as accepted, then again once our sink had its message
+    states = {}
+    for event in checks:
+        states.setdefault(event.seq, []).append((event.data.reason, event.data.confirmed))
+    assert {tuple(s) for s in states.values()} == {(("accepted_unconfirmed", False), ("delivered", True))}

@@ -37,3 +37,38 @@ def test_relay_audit_over_http_against_real_postfix(tmp_path, postfix_ok, kind, 
         assert f"127.0.0.1 port {instance.port}: v" in page
     else:
         assert "We found no open relay" in page
+
+
+def test_a_live_event_stream_ends_with_every_row_confirmed_against_real_postfix(tmp_path, postfix_ok):
+    """Issue 11: a follower of /events saw the open rows as `accepted_unconfirmed` forever; the page hid it by
+    reloading. Followed live from the start, each row must end `delivered`/confirmed before `done`."""
+    import json
+
+    sink_port = free_port()
+    instance = start_postfix(tmp_path, "open", sink_port=sink_port)
+    try:
+        env = {"SECURE_ALLOW_NETWORKS": "127.0.0.0/8", "SECURE_RELAY_PORTS": str(instance.port),
+               "SECURE_PROXY_PORTS": "", "SECURE_SINK_LISTEN": f"127.0.0.1:{sink_port}",
+               "SECURE_PROBE_DOMAIN": "sink.test.example", "SECURE_PROBE_HELO": "probe.test.example",
+               "SECURE_SINK_WAIT": "10"}
+        with ServedSite(tmp_path, env) as site:
+            audit_id = httpx.post(site.url + "/api/v1/audits", json={"target": "self", "checks": ["relay"]},
+                                  timeout=5).json()["id"]
+            text = ""
+            with httpx.stream("GET", f"{site.url}/api/v1/audits/{audit_id}/events", timeout=60) as response:
+                for chunk in response.iter_text():  # bounded: the server ends the stream after `done`
+                    text += chunk
+                    if "event: done" in text:
+                        break
+    finally:
+        instance.stop()
+    events = [block.split("\n") for block in text.split("\n\n") if block.startswith("event:")]
+    assert events[-1][0] == "event: done"
+    checks = [json.loads(lines[1].removeprefix("data: ")) for lines in events if lines[0] == "event: check"]
+    history: dict[int, list[tuple[str, bool]]] = {}
+    for check in checks:
+        history.setdefault(check["seq"], []).append((check["reason"], check["confirmed"]))
+    assert len(history) == 22
+    assert {states[-1] for states in history.values()} == {("delivered", True)}
+    # live, not replayed: at least one row was seen accepted first and confirmed later, on the same stream
+    assert any(states[0] == ("accepted_unconfirmed", False) for states in history.values())
