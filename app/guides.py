@@ -29,6 +29,36 @@ SERVICES = ("relay", "proxy", "general")
 PRODUCT_SECTIONS = (N_("What you see"), N_("Check"), N_("Fix"), N_("Reload"), N_("Verify"), N_("Re-test"))
 VALIDATORS = ("postfix-main", "postfix-master", "squid", "exim", "sendmail-mc", "nginx", "apache", "tinyproxy",
               "privoxy", "dante", "none")
+# Products (as named in the front matter's `products`) whose configuration a validator here reads: software Debian
+# packages, which the tests install and run (tests/snippet_validators.py). Every configuration block of their guides
+# is validated by one of these; `validate=none` there is only for commands to type, or names why= it cannot be.
+VALIDATED_PRODUCTS: dict[str, tuple[str, ...]] = {
+    "Postfix": ("postfix-main", "postfix-master"), "Sendmail": ("sendmail-mc",), "Exim": ("exim",),
+    "Squid": ("squid",), "Apache httpd": ("apache",), "nginx": ("nginx",), "tinyproxy": ("tinyproxy",),
+    "Privoxy": ("privoxy",), "Dante": ("dante",),
+}
+# Products no validator here can check, each with the reason. A product guide names a product of one of the lists.
+UNVALIDATED_PRODUCTS: dict[str, str] = {
+    "Microsoft Exchange": "Windows only, configured through the Exchange Management Shell or its admin center",
+    "Microsoft IIS SMTP": "Windows only, configured in the IIS 6.0 Manager",
+    "Microsoft ISA / Forefront TMG": "Windows only, configured in its management console",
+    "hMailServer": "Windows only, configured in its administrator program",
+    "MDaemon": "Windows only, configured in its own interface",
+    "CCProxy": "Windows only, configured in its own interface",
+    "WinGate": "Windows only, configured in its own interface",
+    "HCL/Lotus Domino": "proprietary, configured in the Domino Administrator client",
+    "Zimbra": "its own packages, not Debian's; configured with zmprov commands",
+    "qmail": "configured by one-line control files and a tcprules database; no checker of them is installed here",
+    "OpenSMTPD": "not installed in the test image yet: no validator here",
+    "Apache Traffic Server": "not installed in the test image yet: no validator here",
+    "3proxy": "not installed in the test image yet: no validator here",
+}
+COMMAND_LANGUAGES = ("sh", "powershell", "bat")  # blocks of commands to type: validate=none is right for them
+# Why a configuration block of a validated product may stay unvalidated (written `why=<key>` after validate=none)
+UNVALIDATED_BLOCKS = {
+    "old-version": "syntax for an older release than the validator runs (the guide says which)",
+    "map-file": "a lookup table the product compiles separately (e.g. Sendmail's access map), not read by the validator",
+}
 REQUIRED = ("slug", "title", "service", "products", "sources", "updated")
 SITE_PATHS = {"/", "/start", "/guides", "/privacy", "/docs"}
 FIX_ANCHOR = "fix"
@@ -40,6 +70,7 @@ class CodeBlock:
     validate: str | None
     content: str
     line: int
+    why: str | None = None  # why a configuration block is not validated (UNVALIDATED_BLOCKS)
 
 
 @dataclass
@@ -162,7 +193,7 @@ class GuideLibrary:
             elif token.type == "fence":
                 language, attrs = _fence_info(token.info)
                 line = (token.map[0] + 1) if token.map else 0
-                guide.blocks.append(CodeBlock(language, attrs.get("validate"), token.content, line))
+                guide.blocks.append(CodeBlock(language, attrs.get("validate"), token.content, line, attrs.get("why")))
                 words.append(token.content)
             elif token.type == "inline":
                 words.append(_inline_text(token))
@@ -228,6 +259,7 @@ class GuideLibrary:
                 if block.validate not in VALIDATORS:
                     found.append(f"{where}:{block.line}: code block needs validate= one of {VALIDATORS}"
                                  f" (has {block.validate!r})")
+            found.extend(_validation_problems(guide))
             for href in guide.links:
                 problem = self._link_problem(guide, href)
                 if problem:
@@ -252,6 +284,31 @@ class GuideLibrary:
                 return f"no section #{anchor} in that guide"
             return None
         return "not a page of this site"
+
+
+def _validation_problems(guide: Guide) -> list[str]:
+    """A product guide names a product of VALIDATED_PRODUCTS or UNVALIDATED_PRODUCTS; in a guide of a validated
+    product, every block but commands to type is validated (or says why= it cannot be)."""
+    if guide.service == "general":
+        return []
+    known = [p for p in guide.products if p in VALIDATED_PRODUCTS or p in UNVALIDATED_PRODUCTS]
+    if not known:
+        return [f"{guide.path}: products {guide.products} are in neither VALIDATED_PRODUCTS nor UNVALIDATED_PRODUCTS"
+                " (app/guides.py): name the validator of its snippets, or say why none can check them"]
+    validators = [v for p in guide.products for v in VALIDATED_PRODUCTS.get(p, ())]
+    if not validators:
+        return []
+    found = []
+    for block in guide.blocks:
+        if block.validate != "none" or block.language in COMMAND_LANGUAGES:
+            continue
+        if block.why in UNVALIDATED_BLOCKS:
+            continue
+        found.append(f"{guide.path}:{block.line}: this {block.language or 'plain'} block of {'/'.join(guide.products)}"
+                     f" needs validate={' or validate='.join(validators)}: validate=none is only for commands to"
+                     f" type ({', '.join(COMMAND_LANGUAGES)}) or with why= one of {list(UNVALIDATED_BLOCKS)}"
+                     + (f" (has why={block.why!r})" if block.why else ""))
+    return found
 
 
 def guide_url(guide: Guide, section: str = "") -> str:

@@ -1,7 +1,8 @@
 """Shared fixtures: settings on a temporary database, the app with its lifespan, loopback ports in every state.
 
 Tests only ever touch loopback. A test that needs a real server (chromium, postfix, ...) calls
-`support.require_binary`, which fails under CI=true and skips otherwise.
+`support.require_binary`; anything else it needs and may not find here goes through `support.skip_or_fail`. Both
+fail under CI=true and skip otherwise.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import AsyncIterator, Iterator
 
 import httpx
 import pytest
-from support import free_port, running_app
+from support import free_port, running_app, skip_or_fail
 
 from app.config import Settings
 
@@ -110,20 +111,12 @@ def require_postfix() -> None:
     try:
         postfix_available()
     except PostfixUnavailable as exc:
-        _skip_or_fail(str(exc))
+        skip_or_fail(str(exc))
 
 
 @pytest.fixture
 def postfix_ok() -> None:
     require_postfix()
-
-
-def _skip_or_fail(message: str) -> None:
-    import os
-
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def require_proxy(binary: str) -> None:
@@ -136,7 +129,7 @@ def require_proxy(binary: str) -> None:
     try:
         available(path)
     except ProxyUnavailable as exc:
-        _skip_or_fail(str(exc))
+        skip_or_fail(str(exc))
 
 
 @pytest.fixture
@@ -148,7 +141,7 @@ def proxies(tmp_path: Path):
     stopped (in parallel) after the test. See tests/servers/proxies.py."""
     from servers.proxies import ProxySet
 
-    pool = ProxySet(tmp_path / "proxies", on_unavailable=_skip_or_fail)
+    pool = ProxySet(tmp_path / "proxies", on_unavailable=skip_or_fail)
     yield pool
     pool.stop_all()
 

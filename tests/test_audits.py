@@ -24,6 +24,8 @@ def fake_planner(behaviour, tracker=None):
                             return  # ends without the row it promised
                         if isinstance(action, float):
                             await asyncio.sleep(action)
+                        if isinstance(action, asyncio.Event):
+                            await action.wait()  # held until the test lets it finish
                         result = CheckResult("proxy", host, port, "proxy.fake", Verdict.CLOSED, "destination_denied")
                     finally:
                         if tracker is not None:
@@ -147,24 +149,43 @@ async def test_real_reachability_audit_end_to_end(settings, store, open_port, re
 
 
 async def test_follow_replays_stored_checks_then_live_ones_then_done(settings, store):
+    """Deterministic: port 20001's check lands at once, the other two are held until the test releases them. The
+    first event comes while they are held, so it can only be the replay of the stored check; the next two can only
+    be live. A follower that arrives after the end gets everything replayed from the store, then done."""
     settings.proxy_ports = [20001, 20002, 20003]
     gate = asyncio.Event()
 
     def behaviour(port):
-        return 0.0 if port == 20001 else 0.2
+        return 0.0 if port == 20001 else gate
     auditor = Auditor(settings, store, planners={"proxy": fake_planner(behaviour)})
     audit = await auditor.start(target="self", requester="127.0.0.1", hosts=["127.0.0.1"], services=["proxy"])
-    await asyncio.sleep(0.1)  # the first check has landed; the others are still running
-    events = []
-    async for event in auditor.follow(audit.id, keepalive=5):
-        events.append(event)
-        if event.kind == "done":
-            break
+    async with asyncio.timeout(5):  # bounded: the first check is stored before anyone follows
+        while len((await store.get_audit(audit.id)).checks) < 1:
+            await asyncio.sleep(0.01)
+    assert (await store.get_audit(audit.id)).status == "running"
+    follower = auditor.follow(audit.id, keepalive=5)
+    replayed = await asyncio.wait_for(anext(follower), 5)
+    assert (replayed.kind, replayed.seq, replayed.data.port) == ("check", 1, 20001)  # from the store
     gate.set()
-    kinds = [e.kind for e in events]
-    assert kinds == ["check", "check", "check", "done"]
-    assert sorted(e.seq for e in events[:3]) == [1, 2, 3]
-    assert events[-1].data["status"] == "done"
+    live = []
+    async with asyncio.timeout(10):
+        async for event in follower:
+            live.append(event)
+            if event.kind == "done":
+                break
+    assert [(e.kind, e.data.port) for e in live[:2]] in ([("check", 20002), ("check", 20003)],
+                                                          [("check", 20003), ("check", 20002)])
+    assert sorted(e.seq for e in live[:2]) == [2, 3]
+    assert (live[-1].kind, live[-1].data["status"]) == ("done", "done") and len(live) == 3
+
+    late = []
+    async with asyncio.timeout(5):
+        async for event in auditor.follow(audit.id, keepalive=5):
+            late.append(event)
+            if event.kind == "done":
+                break
+    assert [(e.kind, e.seq) for e in late] == [("check", 1), ("check", 2), ("check", 3), ("done", -1)]
+    assert {e.seq: e.data.port for e in late[:3]} == {1: 20001, **{e.seq: e.data.port for e in live[:2]}}
 
 
 async def test_shutdown_marks_running_audits_interrupted(settings, store):

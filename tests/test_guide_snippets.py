@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 from snippet_validators import VALIDATORS, SnippetRejected, fresh_folder
 
-from app.guides import GuideLibrary
+from app.guides import (
+    COMMAND_LANGUAGES,
+    UNVALIDATED_BLOCKS,
+    UNVALIDATED_PRODUCTS,
+    VALIDATED_PRODUCTS,
+    GuideLibrary,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = GuideLibrary(ROOT / "guides")
@@ -16,17 +22,24 @@ BLOCKS = [(guide.slug, block) for guide in LIBRARY.all() for block in guide.bloc
           if block.validate and block.validate != "none"]
 
 
-# Every guide for software Debian ships has its configuration checked by that software.
-VALIDATED_PRODUCTS = {"postfix": "postfix-main", "sendmail": "sendmail-mc", "exim": "exim", "squid": "squid",
-                      "apache": "apache", "nginx": "nginx", "tinyproxy": "tinyproxy", "privoxy": "privoxy",
-                      "dante": "dante"}
+@pytest.mark.parametrize("product,validators", sorted(VALIDATED_PRODUCTS.items()))
+def test_guides_of_debian_software_have_validated_snippets(product, validators):
+    """Every guide for software Debian ships has its configuration checked by that software: a block its validator
+    runs, and no configuration block left at validate=none (that is for commands to type, or says why=)."""
+    guides = [guide for guide in LIBRARY.all() if product in guide.products]
+    assert guides, f"no guide for {product}"
+    for guide in guides:
+        assert any(block.validate in validators for block in guide.blocks), f"{guide.slug} has no {validators} block"
+        unvalidated = [(block.line, block.language) for block in guide.blocks if block.validate == "none"
+                       and block.language not in COMMAND_LANGUAGES and block.why not in UNVALIDATED_BLOCKS]
+        assert unvalidated == [], f"{guide.path}: configuration blocks at validate=none: {unvalidated}"
 
 
-@pytest.mark.parametrize("slug,validator", sorted(VALIDATED_PRODUCTS.items()))
-def test_guides_of_debian_software_have_validated_snippets(slug, validator):
-    guide = LIBRARY.get(slug)
-    assert guide is not None, f"no guide {slug}"
-    assert any(block.validate == validator for block in guide.blocks), f"{slug} has no {validator} block"
+def test_declared_validators_exist_and_every_product_guide_is_declared():
+    assert {v for validators in VALIDATED_PRODUCTS.values() for v in validators} <= set(VALIDATORS)
+    for guide in LIBRARY.all():
+        if guide.service != "general":
+            assert set(guide.products) & (VALIDATED_PRODUCTS.keys() | UNVALIDATED_PRODUCTS.keys()), guide.slug
 
 
 @pytest.mark.parametrize("slug,block", BLOCKS, ids=[f"{slug}:{block.line}:{block.validate}" for slug, block in BLOCKS])

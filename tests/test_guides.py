@@ -114,10 +114,27 @@ def test_a_correct_guide_has_no_problems_and_renders_anchors_toc_and_highlightin
     (lambda t: t.replace("/guides/other#fix", "/guides/other#nope"), "no section #nope"),
     (lambda t: t.replace("updated: 2026-11-27\n", ""), "lacks 'updated'"),
     (lambda t: t.replace("fingerprints: ['ESMTP Postfix']\n", ""), "needs fingerprints"),
+    # a guide of software we can check: its configuration is validated, validate=none is for commands to type
+    (lambda t: t.replace("```ini validate=postfix-main", "```ini validate=none"), "validate=none is only for commands"),
+    (lambda t: t.replace("```ini validate=postfix-main", "```ini validate=none why=later"), "(has why='later')"),
+    (lambda t: t.replace("```ini validate=postfix-main", "```validate=none"), "this plain block of Postfix needs"),
+    (lambda t: t.replace("products: [Postfix]", "products: [Unknownware]"), "in neither VALIDATED_PRODUCTS"),
 ])
 def test_check_guides_finds_each_problem(tmp_path, change, problem):
     library = library_of(tmp_path, demo=change(PRODUCT), other=OTHER)
     assert any(problem in p for p in library.problems()), library.problems()
+
+
+@pytest.mark.parametrize("change", [
+    lambda t: t.replace("```ini validate=postfix-main", "```ini validate=none why=old-version"),
+    lambda t: t.replace("```ini validate=postfix-main", "```ini validate=none why=map-file"),
+    lambda t: t.replace("```sh validate=none", "```powershell validate=none"),
+    lambda t: t.replace("products: [Postfix]", "products: [Microsoft Exchange]").replace(
+        "```ini validate=postfix-main", "```ini validate=none"),  # no validator can check Exchange
+])
+def test_what_may_stay_unvalidated(tmp_path, change):
+    library = library_of(tmp_path, demo=change(PRODUCT), other=OTHER)
+    assert library.problems() == []
 
 
 def test_a_bad_fingerprint_or_duplicate_slug_stops_loading(tmp_path):

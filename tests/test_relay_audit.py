@@ -50,6 +50,45 @@ async def test_a_late_arrival_still_confirms_the_stored_check(settings, store, s
     assert by_name["relay.v3"].reason == "accepted_unconfirmed"
 
 
+class DeliversToAnotherDomain(fakes.OpenRelay):
+    """An open relay that delivers each tagged message to our sink's address, but for the tag at another domain
+    (a look-alike of the probe domain among them): the tag alone must never confirm anything."""
+
+    DOMAINS = ("elsewhere.example", f"{PROBE_DOMAIN}.evil.example", f"evil-{PROBE_DOMAIN}", f"x.{PROBE_DOMAIN}")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused = 0
+
+    async def relay(self, conn, body):
+        host, port, _domain = self.sink
+        for rcpt in conn.rcpts:
+            match = fakes.TAG.search(rcpt)
+            if not match:
+                continue
+            for domain in self.DOMAINS:
+                try:
+                    await aiosmtplib.send(body, sender="relay@fake.test.example",
+                                          recipients=[f"{match.group(0)}@{domain}"], hostname=host, port=port,
+                                          timeout=5)
+                except aiosmtplib.SMTPRecipientsRefused:
+                    self.refused += 1
+
+
+async def test_a_tagged_message_for_another_domain_never_confirms_a_check(settings, store, sink):
+    """The sink counts only messages for the probe domain: our tags at any other domain are refused at RCPT, so
+    every check stays accepted-but-unconfirmed."""
+    settings.sink_wait = 0.3
+    policy = DeliversToAnotherDomain()
+    policy.sink = ("127.0.0.1", sink.port, PROBE_DOMAIN)
+    async with fakes.FakeSmtpServer(policy) as server:
+        _, audit = await audit_relay(settings, store, sink, server.port)
+    assert len(audit.checks) == 22
+    assert {(c.result.reason, c.result.confirmed) for c in audit.checks} == {("accepted_unconfirmed", False)}
+    assert policy.refused == 22 * len(DeliversToAnotherDomain.DOMAINS)  # every delivery was tried, and refused
+    assert not sink.arrivals
+
+
 async def test_the_sink_refuses_everything_but_probe_tags(sink):
     with pytest.raises(aiosmtplib.SMTPRecipientsRefused):
         await aiosmtplib.send(b"Subject: x\r\n\r\nx\r\n", sender="a@b.example", recipients=["victim@example.com"],

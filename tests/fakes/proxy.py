@@ -212,3 +212,104 @@ class WinGate(FakeServer):
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", int(port))
         writer.write(b"\r\nConnecting to host " + line.encode() + b"...Connected\r\n")
         await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+
+# --- impostors: they say yes, then play our mail canary themselves ------------------------------------------
+IMPOSTOR_BANNER = b"220 mail.impostor.example ESMTP ready\r\n"
+
+
+async def _play_mail_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Greet like a mail server and answer EHLO with a friendly reply that even repeats our check id: everything a
+    real tunnel to our canary would show, except the canary's token (which only our canary can make)."""
+    writer.write(IMPOSTOR_BANNER)
+    await writer.drain()
+    for _ in range(10):  # bounded
+        line = await reader.readline()
+        if not line:
+            return
+        words = line.decode("latin-1").split()
+        if not words:
+            continue
+        if words[0].upper() in ("EHLO", "HELO"):
+            name = words[1] if len(words) > 1 else "you"
+            writer.write(f"250-mail.impostor.example Hello {name}\r\n250-PIPELINING\r\n250 8BITMIME\r\n".encode())
+        elif words[0].upper() == "QUIT":
+            writer.write(b"221 bye\r\n")
+            await writer.drain()
+            return
+        else:
+            writer.write(b"250 OK\r\n")
+        await writer.drain()
+
+
+class HttpImpostor(FakeServer):
+    """Answers CONNECT with 200 and then greets with its own SMTP banner (no tunnel); answers POST with 200 and a
+    mail dialogue in the body. With `tls`, it does the same inside TLS (an HTTPS proxy impostor)."""
+
+    def __init__(self, tls: bool = False) -> None:
+        super().__init__()
+        self.tls = tls
+
+    async def __aenter__(self):
+        if not self.tls:
+            return await super().__aenter__()
+        from app.probes.canary import self_signed_context
+
+        self._server = await asyncio.start_server(self._accept, self.listen_host, 0, ssl=self_signed_context(),
+                                                  ssl_handshake_timeout=5)
+        return self
+
+    async def handle(self, reader, writer):
+        head = await _read_head(reader)
+        method = head.split(b" ", 1)[0]
+        if method == b"CONNECT":
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await writer.drain()
+            await _play_mail_server(reader, writer)
+        elif method == b"POST":
+            writer.write(b"HTTP/1.0 200 OK\r\n\r\n" + IMPOSTOR_BANNER
+                         + b"250-mail.impostor.example Hello\r\n250 8BITMIME\r\n221 bye\r\n")
+            await writer.drain()
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+
+class SocksImpostor(FakeServer):
+    """Grants every SOCKS4, SOCKS4a and SOCKS5 request (no login), then greets with its own SMTP banner."""
+
+    async def handle(self, reader, writer):
+        version = (await reader.readexactly(1))[0]
+        if version == 5:
+            methods = (await reader.readexactly(1))[0]
+            await reader.readexactly(methods)
+            writer.write(b"\x05\x00")
+            await writer.drain()
+            request = await reader.readexactly(4)
+            if request[3] == 3:
+                await reader.readexactly((await reader.readexactly(1))[0] + 2)
+            else:
+                await reader.readexactly({1: 4, 4: 16}.get(request[3], 0) + 2)
+            writer.write(b"\x05\x00\x00\x01\x7f\x00\x00\x01\x00\x19")
+        elif version == 4:
+            request = await reader.readexactly(7)  # command, port, address
+            await reader.readuntil(b"\x00")  # user id
+            if request[3:6] == b"\x00\x00\x00" and request[6] != 0:  # SOCKS4a: the name follows
+                await reader.readuntil(b"\x00")
+            writer.write(b"\x00\x5a\x00\x19\x7f\x00\x00\x01")
+        else:
+            return
+        await writer.drain()
+        await _play_mail_server(reader, writer)
+
+
+class WinGateImpostor(FakeServer):
+    """A gateway prompt that says "Connected" to any `host:port` and then greets with its own SMTP banner."""
+
+    async def handle(self, reader, writer):
+        writer.write(b"WinGate Engine\r\nWinGate>")
+        await writer.drain()
+        line = (await reader.readuntil(b"\n")).decode("latin-1").strip()
+        writer.write(b"\r\nConnecting to host " + line.encode() + b"...Connected\r\n")
+        await writer.drain()
+        await _play_mail_server(reader, writer)

@@ -8,7 +8,6 @@ with `220 target ready`, echoes lines) and a tiny HTTP server, both on 127.0.0.1
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import struct
 import threading
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from support import skip_or_fail
 
 from servers.proxies import (
     FENCE_RESOLV,
@@ -40,9 +40,7 @@ def _require(binary: str) -> None:
     try:
         available(binary)
     except ProxyUnavailable as exc:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+        skip_or_fail(str(exc))
 
 
 # --- loopback servers the proxies reach ------------------------------------------------------------------------
@@ -602,13 +600,13 @@ def test_hostname_lookups_stay_on_loopback(started, target: Target) -> None:
     tiny = started(start_tinyproxy, "open")
     for instance in (squid, dante, socks, tiny):
         if not instance.dns_fenced:
-            pytest.skip("no mount namespace here (unshare --mount): hostname lookups are not fenced, not tried")
+            skip_or_fail("no mount namespace here (unshare --mount): hostname lookups are not fenced, not tried")
         for pid in instance.pids():
             assert Path(f"/proc/{pid}/root/etc/resolv.conf").read_text() == FENCE_RESOLV
     try:
         dns = LoopbackDNS()
     except OSError as exc:
-        pytest.skip(f"127.0.0.1:53 is taken ({exc})")
+        skip_or_fail(f"127.0.0.1:53 is taken ({exc})")
     try:
         name = "fence-check.invalid"
         conn, method, reply = _socks5_connect(dante.port, name.encode(), target.port, atyp=3)

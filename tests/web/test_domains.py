@@ -7,7 +7,7 @@ import time
 
 import pytest
 from fakes.dns import FakeDns
-from support import running_app, wait_done
+from support import running_app, skip_or_fail, wait_done
 
 from app.access.domains import DomainError, check_http, hash_id, normalise_domain
 from app.access.resolver import Resolver
@@ -107,7 +107,7 @@ class TinyWeb:
         try:
             self.server = await asyncio.start_server(self.handle, "127.0.0.3", 80)
         except OSError as exc:
-            pytest.skip(f"cannot listen on 127.0.0.3:80: {exc}")
+            skip_or_fail(f"cannot listen on 127.0.0.3:80: {exc}")
         return self
 
     async def __aexit__(self, *exc):

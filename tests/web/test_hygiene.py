@@ -8,7 +8,7 @@ import re
 import httpx
 import pytest
 from fakes.dns import FakeDns
-from support import running_app
+from support import running_app, wait_done
 
 from app.web import verifications
 from app.web.security import CSRF_COOKIE, csrf_token, csrf_valid
@@ -120,6 +120,67 @@ async def test_a_non_ascii_csrf_token_on_a_form_is_403(client, path, data):
     response = await client.post(path, data={**data, "csrf": "ü" * 64})
     assert response.status_code == 403, response.text
     assert "form expired" in response.text
+
+
+def _form_token(html: str) -> str:
+    return re.search(r'name="csrf" value="([0-9a-f]{64})"', html).group(1)
+
+
+async def _visitor(client: httpx.AsyncClient) -> str:
+    """A new visitor: no cookie yet; the page sets one and carries the form token bound to it."""
+    client.cookies.clear()
+    page = await client.get("/start")
+    assert client.cookies.get(CSRF_COOKIE)
+    return _form_token(page.text)
+
+
+async def test_a_form_token_works_only_with_the_cookie_it_was_made_for(client):
+    """The CSRF token is bound to the visitor's cookie: visitor A's token, sent with visitor B's cookie, is 403 on
+    the start form and on the re-test form; B's own token passes."""
+    token_a = await _visitor(client)
+    cookie_a = client.cookies.get(CSRF_COOKIE)
+    token_b = await _visitor(client)
+    assert client.cookies.get(CSRF_COOKIE) != cookie_a and token_b != token_a
+    refused = await client.post("/start", data={"csrf": token_a, "checks": "relay"})
+    assert refused.status_code == 403 and "form expired" in refused.text
+    started = await client.post("/start", data={"csrf": token_b, "checks": "relay"})
+    assert started.status_code == 303
+    audit_id = started.headers["location"].rsplit("/", 1)[1]
+    await wait_done(client, audit_id)
+    refused = await client.post(f"/audits/{audit_id}/retest", data={"csrf": token_a})
+    assert refused.status_code == 403 and "form expired" in refused.text
+    retest = await client.post(f"/audits/{audit_id}/retest", data={"csrf": token_b})
+    assert retest.status_code == 303 and retest.headers["location"] != f"/audits/{audit_id}"
+
+
+@pytest.mark.parametrize("form", [{}, {"csrf": ""}, {"csrf": "0" * 64}, {"csrf": "g" * 64}, {"csrf": "0" * 63},
+                                  {"csrf": "ü" * 64}], ids=["missing", "empty", "wrong", "not-hex", "short", "non-ascii"])
+async def test_the_retest_form_refuses_a_missing_or_malformed_token(client, form):
+    """The re-test form is CSRF-protected: without a valid token nothing starts (403, no new audit)."""
+    token = await _visitor(client)
+    audit_id = (await client.post("/api/v1/audits/self", json={"checks": ["relay"]})).json()["id"]
+    await wait_done(client, audit_id)
+    response = await client.post(f"/audits/{audit_id}/retest", data=form)
+    assert response.status_code == 403, response.text
+    store = client.app.state.sys.store
+    count = await store._run(lambda c: c.execute("SELECT COUNT(*) FROM audits").fetchone()[0])
+    assert count == 1
+    assert (await client.post(f"/audits/{audit_id}/retest", data={"csrf": token})).status_code == 303
+
+
+@pytest.mark.parametrize("public_url,secure", [("http://testserver", False), ("https://audit.example.org", True)])
+async def test_the_csrf_cookie_is_httponly_samesite_strict_and_secure_over_https(settings, public_url, secure):
+    settings.public_url = public_url
+    async with running_app(settings) as client:
+        response = await client.get("/start")
+    cookies = [v for k, v in response.headers.multi_items() if k == "set-cookie" and v.startswith(CSRF_COOKIE + "=")]
+    assert len(cookies) == 1, response.headers
+    flags = {part.strip().split("=", 1)[0].lower(): part.strip().partition("=")[2]
+             for part in cookies[0].split(";")[1:]}
+    assert "httponly" in flags
+    assert flags.get("samesite", "").lower() == "strict"
+    assert ("secure" in flags) is secure
+    assert flags.get("path") == "/"
 
 
 # --- links that stay on the site ---------------------------------------------------------------------------------

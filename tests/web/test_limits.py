@@ -53,6 +53,47 @@ async def test_the_cooldown_covers_every_service_of_the_address(settings):
         assert relay_again.status_code == 200 and relay_again.json()["id"] == relay_only.json()["id"]
 
 
+async def test_two_requesters_never_see_each_others_audit_inside_the_cooldown(settings):
+    """The cooldown is keyed by the tested address: requester B (127.0.0.2) asking for a self audit inside the
+    cooldown of A's audit of 127.0.0.1 gets a new audit of its own address, never A's audit (nor a refusal);
+    each of them asking again inside the cooldown is served its own latest audit."""
+    settings.target_cooldown = 60
+    async with running_app(settings) as client:
+        a = await client.post("/api/v1/audits/self")
+        assert a.status_code == 202
+        client._transport.client = ("127.0.0.2", 40000)
+        b = await client.post("/api/v1/audits/self")
+        assert b.status_code == 202, b.text
+        assert b.json()["id"] != a.json()["id"]
+        a_data, b_data = await wait_done(client, a.json()["id"]), await wait_done(client, b.json()["id"])
+        assert a_data["hosts"] == ["127.0.0.1"] and b_data["hosts"] == ["127.0.0.2"]
+        assert {c["host"] for c in b_data["checks"]} == {"127.0.0.2"}
+        b_again = await client.post("/api/v1/audits/self")
+        assert b_again.status_code == 200 and b_again.json()["id"] == b.json()["id"]
+        client._transport.client = ("127.0.0.1", 40000)
+        a_again = await client.post("/api/v1/audits/self")
+        assert a_again.status_code == 200 and a_again.json()["id"] == a.json()["id"]
+
+
+async def test_an_expired_cooldown_starts_a_new_audit(settings):
+    """Inside the cooldown the latest audit is served again; once the cooldown is over, a request starts a new one."""
+    settings.target_cooldown = 60
+    async with running_app(settings) as client:
+        first = (await client.post("/api/v1/audits/self")).json()["id"]
+        await wait_done(client, first)
+        inside = await client.post("/api/v1/audits/self")
+        assert inside.status_code == 200 and inside.json()["id"] == first
+        store = client.app.state.sys.store
+        past = time.time() - 61  # the cooldown ended a second ago (still inside the hour's budget)
+        await store._run(lambda c: (c.execute("UPDATE audits SET created_at=? WHERE id=?", (past, first)),
+                                    c.execute("UPDATE audit_addresses SET created_at=? WHERE audit_id=?",
+                                              (past, first))))
+        after = await client.post("/api/v1/audits/self")
+        assert after.status_code == 202, after.text
+        assert after.json()["id"] != first
+        await wait_done(client, after.json()["id"])
+
+
 async def test_audits_per_hour_per_requester(settings):
     settings.audits_per_hour = 2
     async with running_app(settings) as client:
