@@ -15,11 +15,12 @@ PIP_INSTALL := $(VENV_PIP) install --disable-pip-version-check
 # Stamps: (re)install only when pyproject.toml is newer than the last install.
 RUN_STAMP   := $(VENV)/.installed-run.stamp
 TEST_STAMP  := $(VENV)/.installed-test.stamp
+LINT_STAMP  := $(VENV)/.installed-lint.stamp
 
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
 
-.PHONY: help run test bench bench-abuse venv install install-test debian-packages clean distclean
+.PHONY: help run test lint bench bench-abuse venv install install-test install-lint debian-packages clean distclean
 
 help: ## List the targets
 	@echo "Usage: make TARGET [HOST=$(HOST)] [PORT=$(PORT)] [PYTEST_ARGS='...'] [PYTHON=$(PYTHON)]"
@@ -39,6 +40,10 @@ test: install-test | var ## Install test deps and Debian packages, then run pyte
 	else echo "npm is missing: the accessibility tests need axe-core from the npm registry (install Node.js)"; fi
 	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
 
+lint: install-lint ## ruff and mypy --strict over app/ (configured in pyproject.toml); both must report nothing
+	$(VENV)/bin/ruff check app
+	$(VENV)/bin/mypy
+
 bench: install-test ## Benchmarks against real servers, with nmap as the baseline (as root)
 	bash scripts/install-debian-packages.sh
 	$(VENV_PYTHON) bench/relay.py
@@ -54,6 +59,8 @@ venv: $(VENV_PYTHON) ## Create the virtualenv .venv
 install: $(RUN_STAMP) ## pip install -e . into .venv (when pyproject.toml changed)
 
 install-test: $(TEST_STAMP) ## pip install -e '.[test]' into .venv (when pyproject.toml changed)
+
+install-lint: $(LINT_STAMP) ## pip install -e '.[lint]' into .venv (when pyproject.toml changed)
 
 debian-packages: ## Install the Debian packages the tests need (as root; see scripts/debian-packages.txt)
 	bash scripts/install-debian-packages.sh
@@ -76,6 +83,10 @@ $(RUN_STAMP): pyproject.toml | $(VENV_PYTHON)
 $(TEST_STAMP): pyproject.toml | $(VENV_PYTHON)
 	$(PIP_INSTALL) -e '.[test]'
 	touch $@ $(RUN_STAMP)
+
+$(LINT_STAMP): pyproject.toml | $(VENV_PYTHON)
+	$(PIP_INSTALL) -e '.[lint]'
+	touch $@
 
 var:
 	mkdir -p $@

@@ -9,8 +9,9 @@ and service together), the requester's running and hourly limits, and the site's
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from app.config import Settings
 
@@ -29,7 +30,7 @@ class Limits:
     max_queued: int
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Limits":
+    def from_settings(cls, settings: Settings) -> Limits:
         return cls(cooldown=settings.target_cooldown, audits_per_target_per_hour=settings.audits_per_target_per_hour,
                    max_running_per_requester=settings.max_running_per_requester,
                    audits_per_hour=settings.audits_per_hour, max_queued=settings.max_queued_audits)

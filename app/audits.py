@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
 
 from app import ENGINE_VERSION
 from app.access.addresses import budget_key

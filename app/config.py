@@ -151,8 +151,8 @@ class Settings(BaseSettings):
     @classmethod
     def _hostname(cls, value: str) -> str:
         value = value.strip().rstrip(".").lower()
-        if not re.match(r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$",
-                        value):
+        label = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+        if not re.match(rf"^(?=.{{1,253}}$){label}(?:\.{label})+$", value):
             raise ValueError("must be a fully qualified host name such as probe.example.org")
         return value
 

@@ -57,7 +57,8 @@ COMMAND_LANGUAGES = ("sh", "powershell", "bat")  # blocks of commands to type: v
 # Why a configuration block of a validated product may stay unvalidated (written `why=<key>` after validate=none)
 UNVALIDATED_BLOCKS = {
     "old-version": "syntax for an older release than the validator runs (the guide says which)",
-    "map-file": "a lookup table the product compiles separately (e.g. Sendmail's access map), not read by the validator",
+    "map-file": "a lookup table the product compiles separately (e.g. Sendmail's access map), not read by the "
+                "validator",
 }
 REQUIRED = ("slug", "title", "service", "products", "sources", "updated")
 SITE_PATHS = {"/", "/start", "/guides", "/privacy", "/docs"}
@@ -158,7 +159,7 @@ def _highlight(code: str, language: str, _attrs: Any) -> str:
         lexer = None
     if lexer is None:
         return ""  # markdown-it escapes and wraps it itself
-    return pygments_highlight(code, lexer, HtmlFormatter(nowrap=True))
+    return str(pygments_highlight(code, lexer, HtmlFormatter(nowrap=True)))
 
 
 def _markdown() -> MarkdownIt:
@@ -316,11 +317,11 @@ def guide_url(guide: Guide, section: str = "") -> str:
 
 
 def pygments_css() -> str:
-    return HtmlFormatter().get_style_defs("pre code")
+    return str(HtmlFormatter().get_style_defs("pre code"))  # type: ignore[no-untyped-call]
 
 
 def _evidence_text(result: CheckResult) -> str:
-    parts = []
+    parts: list[str] = []
     if result.fingerprint:
         parts.extend(str(v) for v in result.fingerprint.values() if v)
     parts.extend(line.text for line in result.transcript if line.dir == "in")

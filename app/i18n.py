@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gettext
 from contextvars import ContextVar
-from functools import lru_cache
+from functools import cache
 
 from babel import Locale, UnknownLocaleError
 from babel.support import Translations
@@ -35,10 +35,12 @@ def _available() -> dict[str, str]:
 LANGUAGES = _available()
 COOKIE = "sys_lang"
 
-_current: ContextVar[gettext.NullTranslations] = ContextVar("translations", default=gettext.NullTranslations())
+# one shared NullTranslations that nothing modifies: a safe default for every context
+_current: ContextVar[gettext.NullTranslations] = ContextVar(
+    "translations", default=gettext.NullTranslations())  # noqa: B039
 
 
-@lru_cache(maxsize=None)
+@cache
 def translations(language: str) -> gettext.NullTranslations:
     if language == DEFAULT:
         return gettext.NullTranslations()

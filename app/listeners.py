@@ -77,7 +77,7 @@ def _interface_addresses() -> tuple[str, ...]:
 async def machine_addresses(seconds: float = 2.0) -> tuple[str, ...]:
     try:
         return await asyncio.wait_for(asyncio.to_thread(_interface_addresses), seconds)
-    except (asyncio.TimeoutError, OSError):
+    except (TimeoutError, OSError):
         log.warning("listeners.no_interface_addresses")
         return ()
 

@@ -35,7 +35,7 @@ class GuardedH11Protocol(H11Protocol):
     max_head: int = 16384
     exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     peers: dict[str, int]  # open connections per peer address
-    waiting: dict["GuardedH11Protocol", None]  # connections whose request has not fully arrived, oldest first
+    waiting: dict[GuardedH11Protocol, None]  # connections whose request has not fully arrived, oldest first
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

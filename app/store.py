@@ -12,13 +12,13 @@ import json
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import TypeVar
 
 from app.admission import Decision, Facts
-
 from app.verdicts import CheckResult, Opening, TranscriptLine
 
 SCHEMA_VERSION = 5

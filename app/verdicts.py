@@ -5,9 +5,10 @@ Pages, API, CLI and store all render from here; a reason code is never renamed, 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Iterable
+from typing import Any
 
 from app.i18n import N_
 
@@ -34,7 +35,8 @@ class Reason:
 
 _REASONS = [
     # relay
-    Reason("delivered", ("relay",), N_("Your server accepted a message for a stranger's address and delivered it to us."),
+    Reason("delivered", ("relay",),
+           N_("Your server accepted a message for a stranger's address and delivered it to us."),
            N_("Your server is an open relay. Follow the guide for your mail server, then re-test.")),
     Reason("accepted_unconfirmed", ("relay",),
            N_("Your server accepted a message for a stranger's address through the end of the message, but it has not "
@@ -51,7 +53,8 @@ _REASONS = [
            N_("Nothing to do, as long as passwords are strong.")),
     Reason("starttls_required", ("relay",), N_("Your server insisted on encryption and we could not start it."),
            N_("Check the server's TLS certificate and settings, then re-test.")),
-    Reason("sender_rejected", ("relay",), N_("Your server refused our sender address, so this variant could not be tried."),
+    Reason("sender_rejected", ("relay",),
+           N_("Your server refused our sender address, so this variant could not be tried."),
            N_("Nothing to do for this variant; the other variants still test relaying.")),
     Reason("client_blocked", ("relay",), N_("Your server refused to talk to our test address at all."),
            N_("If you block us on purpose, no verdict is possible: allow our address for one test, or test from "
@@ -120,7 +123,7 @@ class Opening:
     which every variant tested on that connection shows first. Stored once per audit and referenced by its rows;
     `key` is unique within an audit. The lines are shared objects, never copied per row."""
 
-    __slots__ = ("key", "lines", "_dicts")
+    __slots__ = ("_dicts", "key", "lines")
 
     def __init__(self, key: str, lines: Iterable[TranscriptLine]) -> None:
         self.key = key
@@ -180,7 +183,7 @@ class CheckResult:
 
 
 def _starts_with(lines: list[TranscriptLine], prefix: tuple[TranscriptLine, ...]) -> bool:
-    return len(lines) >= len(prefix) and all(a is b or a == b for a, b in zip(lines, prefix))
+    return len(lines) >= len(prefix) and all(a is b or a == b for a, b in zip(lines, prefix, strict=False))
 
 
 def escape_bytes(data: bytes, limit: int = 2000) -> str:
@@ -214,7 +217,8 @@ def summarize(verdicts: Iterable[tuple[Verdict | str, str]]) -> Verdict:
     return Verdict.UNREACHABLE
 
 
-def summarize_audit(results: Iterable[tuple[str, Verdict | str, str]], services: Iterable[str]) -> dict[str, str | None]:
+def summarize_audit(results: Iterable[tuple[str, Verdict | str, str]],
+                    services: Iterable[str]) -> dict[str, str | None]:
     """Summary per service: None for a service that was not requested."""
     requested = set(services)
     by_service: dict[str, list[tuple[Verdict | str, str]]] = {s: [] for s in SERVICES}

@@ -14,8 +14,8 @@ import ipaddress
 import re
 import secrets
 import ssl
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 from urllib.parse import urljoin, urlsplit
 
 import idna

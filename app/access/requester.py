@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from starlette.requests import Request
 

@@ -6,6 +6,8 @@ ResolveError with a reason the visitor can act on.
 
 from __future__ import annotations
 
+from typing import Any
+
 import dns.asyncresolver
 import dns.exception
 import dns.name
@@ -43,7 +45,9 @@ class Resolver:
         self._resolver.lifetime = timeout
         self._resolver.timeout = timeout
 
-    async def _query(self, name: str, rdtype: str) -> list[dns.rdata.Rdata]:
+    async def _query(self, name: str, rdtype: str) -> list[Any]:
+        """The records of `rdtype` (dnspython types each per class: A/AAAA `.address`, MX `.preference` and
+        `.exchange`, TXT `.strings`)."""
         try:
             answer = await self._resolver.resolve(name, rdtype, search=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):

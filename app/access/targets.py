@@ -8,8 +8,9 @@ the probes). The site never plans a check against its own listeners.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from app.access.addresses import unique
 
@@ -172,7 +173,7 @@ def check_address(text: str, allow_networks: Sequence[Network]) -> str | None:
     return why_not_public(address)
 
 
-async def resolve_guarded(name: str, resolver: "Resolver", allow_networks: Sequence[Network]) -> Resolved:
+async def resolve_guarded(name: str, resolver: Resolver, allow_networks: Sequence[Network]) -> Resolved:
     allowed: list[str] = []
     refused: list[tuple[str, str]] = []
     for text in unique(await resolver.addresses(name)):  # ::ffff:a.b.c.d is a.b.c.d: one server, tested once

@@ -8,12 +8,12 @@ connection a slot under the per-host limit, and fills in a row for any promised 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol
+from typing import Protocol
 
 from app.probes import proxy, reachability, smtp
 from app.probes.base import Emit, SlotFactory
-
 
 
 @dataclass(frozen=True)

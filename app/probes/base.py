@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from app.verdicts import CheckResult
 

@@ -90,7 +90,7 @@ class SmtpCanary(_CanaryListener):
 
     async def start(self, host: str, port: int) -> int:
         self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_LINE)
-        return self._server.sockets[0].getsockname()[1]
+        return int(self._server.sockets[0].getsockname()[1])
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         source = self._connected(writer)
@@ -135,7 +135,7 @@ class HttpCanary(_CanaryListener):
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
         self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_LINE * 8, ssl=ssl_context,
                                                   ssl_handshake_timeout=READ_TIMEOUT if ssl_context else None)
-        return self._server.sockets[0].getsockname()[1]
+        return int(self._server.sockets[0].getsockname()[1])
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         source = self._connected(writer)
@@ -171,7 +171,7 @@ def self_signed_context(common_name: str = "canary.invalid") -> ssl.SSLContext:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=365)).sign(key, hashes.SHA256()))

@@ -12,8 +12,8 @@ import asyncio
 import ipaddress
 import re
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Awaitable, Callable
 
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
 from python_socks.async_.asyncio import Proxy
@@ -136,7 +136,8 @@ class Exchange:
                     self.received += len(chunk)
                     buffer += chunk
         except TimeoutError:
-            raise Finding(Verdict.INCONCLUSIVE, "timeout", f"no {what} within {self.options.step_timeout:g} s") from None
+            raise Finding(Verdict.INCONCLUSIVE, "timeout",
+                          f"no {what} within {self.options.step_timeout:g} s") from None
         except (ConnectionError, OSError) as exc:
             raise Finding(Verdict.CLOSED, "not_a_proxy", f"the connection failed before {what} ({exc})") from None
         return buffer
@@ -189,7 +190,7 @@ def http_status_finding(status: int, headers: dict[str, str], what: str) -> Find
         return Finding(Verdict.AUTH_REQUIRED, "auth_required", note + ": the proxy asks for a login")
     if status == 403:
         return Finding(Verdict.CLOSED, "destination_denied", note + ": the proxy refused our destination")
-    if status in (502, 503, 504) or status == 500 and _UNREACHABLE.search(headers.get(":reason", "")):
+    if status in (502, 503, 504) or (status == 500 and _UNREACHABLE.search(headers.get(":reason", ""))):
         # tinyproxy says "500 Unable to connect"; Squid 503 ERR_CONNECT_FAIL
         return Finding(Verdict.INCONCLUSIVE, "destination_unreachable", note + ": the proxy could not reach our canary")
     if 200 <= status < 400:
@@ -356,13 +357,13 @@ async def wingate(ex: Exchange, targets: CanaryTargets, check_id: str, token: st
     await ex.open()
     def prompted(buffer: bytes) -> bool:
         return (buffer.rstrip().endswith(b">") or b":" in buffer.rsplit(b"\n", 1)[-1]
-                or buffer[:3].isdigit() and b"\n" in buffer)  # a numbered reply: some other protocol
+                or (buffer[:3].isdigit() and b"\n" in buffer))  # a numbered reply: some other protocol
     prompt = await ex.read_until(prompted, what="a gateway prompt")
     ex.bodies.append(prompt)
     if prompt[:3].isdigit():
         raise Finding(Verdict.CLOSED, "not_a_proxy", "the port answers with a numbered reply, not a gateway prompt")
     await ex.send(f"{targets.address}:{targets.smtp_port}\r\n".encode())
-    data = await ex.read_until(lambda b: b"\n220" in b or b.startswith(b"220") and b"\n" in b,
+    data = await ex.read_until(lambda b: b"\n220" in b or (b.startswith(b"220") and b"\n" in b),
                                what="our mail canary's greeting")
     await _smtp_through(ex, check_id, token, data[data.find(b"220"):])
 
@@ -424,9 +425,9 @@ async def run_port(emit: Emit, slot: SlotFactory, host: str, port: int, options:
         async with slot():
             await gate_ex.open()
             await gate_ex.close()
-    except Finding as finding:
+    except Finding as refused:
         for check in checks:
-            await emit(_result(check, host, port, finding.verdict, finding.reason, finding.note, gate.fork(), None))
+            await emit(_result(check, host, port, refused.verdict, refused.reason, refused.note, gate.fork(), None))
         return
     # Plain-text HTTP checks first: a port that answers HTTP sits silent on a SOCKS greeting or a TLS hello (it
     # waits for the end of a request line that never comes), so those checks then get a short wait
@@ -434,7 +435,7 @@ async def run_port(emit: Emit, slot: SlotFactory, host: str, port: int, options:
     first = [c for c in checks if c.id not in later_ids]
     later = [c for c in checks if c.id in later_ids]
     results = dict(zip([c.id for c in first], await asyncio.gather(
-        *(_run_check(check, slot, host, port, options) for check in first))))
+        *(_run_check(check, slot, host, port, options) for check in first)), strict=True))
     answered = [ex for c in first for finding, ex in [results[c.id]] if _speaks(c, finding, ex) == "HTTP"]
     if answered:  # a real SOCKS or TLS peer answers within a few round trips; the port showed us its pace
         latency = max(ex.head_latency for ex in answered)
@@ -443,10 +444,10 @@ async def run_port(emit: Emit, slot: SlotFactory, host: str, port: int, options:
     else:
         later_options = options
     results.update(zip([c.id for c in later], await asyncio.gather(
-        *(_run_check(check, slot, host, port, later_options) for check in later))))
+        *(_run_check(check, slot, host, port, later_options) for check in later)), strict=True))
     outcomes = _silence_is_not_a_timeout(checks, [results[c.id] for c in checks])
     fingerprint = port_fingerprint([ex for _outcome, ex in outcomes], checks, outcomes)
-    for check, (finding, ex) in zip(checks, outcomes):
+    for check, (finding, ex) in zip(checks, outcomes, strict=True):
         await emit(_result(check, host, port, finding.verdict, finding.reason, finding.note, ex.transcript,
                            fingerprint))
 
@@ -469,7 +470,7 @@ async def _run_check(check: ProxyCheck, slot: SlotFactory, host: str, port: int,
                               + where)
         except Finding as found:
             finding = found
-        except Exception as exc:  # a bug of ours, or something python-socks did not expect: never a crash
+        except Exception as exc:  # noqa: BLE001 - a bug of ours, or something python-socks did not expect: never a crash
             finding = Finding(Verdict.ERROR, "internal_error", f"the check failed: {type(exc).__name__}: {exc}"[:200])
         finally:
             await ex.close()
@@ -482,7 +483,7 @@ def _speaks(check: ProxyCheck, finding: Finding, ex: Exchange) -> str | None:
     if check.id.startswith("socks"):
         return "SOCKS" if finding.reason in ("token_returned", "auth_required", "destination_denied",
                                              "destination_unreachable") else None
-    if ex.heads or finding.reason == "token_returned" and check.id != "wingate":
+    if ex.heads or (finding.reason == "token_returned" and check.id != "wingate"):
         return "HTTP"
     return None
 
@@ -492,11 +493,11 @@ def _silence_is_not_a_timeout(checks: list[ProxyCheck],
     """A port that answers one protocol and stays silent to another does not speak the other: an HTTP proxy
     waits for the end of a request line that a SOCKS greeting never sends. That silence is `not_a_proxy` for
     the silent protocol, not an inconclusive timeout."""
-    spoken = {p for p in (_speaks(c, f, ex) for c, (f, ex) in zip(checks, outcomes)) if p}
+    spoken = {p for p in (_speaks(c, f, ex) for c, (f, ex) in zip(checks, outcomes, strict=True)) if p}
     if not spoken:
         return outcomes
     fixed = []
-    for check, (finding, ex) in zip(checks, outcomes):
+    for check, (finding, ex) in zip(checks, outcomes, strict=True):
         if finding.reason == "timeout" and ex.received == 0 and _speaks(check, finding, ex) is None:
             note = f"no answer to {check.protocol}, while the port answers {' and '.join(sorted(spoken))}"
             ex.transcript.info(f"reclassified: {note}")
@@ -515,7 +516,7 @@ def port_fingerprint(exchanges: list[Exchange], checks: list[ProxyCheck],
                     parts.append(f"{name}: {headers[name]}")
         for body in ex.bodies:
             parts.append(body[:2000].decode("latin-1"))
-    socks = [check.protocol for check, (finding, _ex) in zip(checks, outcomes)
+    socks = [check.protocol for check, (finding, _ex) in zip(checks, outcomes, strict=True)
              if check.id.startswith("socks") and finding.reason in ("token_returned", "auth_required",
                                                                     "destination_denied", "destination_unreachable")]
     if socks:

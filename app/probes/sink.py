@@ -8,12 +8,14 @@ to mark the check `delivered`, also after the audit has finished).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
 import time
 from collections import OrderedDict
-from typing import Any, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -44,7 +46,7 @@ class Sink:
     def port(self) -> int | None:
         if self._server is None or not self._server.sockets:
             return None
-        return self._server.sockets[0].getsockname()[1]
+        return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -92,10 +94,8 @@ class Sink:
             remaining = deadline - loop.time()
             if arrived == wanted or remaining <= 0:
                 return arrived
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                pass
 
 
 class _Handler:

@@ -13,8 +13,8 @@ import email.utils
 import ipaddress
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Awaitable, Callable
 
 from app.probes.base import Emit, SlotFactory
 from app.probes.fingerprint import identify
@@ -137,7 +137,7 @@ def classify_refusal(reply: Reply, stage: str) -> Outcome:
     text, enhanced = reply.text, reply.enhanced or ""
     where = {"mail": "MAIL FROM", "rcpt": "RCPT TO", "data": "DATA", "end": "the end of the message"}[stage]
     note = f"{where} answered {reply.code}{' ' + enhanced if enhanced else ''}"
-    if enhanced == "5.7.0" and _STARTTLS.search(text) or reply.code == 530 and _STARTTLS.search(text):
+    if (enhanced == "5.7.0" and _STARTTLS.search(text)) or (reply.code == 530 and _STARTTLS.search(text)):
         return Outcome(Verdict.INCONCLUSIVE, "starttls_required", note + ": encryption required first")
     if reply.code in (530, 535) or enhanced in ("5.7.0", "5.7.8", "5.7.57") or (
             reply.code >= 500 and _AUTH.search(text)):
@@ -408,11 +408,10 @@ async def _run_chunk(chunk: tuple[Variant, ...], finish: Callable[..., Awaitable
                     variant = pending[0]
                     outcome, transcript = await session.run_variant(variant, tags[variant.id],
                                                                     retries.get(variant.id))
+                    # required but not offered in EHLO: try it anyway, then test this variant again
                     if (outcome.reason == "starttls_required" and not session.conn.tls and use_starttls
-                            and not session.starttls_offered):
-                        # required but not offered in EHLO: try it anyway, then test this variant again
-                        if await session.upgrade():
-                            continue
+                            and not session.starttls_offered and await session.upgrade()):
+                        continue
                     if outcome.reason == "greylisted" and variant.id not in retries:
                         # come back once with the same sender and recipient (greylisting remembers the triplet),
                         # after the other variants, waiting once for all of them

@@ -98,7 +98,7 @@ def certificate_subject(der: bytes | None) -> str | None:
 
         cert = x509.load_der_x509_certificate(der)
         return cert.subject.rfc4514_string()[:300]
-    except Exception:  # a malformed certificate is evidence too, not a crash
+    except Exception:  # noqa: BLE001 - a malformed certificate is evidence too, not a crash
         return "(unreadable certificate)"
 
 

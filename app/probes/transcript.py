@@ -36,7 +36,7 @@ class Transcript:
     def info(self, text: str) -> None:
         self.add("info", text)
 
-    def fork(self) -> "Transcript":
+    def fork(self) -> Transcript:
         """A copy that shares the lines so far (a session's greeting) and grows on its own.
 
         The shared lines become the copy's `opening`, one object for every fork of the same lines, so that the

@@ -31,7 +31,8 @@ class AppState:
 
 
 def state(request: Request) -> AppState:
-    return request.app.state.sys
+    app_state: AppState = request.app.state.sys
+    return app_state
 
 
 def requester(request: Request) -> str:

@@ -142,7 +142,8 @@ def _render_page(*, title: str, root_path: str, openapi_url: str) -> str:
 <link rel="icon" type="image/png" sizes="16x16" href="{url(ASSETS_PATH + "/favicon-16x16.png")}">
 </head>
 <body>
-<noscript>The interactive API documentation needs JavaScript. The raw OpenAPI schema is at <a href="{url(openapi_url)}">{html.escape(openapi_url)}</a>.</noscript>
+<noscript>The interactive API documentation needs JavaScript. The raw OpenAPI schema is at
+<a href="{url(openapi_url)}">{html.escape(openapi_url)}</a>.</noscript>
 <div id="swagger-ui"></div>
 <script src="{url(ASSETS_PATH + "/swagger-ui-bundle.js")}" charset="utf-8"></script>
 <script src="{url(INIT_JS_PATH)}" charset="utf-8"></script>

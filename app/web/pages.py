@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from html import escape
 from ipaddress import ip_address
-from urllib.parse import quote
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
@@ -16,16 +17,16 @@ from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
 from app import ENGINE_VERSION, PROJECT_ROOT, i18n
-from app.i18n import N_
+from app.access.domains import DomainError, normalise_domain
 from app.guides import FIX_ANCHOR, PRODUCT_SECTIONS, guide_url
+from app.i18n import N_
 from app.probes.canary import CHECK_ID
 from app.verdicts import REASONS, SERVICES
+from app.web import verifications
 from app.web.common import AUDIT_ID, load_audit, requester, state
 from app.web.report import build_report
-from app.access.domains import DomainError, normalise_domain
-from app.web import verifications
-from app.web.starts import begin, in_cooldown, plan_domain, plan_self, retest
 from app.web.security import CSRF_COOKIE, csrf_token, csrf_valid, new_csrf_cookie
+from app.web.starts import begin, in_cooldown, plan_domain, plan_self, retest
 
 ROOT = PROJECT_ROOT
 templates = Jinja2Templates(directory=ROOT / "templates")
@@ -287,8 +288,8 @@ async def verify_audit(request: Request, verification_id: str, csrf: str = Form(
 @router.get("/about", response_class=HTMLResponse)
 async def about(request: Request) -> HTMLResponse:
     """What our tests send, from where, and whom to write to: for an administrator who sees them in a log."""
-    from app.probes.smtp import VARIANTS
     from app.probes.proxy import PROXY_CHECKS
+    from app.probes.smtp import VARIANTS
 
     return render(request, "about.html", {"variants": VARIANTS, "proxy_checks": [c for c, _run in PROXY_CHECKS]})
 

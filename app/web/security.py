@@ -28,7 +28,8 @@ def security_headers(https: bool, connect: tuple[str, ...] = ()) -> dict[str, st
     """`connect`: other origins the pages may fetch from (the site's IPv4-only and IPv6-only names)."""
     headers = dict(BASE_HEADERS)
     if connect:
-        headers["Content-Security-Policy"] = CSP.replace("connect-src 'self'", "connect-src 'self' " + " ".join(connect))
+        extra = " ".join(connect)
+        headers["Content-Security-Policy"] = CSP.replace("connect-src 'self'", f"connect-src 'self' {extra}")
     if https:
         headers["Strict-Transport-Security"] = HSTS
     return headers

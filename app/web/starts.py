@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import ip_address
-from typing import Sequence
 
 from fastapi import HTTPException, Request
 from limits import RateLimitItem

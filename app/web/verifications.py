@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import HTTPException, Request
 from limits import RateLimitItem, RateLimitItemPerHour, RateLimitItemPerSecond
 
 from app.access.addresses import budget_key
-
-from app.access.domains import (DNS_LABEL, WELL_KNOWN, Proof, check_dns, check_http, hash_id, new_secret,
-                                token_value)
+from app.access.domains import DNS_LABEL, WELL_KNOWN, Proof, check_dns, check_http, hash_id, new_secret, token_value
 from app.web.common import absolute_url, requester, state
 from app.web.starts import resolver_for, spend, the_requester_key
 
