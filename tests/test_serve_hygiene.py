@@ -87,7 +87,7 @@ def test_half_sent_requests_are_closed_after_the_head_timeout(tmp_path):
         close_all([writer for _r, writer in pairs])
         print(f"200 half-sent requests: closed after {min(closes or [0]):.2f}..{max(c or 99 for c in closes):.2f} s "
               f"(timeout {timeout} s); /healthz answered in {answered:.3f} s while they were held")
-        assert answered < 1.0
+        assert answered < 3.0
         assert all(c is not None for c in closes), f"{closes.count(None)} of 200 still open"
         assert min(closes) > timeout - 0.5 and max(closes) < timeout + 2  # closed by the timer, not earlier
 
@@ -114,12 +114,13 @@ def test_a_keep_alive_connection_gets_the_same_bound_for_its_next_request(tmp_pa
 
 
 # --- idle connections against a small descriptor limit ----------------------------------------------------------
+# the bounds leave room for a loaded CI machine: on the old main /healthz did not answer at all (5 s timeout)
 async def healthz_while_held(site: ServedSite, pairs: list) -> tuple[float, list, int]:
-    """How fast /healthz answers while `pairs` are held, which of them the site closed within 1 s, how many stayed
+    """How fast /healthz answers while `pairs` are held, which of them the site closed within 3 s, how many stayed
     open; then closes them all."""
     start = time.monotonic()
     answered = await healthz_seconds(site)
-    closes = await asyncio.gather(*(closed_after(reader, start, 1.0) for reader, _w in pairs))
+    closes = await asyncio.gather(*(closed_after(reader, start, 3.0) for reader, _w in pairs))
     close_all([writer for _r, writer in pairs])
     return answered, closes, sum(c is None for c in closes)
 
@@ -133,7 +134,7 @@ def test_idle_connections_do_not_starve_the_site_with_128_descriptors(tmp_path):
         answered, closes, still_open = await healthz_while_held(site, pairs)
         print(f"150 idle connections from one address, ulimit -n 128: {still_open} kept open, "
               f"/healthz answered in {answered:.3f} s")
-        assert answered < 1.0 and still_open == 32
+        assert answered < 3.0 and still_open == 32
         await asyncio.sleep(0.3)
 
         # 15 addresses x 10: the total cap (128 - 64 descriptors kept = 64) evicts the oldest idle ones
@@ -144,7 +145,7 @@ def test_idle_connections_do_not_starve_the_site_with_128_descriptors(tmp_path):
         answered, closes, still_open = await healthz_while_held(site, pairs)
         print(f"150 idle connections from 15 addresses, ulimit -n 128: {still_open} kept open, "
               f"/healthz answered in {answered:.3f} s")
-        assert answered < 1.0 and still_open <= 64
+        assert answered < 3.0 and still_open <= 64
         assert closes[-1] is None and closes[0] is not None  # the oldest made room, the newest stay
 
     with ServedSite(tmp_path, env, open_files=128) as site:
