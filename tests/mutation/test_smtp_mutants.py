@@ -104,6 +104,7 @@ def test_a_trailing_dot_of_a_banner_name_is_dropped():
     (("mx", "AUTH PLAIN LOGIN"), "AUTH", True),
     (("mx", "SIZE 100", "8BITMIME"), "STARTTLS", False),
     (("STARTTLS",), "STARTTLS", False),  # the first line is the server's name, not a keyword
+    (("mx", "STARTTLS\tnow"), "STARTTLS", False),  # RFC 5321: a keyword ends at a space, nothing else
 ])
 def test_ehlo_keywords(lines, keyword, offered):
     assert RelaySession._offers(Reply(250, lines), keyword) is offered
