@@ -143,7 +143,9 @@ async def test_the_http_canary_answers_the_token(request_line):
 
 @pytest.mark.parametrize("request_line", [b"GET /canary/cid0123 HTTP/1.1", b"GET / HTTP/1.1",
                                           f"DELETE /canary/{CID} HTTP/1.1".encode(),
-                                          f"GET /canary/{CID} HTTP/2.0".encode()])
+                                          f"GET /canary/{CID} HTTP/2.0".encode(),
+                                          f"GET /canary/{CID} HTTP/1.1 ".encode(),  # the exact request line only
+                                          f"GET /canary/{CID} HTTP/1.1X".encode()])
 async def test_the_http_canary_answers_404_to_anything_else(request_line):
     answer, canary = await http_exchange(request_line + b"\r\n\r\n")
     assert answer == response(b"404 Not Found", b"not found\n") and not canary.sources
@@ -153,3 +155,37 @@ async def test_the_http_canary_reads_past_many_headers_and_bare_newlines():
     headers = b"".join(b"X-H%d: v\n" % n for n in range(MAX_LINES - 1))
     answer, canary = await http_exchange(f"GET /canary/{CID} HTTP/1.1\n".encode() + headers + b"\n")
     assert answer == response(b"200 OK", canary.token(CID).encode() + b"\n")
+
+
+async def test_the_smtp_canary_answers_a_line_that_is_not_ascii():
+    replies, _canary = await smtp_dialogue([b"\xff\xfe hello\r\n", b"QUIT\r\n"], 3)
+    assert replies[1:] == [b"502 5.5.2 this server only answers EHLO\r\n", b"221 bye\r\n", b""]
+
+
+async def silent_client(server, monkeypatch, send: bytes = b"") -> bytes:
+    """Connect, send `send` and then nothing: what the canary says before it hangs up (READ_TIMEOUT made short)."""
+    monkeypatch.setattr(canary_module, "READ_TIMEOUT", 0.2)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(send)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 3)
+        writer.close()
+    finally:
+        await server.stop()
+    return answer
+
+
+async def test_a_silent_client_cannot_hold_the_smtp_canary(monkeypatch):
+    assert await silent_client(SmtpCanary(Canary(SECRET)), monkeypatch) == b"220 canary ready\r\n"
+
+
+async def test_a_silent_client_cannot_hold_the_http_canary(monkeypatch):
+    assert await silent_client(HttpCanary(Canary(SECRET)), monkeypatch) == b""
+
+
+async def test_the_http_canary_answers_only_after_the_headers(monkeypatch):
+    canary = Canary(SECRET)
+    answer = await silent_client(HttpCanary(canary), monkeypatch, f"GET /canary/{CID} HTTP/1.1\r\nHost: x\r\n".encode())
+    assert answer == b"" and not canary.sources
