@@ -9,7 +9,7 @@ neither, or when the score is under the goal.
     python scripts/mutation.py            # a clean run (removes mutants/ first)
     python scripts/mutation.py --keep     # reuse mutants/ and mutmut's cached results
     python scripts/mutation.py --report   # only print the score of the last run
-    python scripts/mutation.py --rerun-survivors   # run the survivors of the last run again (after new tests)
+    python scripts/mutation.py --rerun-survivors   # run the last run's unexplained survivors again (new tests)
 """
 
 from __future__ import annotations
@@ -140,7 +140,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", action="store_true", help="reuse mutants/ and mutmut's cached results")
     parser.add_argument("--report", action="store_true", help="only print the score of the last run")
-    parser.add_argument("--rerun-survivors", action="store_true", help="run the last run's survivors again")
+    parser.add_argument("--rerun-survivors", action="store_true",
+                        help="run the last run's survivors again (not those listed as equivalent)")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
     os.chdir(ROOT)
@@ -148,7 +149,9 @@ def main() -> int:
         return report()
     mutmut = [str(Path(sys.executable).with_name("mutmut")), "run", "--max-children", str(args.max_children)]
     if args.rerun_survivors:
-        names = [name for name, code in results().items() if status(code) not in ("killed", "timeout")]
+        equivalent = listed_equivalent()
+        names = [name for name, code in results().items()
+                 if status(code) not in ("killed", "timeout") and name not in equivalent]
         if not names:
             print("no survivors to run again")
             return report()

@@ -96,8 +96,9 @@ class LoopbackPeer:
     """A server on 127.0.0.1 that answers what it received so far with `answer(received)`: (bytes, hang up?)."""
 
     def __init__(self, answer: Callable[[bytes], tuple[bytes, bool]], tls_after: bytes | None = None,
-                 tls_answer: Callable[[bytes], bytes] | None = None) -> None:
+                 tls_answer: Callable[[bytes], bytes] | None = None, tls_hang_up: bool = True) -> None:
         self.answer, self.tls_after, self.tls_answer = answer, tls_after, tls_answer
+        self.tls_hang_up = tls_hang_up
         self.received = b""
         self.after_tls = b""
 
@@ -129,6 +130,8 @@ class LoopbackPeer:
                     self.after_tls = request
                     writer.write(self.tls_answer(request) if self.tls_answer else b"")
                     await writer.drain()
+                    if not self.tls_hang_up:
+                        await asyncio.sleep(3)
                     break
                 if hang_up:
                     break
@@ -297,3 +300,62 @@ def test_the_row_of_a_check():
     assert opened.opening is transcript.opening and opened.opening is not None
     closed = proxy._result(check, "192.0.2.1", 3128, Verdict.CLOSED, "not_a_proxy", "n", transcript, None)
     assert closed.confirmed is False and closed.fingerprint is None
+
+
+# --- the token ends the wait; without it, the wait ends at the step timeout, named by what was awaited --------
+async def test_get_stops_reading_at_the_token():
+    async with LoopbackPeer(lambda received: (b"HTTP/1.1 200 OK\r\n\r\n" + TOKEN.encode(), False)) as peer:
+        await asyncio.wait_for(proxy.http_get(live(peer, step_timeout=2.0), TARGETS, CID, TOKEN), 1.0)
+
+
+async def test_post_stops_reading_at_the_token():
+    async with LoopbackPeer(lambda received: (b"250 " + TOKEN.encode() + b"\r\n", False)) as peer:
+        await asyncio.wait_for(proxy.http_post(live(peer, step_timeout=2.0), TARGETS, CID, TOKEN), 1.0)
+
+
+async def test_a_page_that_never_ends_without_the_token_is_a_timeout():
+    async with LoopbackPeer(lambda received: (b"HTTP/1.1 200 OK\r\n\r\nhello", False)) as peer:
+        assert await finding_of(proxy.http_get(live(peer, step_timeout=0.3), TARGETS, CID, TOKEN)) == (
+            Verdict.INCONCLUSIVE, "timeout", "no the page within 0.3 s")
+
+
+async def test_a_post_without_any_reply_is_a_timeout():
+    async with LoopbackPeer(lambda received: (b"", False)) as peer:
+        assert await finding_of(proxy.http_post(live(peer, step_timeout=0.3), TARGETS, CID, TOKEN)) == (
+            Verdict.INCONCLUSIVE, "timeout", "no a reply within 0.3 s")
+
+
+@pytest.mark.parametrize("runner,what", [(proxy.http_get, "GET"), (proxy.http_post, "POST")])
+async def test_a_500_that_could_not_connect_is_unreachable_not_closed(runner, what):
+    async with LoopbackPeer(lambda received: (b"HTTP/1.1 500 Unable to connect\r\n\r\noops", True)) as peer:
+        assert await finding_of(runner(live(peer), TARGETS, CID, TOKEN)) == (
+            Verdict.INCONCLUSIVE, "destination_unreachable",
+            f"{what} answered HTTP 500: the proxy could not reach our canary")
+
+
+async def test_the_tls_page_stops_at_the_token():
+    page = b"HTTP/1.1 200 OK\r\n\r\n" + TOKEN.encode()
+    async with LoopbackPeer(established, tls_after=CONNECT_TLS, tls_answer=lambda request: page,
+                            tls_hang_up=False) as peer:
+        await asyncio.wait_for(proxy.connect_tls(live(peer, step_timeout=2.0), TARGETS, CID, TOKEN), 1.5)
+
+
+async def test_a_tls_page_that_never_ends_without_the_token_is_a_timeout():
+    async with LoopbackPeer(established, tls_after=CONNECT_TLS, tls_answer=lambda request: b"HTTP/1.1 200 OK\r\n\r\n",
+                            tls_hang_up=False) as peer:
+        assert await finding_of(proxy.connect_tls(live(peer, step_timeout=0.5), TARGETS, CID, TOKEN)) == (
+            Verdict.INCONCLUSIVE, "timeout", "no our canary's page within 0.5 s")
+
+
+async def test_a_tunnel_that_never_answers_the_tls_hello_is_no_proof():
+    async with LoopbackPeer(established) as peer:
+        finding = await asyncio.wait_for(finding_of(proxy.connect_tls(live(peer, step_timeout=0.3), TARGETS, CID,
+                                                                      TOKEN)), 2)
+    assert finding == (Verdict.CLOSED, "answers_without_tunnel",
+                       "no TLS with our canary through the tunnel (TimeoutError)")
+
+
+async def test_the_tls_check_needs_a_connection_of_its_own():
+    ex, _peer = exchange()
+    with pytest.raises(AssertionError):
+        await proxy.connect_tls(ex, TARGETS, CID, TOKEN)

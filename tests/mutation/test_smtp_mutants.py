@@ -96,6 +96,7 @@ def test_local_domain(name, audited, expected):
 def test_a_trailing_dot_of_a_banner_name_is_dropped():
     assert smtp.hostname_or_none("mx.example.com.") == "mx.example.com"
     assert smtp.hostname_or_none(" MX.Example.COM ") == "mx.example.com"
+    assert smtp.hostname_or_none("mail.example.BOX.") == "mail.example.box"  # only the dot goes
 
 
 @pytest.mark.parametrize("lines,keyword,offered", [
