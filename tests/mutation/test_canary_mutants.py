@@ -55,6 +55,14 @@ def test_the_record_forgets_the_least_recently_seen_check(monkeypatch):
     assert list(canary.sources) == [a, c]
 
 
+def test_the_record_of_connections_is_bounded(monkeypatch):
+    monkeypatch.setattr(canary_module, "MAX_REMEMBERED", 3)
+    canary = Canary(SECRET)
+    for n in range(5):
+        canary.connected(f"192.0.2.{n}", "smtp")
+    assert [c[0] for c in canary.connections] == ["192.0.2.2", "192.0.2.3", "192.0.2.4"]
+
+
 def test_seen_from_names_each_source_once():
     canary = Canary(SECRET)
     for source in ("192.0.2.9", "192.0.2.1", "192.0.2.9"):
@@ -149,6 +157,16 @@ async def test_the_http_canary_answers_the_token(request_line):
 async def test_the_http_canary_answers_404_to_anything_else(request_line):
     answer, canary = await http_exchange(request_line + b"\r\n\r\n")
     assert answer == response(b"404 Not Found", b"not found\n") and not canary.sources
+
+
+async def test_only_the_newline_is_taken_off_the_request_line():
+    answer, canary = await http_exchange(f"GET /canary/{CID} HTTP/1.1X\n\n".encode())
+    assert answer == response(b"404 Not Found", b"not found\n") and not canary.sources
+
+
+async def test_a_bare_newline_ends_the_headers():
+    answer, canary = await http_exchange(f"GET /canary/{CID} HTTP/1.1\nHost: x\nUser-Agent: y\n\n".encode())
+    assert answer == response(b"200 OK", canary.token(CID).encode() + b"\n")
 
 
 async def test_the_http_canary_reads_past_many_headers_and_bare_newlines():

@@ -234,7 +234,7 @@ async def test_no_tls_through_the_tunnel_is_no_proof():
 
 
 # --- one check: OPEN only when the runner returned, and the row it makes ------------------------------------
-def canary_page(source: str | None):
+def canary_page(*sources: str):
     """A "proxy" that reaches our HTTP canary: it answers the token of the check id it was asked for, and the
     canary records `source` as where the request came from."""
 
@@ -242,23 +242,24 @@ def canary_page(source: str | None):
         if not received.endswith(b"\r\n\r\n"):
             return b"", False
         check_id = received.split(b"/canary/", 1)[1].split(b" ", 1)[0].decode()
-        if source is not None:
+        for source in sources:
             CANARY.record(check_id, source, "http")
         return b"HTTP/1.1 200 OK\r\n\r\n" + CANARY.token(check_id).encode(), True
 
     return answer
 
 
-@pytest.mark.parametrize("source,where", [
-    ("127.0.0.1", "; our canary saw it arrive from 127.0.0.1 (your server's address)"),
-    ("192.0.2.99", "; our canary saw it arrive from 192.0.2.99"),
-    (None, ""),  # the token came back, but the canary did not see where from (e.g. the app's own route)
+@pytest.mark.parametrize("sources,where", [
+    (("127.0.0.1",), "; our canary saw it arrive from 127.0.0.1 (your server's address)"),
+    (("192.0.2.99",), "; our canary saw it arrive from 192.0.2.99"),
+    (("192.0.2.99", "192.0.2.98"), "; our canary saw it arrive from 192.0.2.98, 192.0.2.99"),
+    ((), ""),  # the token came back, but the canary did not see where from (e.g. the app's own route)
 ])
-async def test_a_returned_token_is_open_and_says_where_the_canary_saw_it_arrive(source, where):
+async def test_a_returned_token_is_open_and_says_where_the_canary_saw_it_arrive(sources, where):
     from support import Slots
 
     check = proxy.CHECKS_BY_ID["http_get"][0]
-    async with LoopbackPeer(canary_page(source)) as peer:
+    async with LoopbackPeer(canary_page(*sources)) as peer:
         finding, ex = await proxy._run_check(check, Slots(), "127.0.0.1", peer.port, options())
     assert (finding.verdict, finding.reason) == (Verdict.OPEN, "token_returned")
     assert finding.note == "HTTP GET (web): our canary's token came back through this port" + where

@@ -166,6 +166,8 @@ async def test_the_listener_is_bounded_and_named(monkeypatch):
         writer.close()
     finally:
         await sink.stop()
+    assert sink.port is None
+    await sink.stop()  # stopping twice is harmless
     assert banner == b"220 sink.test.example Secure Your Server sink\r\n"
     assert b"250-SIZE 65536\r\n" in ehlo and b"SMTPUTF8" not in ehlo
     assert made[0] == {"hostname": DOMAIN, "data_size_limit": 64 * 1024, "enable_SMTPUTF8": False,
