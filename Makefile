@@ -49,7 +49,7 @@ bench: install-test ## Benchmarks against real servers, with nmap as the baselin
 bench-abuse: install-test ## The most traffic one address can get through the site per hour, beside the README's bounds
 	$(VENV_PYTHON) bench/abuse.py
 
-mutation: install-test ## Mutation score of the trust-critical modules (mutmut; about N min on 2 cores)
+mutation: install-test ## Mutation score of the trust-critical modules (mutmut; about 8 min on 2 cores)
 	$(PIP_INSTALL) -e '.[test,mutation]'
 	$(VENV_PYTHON) scripts/mutation.py
 
