@@ -101,6 +101,7 @@ class LoopbackPeer:
         self.tls_hang_up = tls_hang_up
         self.received = b""
         self.after_tls = b""
+        self.writers: list[asyncio.StreamWriter] = []
 
     async def __aenter__(self) -> "LoopbackPeer":
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -108,13 +109,16 @@ class LoopbackPeer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        for writer in self.writers:  # connections still held open end with the test
+            writer.close()
         self.server.close()
         await self.server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
         try:
             while True:
-                data = await asyncio.wait_for(reader.read(4096), 3)
+                data = await asyncio.wait_for(reader.read(4096), 6)
                 if not data:
                     break
                 self.received += data
@@ -131,7 +135,7 @@ class LoopbackPeer:
                     writer.write(self.tls_answer(request) if self.tls_answer else b"")
                     await writer.drain()
                     if not self.tls_hang_up:
-                        await asyncio.sleep(3)
+                        await asyncio.sleep(5)
                     break
                 if hang_up:
                     break
@@ -306,12 +310,12 @@ def test_the_row_of_a_check():
 # --- the token ends the wait; without it, the wait ends at the step timeout, named by what was awaited --------
 async def test_get_stops_reading_at_the_token():
     async with LoopbackPeer(lambda received: (b"HTTP/1.1 200 OK\r\n\r\n" + TOKEN.encode(), False)) as peer:
-        await asyncio.wait_for(proxy.http_get(live(peer, step_timeout=2.0), TARGETS, CID, TOKEN), 1.0)
+        await asyncio.wait_for(proxy.http_get(live(peer, step_timeout=5.0), TARGETS, CID, TOKEN), 2.5)
 
 
 async def test_post_stops_reading_at_the_token():
     async with LoopbackPeer(lambda received: (b"250 " + TOKEN.encode() + b"\r\n", False)) as peer:
-        await asyncio.wait_for(proxy.http_post(live(peer, step_timeout=2.0), TARGETS, CID, TOKEN), 1.0)
+        await asyncio.wait_for(proxy.http_post(live(peer, step_timeout=5.0), TARGETS, CID, TOKEN), 2.5)
 
 
 async def test_a_page_that_never_ends_without_the_token_is_a_timeout():
@@ -338,7 +342,7 @@ async def test_the_tls_page_stops_at_the_token():
     page = b"HTTP/1.1 200 OK\r\n\r\n" + TOKEN.encode()
     async with LoopbackPeer(established, tls_after=CONNECT_TLS, tls_answer=lambda request: page,
                             tls_hang_up=False) as peer:
-        await asyncio.wait_for(proxy.connect_tls(live(peer, step_timeout=2.0), TARGETS, CID, TOKEN), 1.5)
+        await asyncio.wait_for(proxy.connect_tls(live(peer, step_timeout=4.0), TARGETS, CID, TOKEN), 3.0)
 
 
 async def test_a_tls_page_that_never_ends_without_the_token_is_a_timeout():
