@@ -153,8 +153,9 @@ class Auditor:
                  planners: dict[str, Planner] | None = None, sink: Sink | None = None,
                  canary: CanaryTargets | None = None, own_addresses: Sequence[str | IPAddress] = ()) -> None:
         self.settings = settings
-        # where listeners on 0.0.0.0 / :: answer: what start_listeners found, and always what the settings name
-        self.own_addresses = tuple(dict.fromkeys([*own_addresses, *site_addresses(settings)]))
+        # where listeners on 0.0.0.0 / :: answer: what start_listeners found (it includes what the settings name),
+        # or, for an Auditor built without it (tests, tools), what the settings name
+        self.own_addresses = tuple(own_addresses) or site_addresses(settings)
         self.canary = canary
         self.store = store
         self.listeners = list(listeners)
@@ -190,7 +191,7 @@ class Auditor:
 
     def _prepare(self, *, target: str, requester: str, hosts: Sequence[str] | Mapping[str, Sequence[str]],
                  services: Sequence[str], previous_id: str | None, verification_id: str | None,
-                 audited_domain: str | None, forbidden: Sequence[Forbidden], target_key: str | None,
+                 audited_domain: str | None, forbidden: Sequence[Forbidden],
                  requester_key: str | None) -> tuple[Audit, list[PlannedCheck], list[str]]:
         audit_id = new_id()
         planned = self.plan(hosts, services, audit_id, audited_domain, forbidden)
@@ -200,19 +201,18 @@ class Auditor:
         audit = Audit(id=audit_id, created_at=time.time(), status="queued", target=target, requester=requester,
                       hosts=all_hosts, services=list(services), planned=sum(len(c.names) for c in planned),
                       engine_version=ENGINE_VERSION, previous_id=previous_id, verification_id=verification_id,
-                      target_key=target_key or (f"ip:{all_hosts[0]}" if target == "self" and all_hosts else None),
                       requester_key=requester_key or requester)
         return audit, planned, list(dict.fromkeys(budget_key(a) for a in tested))
 
     async def start(self, *, target: str, requester: str, hosts: Sequence[str] | Mapping[str, Sequence[str]],
                     services: Sequence[str], previous_id: str | None = None, verification_id: str | None = None,
                     audited_domain: str | None = None, forbidden: Sequence[Forbidden] = (),
-                    target_key: str | None = None, requester_key: str | None = None) -> Audit:
+                    requester_key: str | None = None) -> Audit:
         """Create and queue an audit without any limit (tests and tools; the site goes through admit())."""
         audit, planned, addresses = self._prepare(
             target=target, requester=requester, hosts=hosts, services=services, previous_id=previous_id,
             verification_id=verification_id, audited_domain=audited_domain, forbidden=forbidden,
-            target_key=target_key, requester_key=requester_key)
+            requester_key=requester_key)
         await self.store.create_audit(audit, addresses)
         self._enqueue(audit, planned, addresses, len(forbidden))
         return audit
@@ -226,7 +226,7 @@ class Auditor:
         audit, planned, addresses = self._prepare(
             target=target, requester=requester, hosts=hosts, services=services, previous_id=previous_id,
             verification_id=verification_id, audited_domain=audited_domain, forbidden=forbidden,
-            target_key=None, requester_key=requester_key)
+            requester_key=requester_key)
         decision = await self.store.admit(audit, addresses, self.settings.target_cooldown, decide)
         if decision.outcome != "create":
             log.info("audit.refused" if decision.outcome == "refused" else "audit.cached",

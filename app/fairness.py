@@ -32,7 +32,7 @@ class FairQueue:
         self._waiting: dict[str, deque[Job]] = {}  # requester -> its jobs, oldest first
         self._turns: deque[str] = deque()  # requesters in the order of their next turn
         self._running: dict[str, Job] = {}
-        self._busy: dict[str, int] = {}  # address -> running jobs that test it
+        self._busy: set[str] = set()  # addresses under test: each by exactly one running job
 
     def add(self, job: Job) -> None:
         if job.requester_key not in self._waiting:
@@ -44,10 +44,7 @@ class FairQueue:
     def finished(self, audit_id: str) -> None:
         job = self._running.pop(audit_id, None)
         if job is not None:
-            for address in job.addresses:
-                self._busy[address] -= 1
-                if not self._busy[address]:
-                    del self._busy[address]
+            self._busy -= job.addresses
         self._pump()
 
     def drain(self) -> list[Job]:
@@ -84,7 +81,7 @@ class FairQueue:
         for _ in range(len(self._turns)):
             key = self._turns[0]
             queue = self._waiting[key]
-            job = next((j for j in queue if not any(a in self._busy for a in j.addresses)), None)
+            job = next((j for j in queue if self._busy.isdisjoint(j.addresses)), None)
             self._turns.rotate(-1)
             if job is not None:
                 queue.remove(job)
@@ -100,8 +97,7 @@ class FairQueue:
             if job is None:
                 return
             self._running[job.audit_id] = job
-            for address in job.addresses:
-                self._busy[address] = self._busy.get(address, 0) + 1
+            self._busy |= job.addresses
             job.start()
 
 

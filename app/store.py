@@ -139,7 +139,7 @@ class Audit:
     finished_at: float | None = None
     summary: dict[str, str | None] | None = None
     error: str | None = None
-    target_key: str | None = None  # "ip:<address>" or "domain:<name>" (kept for old rows; limits use addresses)
+    target_key: str | None = None  # schema 3's "ip:<address>" / "domain:<name>", on old rows only (see audit_addresses)
     requester_key: str | None = None  # the requester's address, or its IPv6 /64: what per-requester limits count
     checks: list[StoredCheck] = field(default_factory=list)
 
@@ -157,6 +157,11 @@ def _audit_from_row(row: sqlite3.Row) -> Audit:
         summary=json.loads(row["summary"]) if row["summary"] else None, error=row["error"],
         target_key=row["target_key"], requester_key=row["requester_key"],
     )
+
+
+def _addresses_of(c: sqlite3.Connection, audit_id: str) -> list[str]:
+    return [r[0] for r in c.execute("SELECT address FROM audit_addresses WHERE audit_id=? ORDER BY rowid",
+                                    (audit_id,))]
 
 
 def _latest_covering(c: sqlite3.Connection, addresses: Sequence[str], since: float) -> Audit | None:
@@ -316,15 +321,15 @@ class Store:
             return decision
         return await self._run(_admit)
 
-    async def latest_covering(self, addresses: Sequence[str], since: float) -> Audit | None:
-        """The newest servable audit of any of the addresses since `since` (the cooldown's subject)."""
+    async def latest_covering(self, audit_id: str, since: float) -> Audit | None:
+        """The newest servable audit since `since` of any address that audit `audit_id` tested (the cooldown's
+        subject): the audit itself, or a later one."""
         def _latest(c: sqlite3.Connection) -> Audit | None:
-            return _latest_covering(c, addresses, since)
+            return _latest_covering(c, _addresses_of(c, audit_id), since)
         return await self._run(_latest)
 
     async def addresses_of(self, audit_id: str) -> list[str]:
-        return await self._run(lambda c: [r[0] for r in c.execute(
-            "SELECT address FROM audit_addresses WHERE audit_id=? ORDER BY rowid", (audit_id,))])
+        return await self._run(lambda c: _addresses_of(c, audit_id))
 
     async def mark_running(self, audit_id: str) -> None:
         await self._run(lambda c: c.execute(

@@ -7,6 +7,14 @@ from support import ServedSite, free_port, wait_done_sync
 from servers.postfix import start_postfix
 
 
+def relay_site_env(relay_port: int, sink_port: int, sink_wait: float) -> dict[str, str]:
+    """The site testing one relay port on loopback, with its sink on `sink_port`."""
+    return {"SECURE_ALLOW_NETWORKS": "127.0.0.0/8", "SECURE_RELAY_PORTS": str(relay_port),
+            "SECURE_PROXY_PORTS": "", "SECURE_SINK_LISTEN": f"127.0.0.1:{sink_port}",
+            "SECURE_PROBE_DOMAIN": "sink.test.example", "SECURE_PROBE_HELO": "probe.test.example",
+            "SECURE_SINK_WAIT": str(sink_wait)}
+
+
 @pytest.mark.parametrize("kind,summary,reasons", [
     ("open", "open", {"delivered"}),
     ("closed", "closed", {"relay_denied"}),
@@ -15,11 +23,7 @@ def test_relay_audit_over_http_against_real_postfix(tmp_path, postfix_ok, kind, 
     sink_port = free_port()
     instance = start_postfix(tmp_path, kind, sink_port=sink_port)
     try:
-        env = {"SECURE_ALLOW_NETWORKS": "127.0.0.0/8", "SECURE_RELAY_PORTS": str(instance.port),
-               "SECURE_PROXY_PORTS": "", "SECURE_SINK_LISTEN": f"127.0.0.1:{sink_port}",
-               "SECURE_PROBE_DOMAIN": "sink.test.example", "SECURE_PROBE_HELO": "probe.test.example",
-               "SECURE_SINK_WAIT": "5"}
-        with ServedSite(tmp_path, env) as site:
+        with ServedSite(tmp_path, relay_site_env(instance.port, sink_port, sink_wait=5)) as site:
             response = httpx.post(site.url + "/api/v1/audits", json={"target": "self", "checks": ["relay"]},
                                   timeout=5)
             assert response.status_code == 202
@@ -47,11 +51,7 @@ def test_a_live_event_stream_ends_with_every_row_confirmed_against_real_postfix(
     sink_port = free_port()
     instance = start_postfix(tmp_path, "open", sink_port=sink_port)
     try:
-        env = {"SECURE_ALLOW_NETWORKS": "127.0.0.0/8", "SECURE_RELAY_PORTS": str(instance.port),
-               "SECURE_PROXY_PORTS": "", "SECURE_SINK_LISTEN": f"127.0.0.1:{sink_port}",
-               "SECURE_PROBE_DOMAIN": "sink.test.example", "SECURE_PROBE_HELO": "probe.test.example",
-               "SECURE_SINK_WAIT": "10"}
-        with ServedSite(tmp_path, env) as site:
+        with ServedSite(tmp_path, relay_site_env(instance.port, sink_port, sink_wait=10)) as site:
             audit_id = httpx.post(site.url + "/api/v1/audits", json={"target": "self", "checks": ["relay"]},
                                   timeout=5).json()["id"]
             text = ""

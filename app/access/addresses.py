@@ -15,6 +15,22 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known prefix (RFC 6052)
 
 
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 form carries (mapped, compatible, 6to4, Teredo client, NAT64), if any."""
+    if address.ipv4_mapped:
+        return address.ipv4_mapped
+    if address.sixtofour:
+        return address.sixtofour
+    if address.teredo:
+        return address.teredo[1]
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    packed = int(address)
+    if packed >> 32 == 0 and packed > 1:  # deprecated IPv4-compatible ::a.b.c.d
+        return ipaddress.IPv4Address(packed)
+    return None
+
+
 def normalise(text: str | IPAddress) -> str:
     """The address as we test it: `::ffff:a.b.c.d` -> `a.b.c.d`; IPv6 in its compressed form."""
     address = ipaddress.ip_address(text)
@@ -26,14 +42,11 @@ def normalise(text: str | IPAddress) -> str:
 def budget_key(text: str | IPAddress) -> str:
     """The server an address lands on: its embedded IPv4 address for mapped, NAT64 and IPv4-compatible forms."""
     address = ipaddress.ip_address(text)
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped:
-            return str(address.ipv4_mapped)
-        if address in _NAT64:
-            return str(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-        packed = int(address)
-        if packed >> 32 == 0 and packed > 1:
-            return str(ipaddress.IPv4Address(packed))
+    # 6to4 and Teredo also carry an IPv4 address, but of a relay or a NAT on the way, not of the server
+    if isinstance(address, ipaddress.IPv6Address) and not (address.sixtofour or address.teredo):
+        inner = embedded_ipv4(address)
+        if inner is not None:
+            return str(inner)
     return str(address)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from app.access.addresses import unique
+from app.access.addresses import embedded_ipv4, unique
 
 if TYPE_CHECKING:
     from app.access.resolver import Resolver
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 # Ranges Python's tables may not flag on every version; named here so the guard does not depend on them.
 _EXTRA_FORBIDDEN = [ipaddress.ip_network(n) for n in (
@@ -32,22 +31,6 @@ _EXTRA_FORBIDDEN = [ipaddress.ip_network(n) for n in (
 
 class ForbiddenTarget(Exception):
     """The address may not be tested; the message says why, in plain words."""
-
-
-def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 form carries (mapped, compatible, 6to4, Teredo client, NAT64), if any."""
-    if address.ipv4_mapped:
-        return address.ipv4_mapped
-    if address.sixtofour:
-        return address.sixtofour
-    if address.teredo:
-        return address.teredo[1]
-    if address in _NAT64:
-        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    packed = int(address)
-    if packed >> 32 == 0 and packed > 1:  # deprecated IPv4-compatible ::a.b.c.d
-        return ipaddress.IPv4Address(packed)
-    return None
 
 
 def why_not_public(address: IPAddress) -> str | None:

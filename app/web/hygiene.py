@@ -108,20 +108,15 @@ class StreamSlots:
     def __init__(self, total: int, per_requester: int) -> None:
         self.total, self.per_requester = total, per_requester
         self.open: dict[str, int] = {}
-        self.count = 0
 
     def acquire(self, key: str) -> bool:
-        if self.count >= self.total or self.open.get(key, 0) >= self.per_requester:
+        if sum(self.open.values()) >= self.total or self.open.get(key, 0) >= self.per_requester:
             return False
         self.open[key] = self.open.get(key, 0) + 1
-        self.count += 1
         return True
 
     def release(self, key: str) -> None:
-        if key not in self.open:
-            return
-        self.count -= 1
-        count = self.open[key] - 1
+        count = self.open.get(key, 0) - 1
         if count > 0:
             self.open[key] = count
         else:

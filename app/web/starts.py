@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from ipaddress import ip_address
 
 from fastapi import HTTPException, Request
-from limits import RateLimitItem
 
 from app.access.addresses import budget_key, normalise, requester_key, unique
 from app.access.domains import hash_id
@@ -146,17 +145,6 @@ def cap_hosts(candidates: dict[str, list[str]], cap: int) -> tuple[dict[str, lis
     return hosts, skipped
 
 
-def spend(request: Request, item: RateLimitItem, kind: str, key: str) -> int | None:
-    """Take one from a limit in slowapi's limiter (memory, or Redis when several processes share it); the hit
-    is taken before any work, in one step, so concurrent requests cannot all pass. None when allowed, else the
-    seconds until the limit allows one more."""
-    limiter = request.app.state.limiter.limiter
-    if limiter.hit(item, kind, key):
-        return None
-    reset, _remaining = limiter.get_window_stats(item, kind, key)
-    return max(1, int(reset - time.time()) + 1)
-
-
 async def in_cooldown(request: Request, audit: Audit) -> Audit | None:
     """The latest servable audit of any of the audit's addresses, when it is younger than SECURE_TARGET_COOLDOWN
     (None when the cooldown is off)."""
@@ -164,8 +152,7 @@ async def in_cooldown(request: Request, audit: Audit) -> Audit | None:
     cooldown = app_state.settings.target_cooldown
     if cooldown <= 0:
         return None
-    addresses = await app_state.store.addresses_of(audit.id)
-    return await app_state.store.latest_covering(addresses, time.time() - cooldown)
+    return await app_state.store.latest_covering(audit.id, time.time() - cooldown)
 
 
 def refusal(decision: Decision) -> HTTPException:

@@ -13,7 +13,7 @@ from limits import RateLimitItem, RateLimitItemPerHour, RateLimitItemPerSecond
 from app.access.addresses import budget_key
 from app.access.domains import DNS_LABEL, WELL_KNOWN, Proof, check_dns, check_http, hash_id, new_secret, token_value
 from app.web.common import absolute_url, requester, state
-from app.web.starts import resolver_for, spend, the_requester_key
+from app.web.starts import resolver_for, the_requester_key
 
 VERIFICATION_ID = re.compile(r"^[A-Za-z0-9_-]{22}$")
 
@@ -21,6 +21,17 @@ VERIFICATION_ID = re.compile(r"^[A-Za-z0-9_-]{22}$")
 def instructions(domain: str, token: str) -> dict[str, Any]:
     return {"dns": {"name": f"{DNS_LABEL}.{domain}", "type": "TXT", "value": token_value(token)},
             "http": {"url": f"http://{domain}{WELL_KNOWN}", "body": token}}
+
+
+def spend(request: Request, item: RateLimitItem, kind: str, key: str) -> int | None:
+    """Take one from a limit in slowapi's limiter (memory, or Redis when several processes share it); the hit
+    is taken before any work, in one step, so concurrent requests cannot all pass. None when allowed, else the
+    seconds until the limit allows one more."""
+    limiter = request.app.state.limiter.limiter
+    if limiter.hit(item, kind, key):
+        return None
+    reset, _remaining = limiter.get_window_stats(item, kind, key)
+    return max(1, int(reset - time.time()) + 1)
 
 
 def limited(request: Request, item: RateLimitItem, kind: str, key: str, message: str, when: bool = True) -> None:
