@@ -37,8 +37,9 @@ SCOPE: dict[str, list[str]] = {
     "app.probes.smtp": ["x_hostname_or_none", "x_address_literal", "x_local_domain", "x_addresses_for",
                         "x_classify_refusal", "x_greylist_delay", "x__with_reply", "xǁRelaySessionǁ_attempt",
                         "xǁRelaySessionǁ_offers", "xǁRelaySessionǁ_checked"],
-    # reply parsing and the command guard (Reply's properties are not mutated: mutmut skips decorated functions)
-    "app.probes.smtp_wire": ["x_check_command", "xǁSmtpConnectionǁread_reply"],
+    # the layer on aiosmtplib: the command guard, the reply check, the bounded evidence (Reply's properties and
+    # the error translation are not mutated: mutmut skips decorated functions)
+    "app.probes.smtp_wire": ["x_check_command", "x__reply", "xǁ_RecordingProtocolǁdata_received"],
     # proxy proof: the tokens and who reached the canary (not the TLS certificate or the listeners' start/stop)
     "app.probes.canary": ["x_new_check_id", "xǁCanaryǁ__init__", "xǁCanaryǁtoken", "xǁCanaryǁrecord",
                           "xǁCanaryǁseen_from", "xǁSmtpCanaryǁ_handle", "xǁHttpCanaryǁ_handle"],

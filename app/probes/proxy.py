@@ -21,7 +21,7 @@ from python_socks.async_.asyncio import Proxy
 from app.probes.base import Emit, SlotFactory
 from app.probes.canary import Canary, new_check_id
 from app.probes.fingerprint import PROXY_SIGNATURES, identify
-from app.probes.smtp_wire import tls_context
+from app.probes.tls import tls_context
 from app.probes.transcript import Transcript
 from app.verdicts import CheckResult, Verdict
 

@@ -233,29 +233,26 @@ class RelaySession:
         implicit = self.port in IMPLICIT_TLS_PORTS
         self.prelude.info(f"connecting to {self.host} port {self.port}" + (" (TLS)" if implicit else ""))
         try:
-            await self.conn.open(self.options.connect_timeout, implicit_tls=implicit)
+            banner = await self.conn.open(self.options.connect_timeout, implicit_tls=implicit)
         except TimeoutError:
             raise SessionFailed(Outcome(Verdict.UNREACHABLE, "filtered",
                                         f"no answer within {self.options.connect_timeout:g} s")) from None
         except TlsFailed as exc:
             raise SessionFailed(Outcome(Verdict.INCONCLUSIVE, "protocol_error", str(exc))) from None
+        except ProtocolError as exc:
+            raise SessionFailed(Outcome(Verdict.CLOSED, "not_smtp", f"the port does not speak SMTP ({exc})")) from None
         except OSError as exc:
             if isinstance(exc, ConnectionRefusedError):
                 raise SessionFailed(Outcome(Verdict.UNREACHABLE, "refused", "connection refused")) from None
             raise SessionFailed(Outcome(Verdict.UNREACHABLE, "filtered", f"no route: {exc.strerror or exc}")) from None
-        try:
-            banner = await self.conn.read_reply()
-        except ProtocolError as exc:
-            raise SessionFailed(Outcome(Verdict.CLOSED, "not_smtp", f"the port does not speak SMTP ({exc})")) from None
         if banner.code != 220:
             raise SessionFailed(Outcome(Verdict.INCONCLUSIVE, "client_blocked",
                                         f"the greeting was {banner.code}: the server refuses to talk to us"))
         ehlo = await self._hello()
         if ehlo is not None and self.use_starttls and self._offers(ehlo, "STARTTLS") and not self.conn.tls:
             self.starttls_offered = True
-            reply = await self.conn.command("STARTTLS")
-            if reply.code == 220:
-                await self.conn.starttls()
+            await self.conn.starttls()
+            if self.conn.tls:
                 ehlo = await self._hello()
         words = "\n".join([banner.text] + ([ehlo.lines[0]] if ehlo is not None else []))
         first_word = banner.lines[0].split()[0] if banner.lines and banner.lines[0].split() else ""
@@ -296,10 +293,9 @@ class RelaySession:
     async def upgrade(self) -> bool:
         """STARTTLS although EHLO did not offer it (the server just said it requires it); False if refused."""
         await self._reset()
-        reply = await self.conn.command("STARTTLS")
-        if reply.code != 220:
-            return False
         await self.conn.starttls()
+        if not self.conn.tls:
+            return False
         await self._hello()
         return True
 

@@ -1,25 +1,42 @@
-"""SMTP on the wire, for probing hostile servers: bounded reads, full reply parsing, exact transcripts.
+"""SMTP on the wire for probing hostile servers: aiosmtplib's protocol, plus what a prober needs on top of it.
 
-Replies are parsed per RFC 5321 section 4.2 (multi-line `NNN-`, final `NNN `, enhanced status code of RFC 3463),
-never matched by substring. Every read is bounded in bytes and time; a command can never carry CR or LF.
+aiosmtplib's `SMTPProtocol` does the reading and writing: a reply line is at most 8 KiB and a whole reply 32 KiB,
+commands carrying a control character (CR, LF, NUL...) are refused before they are sent, every read has a
+timeout, STARTTLS discards what the server sent before the handshake. We use the protocol layer rather than
+`aiosmtplib.SMTP`, whose `mail()` and `rcpt()` re-quote addresses (undoing the deliberately odd forms of the relay
+table) and whose errors lose the reply's step. This layer adds only:
+- the transcript: every line in and out, exactly as it passed, written as it passes (evidence, and what a
+  hostile server sent before the connection broke);
+- a reply code check (2xx-5xx), enhanced status codes (RFC 3463), and a length cap on our own commands;
+- our errors (`Dropped`, `Timeout`, `ProtocolError`, `TlsFailed`), which the probe maps to verdicts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
-import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+from aiosmtplib import SMTPReadTimeoutError, SMTPResponseException, SMTPServerDisconnected, SMTPStatus, SMTPTimeoutError
+from aiosmtplib.protocol import (
+    MAX_LINE_LENGTH,
+    MAX_RESPONSE_LENGTH,
+    PERIOD_REGEX,
+    SMTPProtocol,
+    normalize_message_line_endings,
+)
+
+from app.probes.tls import certificate_subject, tls_context
 from app.probes.transcript import Transcript
 
-MAX_LINE = 2048  # bytes in one reply line (RFC 5321 allows 512; we are lenient, not unbounded)
-MAX_REPLY_LINES = 64
-MAX_REPLY_BYTES = 16 * 1024
-MAX_COMMAND = 1000
+MAX_LINE = MAX_LINE_LENGTH  # bytes in one reply line (aiosmtplib's bound; RFC 5321 allows 512)
+MAX_REPLY_BYTES = MAX_RESPONSE_LENGTH  # bytes in one reply, continuation lines included
+MAX_COMMAND = 1000  # characters in one command of ours (RFC 5321: 512 octets a command line; we send less)
+CLOSE_WAIT = 2.0  # seconds for QUIT's answer and for the connection to close, before we abort it
 
-_REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -]|$)(.*)$", re.DOTALL)
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 
 
@@ -41,6 +58,14 @@ class Timeout(SmtpError):
 
 class TlsFailed(SmtpError):
     """The TLS handshake failed."""
+
+
+class _Refused(SmtpError):
+    """aiosmtplib raised a well-formed reply that its step did not expect (only STARTTLS lets it do that)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
 
 
 @dataclass(frozen=True)
@@ -69,37 +94,69 @@ class Reply:
 
 
 def check_command(line: str) -> str:
-    """Refuse a command that could smuggle another one (CR, LF, NUL, other controls) or is overlong."""
+    """Refuse a command that could smuggle another one (CR, LF, NUL, other controls) or is overlong.
+
+    aiosmtplib refuses control characters too; this check runs first so that the refusal names the command."""
     if len(line) > MAX_COMMAND or any(ord(c) < 0x20 or ord(c) == 0x7F for c in line):
         raise ValueError(f"refusing to send an unsafe SMTP command: {line[:80]!r}")
     return line
 
 
-def tls_context() -> ssl.SSLContext:
-    """We test relaying, not TLS: accept any certificate and old protocol versions, but record the subject."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        with warnings.catch_warnings():  # old servers still speak TLS 1.0; we only need the channel
-            warnings.simplefilter("ignore", DeprecationWarning)
-            context.minimum_version = ssl.TLSVersion.TLSv1
-        context.set_ciphers("DEFAULT:@SECLEVEL=0")
-    except (ValueError, ssl.SSLError):
-        pass
-    return context
+def _reply(code: int, message: str) -> Reply:
+    """aiosmtplib's (code, message) as a Reply; a code outside 2xx-5xx is not SMTP."""
+    if not 200 <= code <= 599:
+        raise ProtocolError("not an SMTP reply")
+    # aiosmtplib decodes with surrogateescape; stored and served text must be valid UTF-8
+    text = message.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return Reply(code, tuple(text.split("\n")))
 
 
-def certificate_subject(der: bytes | None) -> str | None:
-    if not der:
-        return None
-    try:
-        from cryptography import x509
+class _RecordingProtocol(SMTPProtocol):
+    """aiosmtplib's protocol, writing each line it receives or sends into the connection's current transcript."""
 
-        cert = x509.load_der_x509_certificate(der)
-        return cert.subject.rfc4514_string()[:300]
-    except Exception:  # noqa: BLE001 - a malformed certificate is evidence too, not a crash
-        return "(unreadable certificate)"
+    def __init__(self, connection: SmtpConnection, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self.connection = connection
+        self.partial = bytearray()  # received bytes after the last line end
+        self.recording_writes = True
+        self.unanswered = 0  # bytes received since our last command
+        self.lost: asyncio.Future[None] = loop.create_future()
+
+    def data_received(self, data: bytes) -> None:
+        # the evidence holds what aiosmtplib may read of one reply; beyond that it fails the reply, and the rest
+        # (an endless reply arrives in large chunks) is not recorded
+        room = MAX_REPLY_BYTES - self.unanswered
+        self.unanswered += len(data)
+        if room > 0:
+            self.partial += data[:room]
+            *lines, rest = bytes(self.partial).split(b"\n")
+            for line in lines:
+                self.connection.transcript.add("in", line.rstrip(b"\r"))
+            self.partial = bytearray(rest)
+            if len(data) >= room:
+                self.flush()
+                self.connection.transcript.info(f"[more than {MAX_REPLY_BYTES} bytes without our next command: "
+                                                "the rest is not recorded]")
+        super().data_received(data)
+
+    def flush(self) -> None:
+        """Record what came after the last line end (a broken connection's last words)."""
+        if self.partial:
+            self.connection.transcript.add("in", bytes(self.partial))
+            self.partial.clear()
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.unanswered = 0
+        if self.recording_writes:
+            for line in data.split(b"\r\n")[:-1]:
+                self.connection.transcript.add("out", line.decode("ascii", "replace"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.flush()
+        super().connection_lost(exc)
+        if not self.lost.done():
+            self.lost.set_result(None)
 
 
 class SmtpConnection:
@@ -108,128 +165,116 @@ class SmtpConnection:
     def __init__(self, host: str, port: int, transcript: Transcript, command_timeout: float) -> None:
         self.host = host
         self.port = port
-        self.transcript = transcript
+        self.transcript = transcript  # the session moves it from check to check
         self.command_timeout = command_timeout
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self.protocol: _RecordingProtocol | None = None
         self.tls_subject: str | None = None
         self.tls = False
 
-    async def open(self, connect_timeout: float, implicit_tls: bool = False) -> None:
-        """Connect; OSError and TimeoutError (refused, unreachable, silent) go to the caller."""
+    async def open(self, connect_timeout: float, implicit_tls: bool = False) -> Reply:
+        """Connect and read the greeting. OSError and TimeoutError (refused, unreachable, silent) while connecting
+        go to the caller as they are; after that, our errors."""
+        loop = asyncio.get_running_loop()
+        protocol = _RecordingProtocol(self, loop)
         context = tls_context() if implicit_tls else None
         async with asyncio.timeout(connect_timeout):
             try:
-                self.reader, self.writer = await asyncio.open_connection(
-                    self.host, self.port, ssl=context, limit=MAX_LINE,
-                    ssl_handshake_timeout=connect_timeout if context else None)
+                await loop.create_connection(lambda: protocol, self.host, self.port, ssl=context,
+                                             ssl_handshake_timeout=connect_timeout if context else None)
             except ssl.SSLError as exc:
                 raise TlsFailed(f"TLS handshake failed: {exc.reason or exc}") from None
+        self.protocol = protocol
         if implicit_tls:
             self._note_tls()
+        with self._translated():
+            response = await protocol.read_response(timeout=self.command_timeout)
+        return _reply(response.code, response.message)
 
     def _note_tls(self) -> None:
-        assert self.writer is not None
+        assert self.protocol is not None and self.protocol.transport is not None
         self.tls = True
-        ssl_object = self.writer.get_extra_info("ssl_object")
+        ssl_object = self.protocol.transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
         self.tls_subject = certificate_subject(der)
         version = ssl_object.version() if ssl_object else "?"
         self.transcript.info(f"TLS established ({version}); certificate subject: {self.tls_subject or 'none'}")
 
-    async def read_reply(self) -> Reply:
-        assert self.reader is not None
-        lines: list[str] = []
-        code: bytes | None = None
-        total = 0
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """aiosmtplib's errors as ours."""
         try:
-            async with asyncio.timeout(self.command_timeout):
-                while True:
-                    try:
-                        raw = await self.reader.readuntil(b"\n")
-                    except asyncio.LimitOverrunError:
-                        raise ProtocolError(f"a reply line longer than {MAX_LINE} bytes") from None
-                    except asyncio.IncompleteReadError as exc:
-                        if exc.partial:
-                            self.transcript.add("in", exc.partial)
-                        raise Dropped("the server closed the connection") from None
-                    except (ConnectionError, OSError) as exc:
-                        raise Dropped(f"the connection failed: {exc}") from None
-                    self.transcript.add("in", raw.rstrip(b"\r\n"))
-                    total += len(raw)
-                    match = _REPLY_LINE.match(raw.rstrip(b"\r\n"))
-                    if not match:
-                        raise ProtocolError("not an SMTP reply")
-                    if code is not None and match.group(1) != code:
-                        raise ProtocolError("the lines of one reply carry different codes")
-                    code = match.group(1)
-                    lines.append(match.group(3).decode("utf-8", "replace"))
-                    if match.group(2) != b"-":
-                        return Reply(int(code), tuple(lines))
-                    if len(lines) >= MAX_REPLY_LINES or total >= MAX_REPLY_BYTES:
-                        raise ProtocolError(f"a reply of more than {len(lines)} lines / {total} bytes")
-        except TimeoutError:
+            yield
+        except (SMTPReadTimeoutError, SMTPTimeoutError):
             raise Timeout(f"no complete reply within {self.command_timeout:g} s") from None
-
-    async def send(self, line: str) -> None:
-        assert self.writer is not None
-        check_command(line)
-        self.transcript.add("out", line)
-        try:
-            self.writer.write(line.encode("ascii", "strict") + b"\r\n")
-            async with asyncio.timeout(self.command_timeout):
-                await self.writer.drain()
-        except TimeoutError:
-            raise Timeout("the server stopped reading our commands") from None
+        except SMTPServerDisconnected as exc:
+            cause = exc.__cause__
+            raise Dropped(f"the connection failed: {cause}" if cause else "the server closed the connection") from None
+        except SMTPResponseException as exc:
+            if exc.code != SMTPStatus.invalid_response:  # a well-formed refusal (STARTTLS answered other than 220)
+                raise _Refused(_reply(exc.code, exc.message)) from None
+            if self.protocol is not None:  # "Malformed SMTP response line", "Response too long"
+                self.protocol.flush()
+            raise ProtocolError(f"not an SMTP reply ({exc.message[:80]})") from None
+        except ssl.SSLError as exc:
+            raise TlsFailed(f"TLS handshake failed: {exc.reason or exc}") from None
         except (ConnectionError, OSError) as exc:
             raise Dropped(f"the connection failed: {exc}") from None
 
     async def command(self, line: str) -> Reply:
-        await self.send(line)
-        return await self.read_reply()
+        if self.protocol is None:
+            raise Dropped("the connection is closed")
+        command = check_command(line).encode("ascii", "strict")
+        with self._translated():
+            response = await self.protocol.execute_command(command, timeout=self.command_timeout)
+        return _reply(response.code, response.message)
 
     async def send_message(self, message: bytes) -> Reply:
-        """The body after DATA/354: dot-stuffed, CRLF line ends, ending with CRLF.CRLF; then the final reply."""
-        assert self.writer is not None
-        lines = message.replace(b"\r\n", b"\n").split(b"\n")
-        stuffed = b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
+        """The body after DATA/354 (aiosmtplib's line ends and dot-stuffing, then CRLF.CRLF); then the final reply.
+        The transcript shows its size, not the body."""
+        if self.protocol is None:
+            raise Dropped("the connection is closed")
+        stuffed = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message))
         self.transcript.add("out", f"[message of {len(stuffed)} bytes]")
         self.transcript.add("out", ".")
-        try:
-            self.writer.write(stuffed + b"\r\n.\r\n")
-            async with asyncio.timeout(self.command_timeout):
-                await self.writer.drain()
-        except TimeoutError:
-            raise Timeout("the server stopped reading the message") from None
-        except (ConnectionError, OSError) as exc:
-            raise Dropped(f"the connection failed: {exc}") from None
-        return await self.read_reply()
+        with self._translated():
+            self.protocol.recording_writes = False
+            try:
+                self.protocol.write(stuffed + b".\r\n")
+            finally:
+                self.protocol.recording_writes = True
+            response = await self.protocol.read_response(timeout=self.command_timeout)
+        return _reply(response.code, response.message)
 
-    async def starttls(self) -> None:
-        assert self.writer is not None
+    async def starttls(self) -> Reply:
+        """STARTTLS, then the handshake when the server said 220. Returns the server's reply to STARTTLS; a failed
+        or unfinished handshake is TlsFailed."""
+        if self.protocol is None:
+            raise Dropped("the connection is closed")
         try:
-            async with asyncio.timeout(self.command_timeout):
-                await self.writer.start_tls(tls_context())
-        except TimeoutError:
+            with self._translated():
+                response = await self.protocol.start_tls(tls_context(), timeout=self.command_timeout)
+        except _Refused as refused:
+            return refused.reply
+        except Timeout:
             raise TlsFailed("the TLS handshake did not finish in time") from None
-        except (ssl.SSLError, ConnectionError, OSError) as exc:
+        except Dropped as exc:
             raise TlsFailed(f"TLS handshake failed: {exc}") from None
         self._note_tls()
+        return _reply(response.code, response.message)
 
     async def close(self, quit: bool = True) -> None:
-        if self.writer is None:
+        protocol, self.protocol = self.protocol, None
+        if protocol is None:
             return
-        if quit and not self.writer.is_closing():
+        if quit and protocol.is_connected:
+            with contextlib.suppress(SMTPResponseException, SMTPServerDisconnected, SMTPTimeoutError, OSError):
+                await protocol.execute_command(b"QUIT", timeout=CLOSE_WAIT)
+        transport = protocol.transport
+        if transport is not None:
+            transport.close()
             try:
-                await self.send("QUIT")
-                async with asyncio.timeout(2):
-                    await self.read_reply()
-            except (SmtpError, TimeoutError):
-                pass
-        self.writer.close()
-        try:
-            async with asyncio.timeout(2):
-                await self.writer.wait_closed()
-        except (TimeoutError, OSError, ssl.SSLError):
-            pass
-        self.writer = None
+                async with asyncio.timeout(CLOSE_WAIT):
+                    await asyncio.shield(protocol.lost)
+            except TimeoutError:
+                if isinstance(transport, asyncio.WriteTransport):
+                    transport.abort()  # a TLS peer that never answers our close
