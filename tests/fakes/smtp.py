@@ -290,7 +290,7 @@ class EndlessMultiline(Policy):
 
 class HugeGreeting(Policy):
     """A hostile greeting of about `size` bytes in many `220-` lines (each line numbered, so a test can find every
-    one of them), under our reader's bounds of 64 lines and 16 KiB a reply; `binary` fills the lines with bytes
+    one of them), under our reader's bound of 32 KiB a reply; `binary` fills the lines with bytes
     that the evidence shows escaped (\\xNN, four characters each). Then it refuses to relay, like Postfix."""
 
     LINE = 250
