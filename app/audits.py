@@ -138,16 +138,6 @@ class EventHub:
             queue.put_nowait(event)
 
 
-def probe_options(settings: Settings, audit_id: str, audited_domain: str | None = None,
-                  canary: CanaryTargets | None = None) -> ProbeOptions:
-    return ProbeOptions(
-        audit_id=audit_id, site_url=settings.public_url, probe_domain=settings.probe_domain,
-        probe_helo=settings.probe_helo, connect_timeout=settings.connect_timeout,
-        smtp_command_timeout=settings.smtp_command_timeout, smtp_port_deadline=settings.smtp_port_deadline,
-        greylist_max_wait=settings.greylist_max_wait, proxy_step_timeout=settings.proxy_step_timeout,
-        audited_domain=audited_domain, canary=canary)
-
-
 class Auditor:
     def __init__(self, settings: Settings, store: Store, listeners: Sequence[Listener] = (),
                  planners: dict[str, Planner] | None = None, sink: Sink | None = None,
@@ -177,7 +167,7 @@ class Auditor:
              forbidden: Sequence[Forbidden] = ()) -> list[PlannedCheck]:
         """Checks per service and address (`hosts`: the same addresses for every service, or per service),
         and one `forbidden_address` row per address the guard refused."""
-        options = probe_options(self.settings, audit_id, audited_domain, canary=self.canary)
+        options = ProbeOptions.for_audit(self.settings, audit_id, audited_domain, canary=self.canary)
         ports = {"relay": self.settings.relay_ports, "proxy": self.settings.proxy_ports}
         by_service = _by_service(hosts, services)
         planned: list[PlannedCheck] = []

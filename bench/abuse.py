@@ -35,13 +35,13 @@ from fakes.dns import FakeDns  # noqa: E402
 from support import ServedSite  # noqa: E402
 
 from app.config import Settings  # noqa: E402
-from app.probes.smtp import MAX_RECONNECTS, VARIANT_IDS, VARIANTS_PER_SESSION  # noqa: E402
+from app.probes.smtp import MAX_RECONNECTS, VARIANTS, VARIANTS_PER_SESSION  # noqa: E402
 
 VICTIM = "127.0.0.7"
 DEFAULTS = Settings()
 # the README's bounds per victim address per hour, from the defaults
 AUDITS_BOUND = DEFAULTS.audits_per_target_per_hour
-SESSIONS_PER_PORT = -(-len(VARIANT_IDS) // VARIANTS_PER_SESSION)  # the relay variants of one port, in sessions
+SESSIONS_PER_PORT = -(-len(VARIANTS) // VARIANTS_PER_SESSION)  # the relay variants of one port, in sessions
 CONNECTIONS_BOUND = AUDITS_BOUND * SESSIONS_PER_PORT * (1 + MAX_RECONNECTS)  # one relay port
 FETCH_BOUND = DEFAULTS.verification_fetches_per_address_per_hour
 

@@ -149,7 +149,7 @@ PROBE_DOMAIN = "sink.test.example"
 def relay_options(**overrides) -> smtp.RelayOptions:
     values = dict(audit_id="AUDIT", site_url="http://site.test", probe_domain=PROBE_DOMAIN,
                   probe_helo="probe.test.example", connect_timeout=2, command_timeout=2, port_deadline=20,
-                  greylist_max_wait=0)
+                  greylist_max_wait=0, audited_domain=None)
     values.update(overrides)
     return smtp.RelayOptions(**values)
 
@@ -181,7 +181,7 @@ async def relay_port(port: int, slots: Slots | None = None, **overrides):
         results[result.name] = result
 
     await smtp.run_port(emit, slots or Slots(), "127.0.0.1", port, relay_options(**overrides))
-    assert sorted(results) == sorted(f"relay.{v}" for v in smtp.VARIANT_IDS)  # every variant, exactly once
+    assert sorted(results) == sorted(f"relay.{v}" for v in smtp.VariantId)  # every variant, exactly once
     return results
 
 

@@ -12,25 +12,27 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from app.config import Settings
 from app.probes import proxy, reachability, smtp
 from app.probes.base import Emit, SlotFactory
+from app.probes.proxy import CanaryTargets, ProxyOptions
+from app.probes.smtp import RelayOptions
 
 
 @dataclass(frozen=True)
 class ProbeOptions:
-    """What probes need for one audit, taken from the settings by the caller."""
+    """What the probes of one audit need, built once from the settings (`for_audit`)."""
 
-    audit_id: str = ""
-    site_url: str = ""
-    probe_domain: str = "probe.invalid"
-    probe_helo: str = "probe.invalid"
-    connect_timeout: float = 10.0
-    smtp_command_timeout: float = 30.0
-    smtp_port_deadline: float = 180.0
-    greylist_max_wait: float = 0.0
-    proxy_step_timeout: float = 10.0
-    audited_domain: str | None = None
-    canary: proxy.CanaryTargets | None = None  # None: no canary configured, proxies get reachability only
+    connect_timeout: float  # for reachability checks
+    relay: RelayOptions
+    proxy: ProxyOptions | None  # None: no canary configured, proxy ports get reachability only
+
+    @classmethod
+    def for_audit(cls, settings: Settings, audit_id: str, audited_domain: str | None = None,
+                  canary: CanaryTargets | None = None) -> ProbeOptions:
+        return cls(connect_timeout=settings.connect_timeout,
+                   relay=RelayOptions.from_settings(settings, audit_id, audited_domain),
+                   proxy=ProxyOptions.from_settings(settings, canary) if canary is not None else None)
 
 
 @dataclass(frozen=True)
@@ -59,45 +61,38 @@ def _reachability_planner(service: str) -> Planner:
 
 
 def plan_relay(host: str, ports: list[int], options: ProbeOptions) -> list[PlannedCheck]:
-    relay_options = smtp.RelayOptions(
-        audit_id=options.audit_id, site_url=options.site_url, probe_domain=options.probe_domain,
-        probe_helo=options.probe_helo, connect_timeout=options.connect_timeout,
-        command_timeout=options.smtp_command_timeout, port_deadline=options.smtp_port_deadline,
-        greylist_max_wait=options.greylist_max_wait, audited_domain=options.audited_domain)
-    names = tuple(f"relay.{v}" for v in smtp.VARIANT_IDS)
+    names = tuple(f"relay.{v.id}" for v in smtp.VARIANTS)
 
     def unit(port: int) -> PlannedCheck:
         async def run(emit: Emit, slot: SlotFactory) -> None:
-            await smtp.run_port(emit, slot, host, port, relay_options)
+            await smtp.run_port(emit, slot, host, port, options.relay)
         return PlannedCheck("relay", host, port, names, run)
     return [unit(port) for port in ports]
 
 
 def plan_proxy(host: str, ports: list[int], options: ProbeOptions) -> list[PlannedCheck]:
-    if options.canary is None:
+    proxy_options = options.proxy
+    if proxy_options is None:
         return _reachability_planner("proxy")(host, ports, options)
-    proxy_options = proxy.ProxyOptions(targets=options.canary, connect_timeout=options.connect_timeout,
-                                       step_timeout=options.proxy_step_timeout)
 
     def unit(port: int) -> PlannedCheck:
-        names = tuple(f"proxy.{c.id}" for c in proxy.planned_checks(host, port, proxy_options.targets,
-                                                                    proxy_options.wingate_ports))
+        checks = proxy.planned_checks(host, port, proxy_options.targets, proxy_options.wingate_ports)
 
         async def run(emit: Emit, slot: SlotFactory) -> None:
             await proxy.run_port(emit, slot, host, port, proxy_options)
-        return PlannedCheck("proxy", host, port, names, run)
+        return PlannedCheck("proxy", host, port, tuple(f"proxy.{c.id}" for c in checks), run)
     return [unit(port) for port in ports]
 
 
 _DESCRIPTIONS = {f"relay.{v.id}": f"{v.mail_from} -> {v.rcpt_to}: {v.explanation}" for v in smtp.VARIANTS}
-_DESCRIPTIONS.update({f"proxy.{c.id}": f"{c.protocol}: {c.explanation}" for c, _run in proxy.PROXY_CHECKS})
+_DESCRIPTIONS.update({f"proxy.{c.id}": f"{c.protocol}: {c.explanation}" for c in proxy.PROXY_CHECKS})
 _DESCRIPTIONS.update({
     "relay.reachable": "Whether the mail port accepts connections.",
     "proxy.reachable": "Whether the proxy port accepts connections.",
 })
 
 
-_PROXY_CLASSES = {f"proxy.{c.id}": c.klass for c, _run in proxy.PROXY_CHECKS}
+_PROXY_CLASSES = {f"proxy.{c.id}": c.klass for c in proxy.PROXY_CHECKS}
 
 
 def proxy_class(name: str) -> str | None:

@@ -14,11 +14,13 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
 from python_socks.async_.asyncio import Proxy
 
-from app.probes.base import Emit, SlotFactory
+from app.config import Settings
+from app.probes.base import Emit, Ended, Finding, SlotFactory, check_result, connect_failure
 from app.probes.canary import Canary, new_check_id
 from app.probes.fingerprint import PROXY_SIGNATURES, identify
 from app.probes.tls import tls_context
@@ -51,20 +53,20 @@ class CanaryTargets:
         return f"[{self.address}]:{port}" if ":" in self.address else f"{self.address}:{port}"
 
 
+WINGATE_PORTS = frozenset({23})  # where telnet-style gateways are looked for
+
+
 @dataclass(frozen=True)
 class ProxyOptions:
     targets: CanaryTargets
     connect_timeout: float
     step_timeout: float
-    wingate_ports: frozenset[int] = frozenset({23})  # where telnet-style gateways are looked for
+    wingate_ports: frozenset[int] = WINGATE_PORTS
 
-
-class Finding(Exception):
-    """Ends a check with a verdict; raised from deep inside an exchange."""
-
-    def __init__(self, verdict: Verdict, reason: str, note: str) -> None:
-        super().__init__(note)
-        self.verdict, self.reason, self.note = verdict, reason, note
+    @classmethod
+    def from_settings(cls, settings: Settings, targets: CanaryTargets) -> ProxyOptions:
+        return cls(targets=targets, connect_timeout=settings.connect_timeout,
+                   step_timeout=settings.proxy_step_timeout)
 
 
 @dataclass
@@ -87,19 +89,16 @@ class Exchange:
         try:
             async with asyncio.timeout(self.options.connect_timeout):
                 self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        except TimeoutError:
-            raise Finding(Verdict.UNREACHABLE, "filtered", "no answer to connect") from None
-        except ConnectionRefusedError:
-            raise Finding(Verdict.UNREACHABLE, "refused", "connection refused") from None
-        except OSError as exc:
-            raise Finding(Verdict.UNREACHABLE, "filtered", f"no route: {exc.strerror or exc}") from None
+        except OSError as exc:  # refused, unreachable, silent (TimeoutError)
+            failure = connect_failure(exc, self.options.connect_timeout)
+            raise Ended(failure.verdict, failure.reason, failure.note) from None
         if tls:
             try:
                 async with asyncio.timeout(self.options.step_timeout):
                     await self.writer.start_tls(tls_context())
             except (TimeoutError, ssl.SSLError, ConnectionError, OSError) as exc:
                 reason = "no TLS handshake" if isinstance(exc, TimeoutError) else type(exc).__name__
-                raise Finding(Verdict.CLOSED, "not_a_proxy", f"the port does not speak TLS ({reason})") from None
+                raise Ended(Verdict.CLOSED, "not_a_proxy", f"the port does not speak TLS ({reason})") from None
             self.transcript.info("TLS with the port established")
 
     def attach(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -114,9 +113,9 @@ class Exchange:
             async with asyncio.timeout(self.options.step_timeout):
                 await self.writer.drain()
         except TimeoutError:
-            raise Finding(Verdict.INCONCLUSIVE, "timeout", "the server stopped reading") from None
+            raise Ended(Verdict.INCONCLUSIVE, "timeout", "the server stopped reading") from None
         except (ConnectionError, OSError) as exc:
-            raise Finding(Verdict.CLOSED, "not_a_proxy", f"the server closed the connection ({exc})") from None
+            raise Ended(Verdict.CLOSED, "not_a_proxy", f"the server closed the connection ({exc})") from None
 
     async def read_until(self, done: Callable[[bytes], bool], buffer: bytes = b"", what: str = "a reply",
                          eof_ok: bool = False) -> bytes:
@@ -126,20 +125,20 @@ class Exchange:
             async with asyncio.timeout(self.options.step_timeout):
                 while not done(buffer):
                     if len(buffer) >= MAX_STEP_BYTES:
-                        raise Finding(Verdict.INCONCLUSIVE, "protocol_error", f"more than 16 KiB without {what}")
+                        raise Ended(Verdict.INCONCLUSIVE, "protocol_error", f"more than 16 KiB without {what}")
                     chunk = await self.reader.read(MAX_STEP_BYTES - len(buffer))
                     if not chunk:
                         if eof_ok:
                             return buffer
-                        raise Finding(Verdict.CLOSED, "not_a_proxy", f"the server closed the connection before {what}")
+                        raise Ended(Verdict.CLOSED, "not_a_proxy", f"the server closed the connection before {what}")
                     self.transcript.add("in", chunk)
                     self.received += len(chunk)
                     buffer += chunk
         except TimeoutError:
-            raise Finding(Verdict.INCONCLUSIVE, "timeout",
+            raise Ended(Verdict.INCONCLUSIVE, "timeout",
                           f"no {what} within {self.options.step_timeout:g} s") from None
         except (ConnectionError, OSError) as exc:
-            raise Finding(Verdict.CLOSED, "not_a_proxy", f"the connection failed before {what} ({exc})") from None
+            raise Ended(Verdict.CLOSED, "not_a_proxy", f"the connection failed before {what} ({exc})") from None
         return buffer
 
     async def read_head(self) -> tuple[int, dict[str, str], bytes]:
@@ -162,7 +161,7 @@ class Exchange:
 def parse_head(buffer: bytes) -> tuple[int, dict[str, str], bytes]:
     """Split an HTTP response at the blank line; keep the bytes after it (the tunnel's first bytes)."""
     if not buffer.startswith(b"HTTP/"):
-        raise Finding(Verdict.CLOSED, "not_a_proxy", "the port does not answer HTTP")
+        raise Ended(Verdict.CLOSED, "not_a_proxy", "the port does not answer HTTP")
     end = buffer.find(b"\r\n\r\n")
     if end >= 0:
         head, rest = buffer[:end], buffer[end + 4:]
@@ -171,7 +170,7 @@ def parse_head(buffer: bytes) -> tuple[int, dict[str, str], bytes]:
     lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
     match = re.match(r"^HTTP/\d\.\d\s+(\d{3})\b\s*(.*)$", lines[0])
     if not match:
-        raise Finding(Verdict.CLOSED, "not_a_proxy", "a malformed HTTP status line")
+        raise Ended(Verdict.CLOSED, "not_a_proxy", "a malformed HTTP status line")
     headers: dict[str, str] = {":reason": match.group(2).strip()[:100]}
     for line in lines[1:80]:
         name, sep, value = line.partition(":")
@@ -200,28 +199,57 @@ def http_status_finding(status: int, headers: dict[str, str], what: str) -> Find
 
 
 # --- the checks --------------------------------------------------------------------------------------------
+class ProxyCheckId(StrEnum):
+    """The proxy checks' ids (rows proxy.<id>): stable, stored with every audit."""
+
+    HTTP_GET = "http_get"
+    CONNECT_SMTP = "connect_smtp"
+    CONNECT_TLS = "connect_tls"
+    HTTP_POST = "http_post"
+    SOCKS4 = "socks4"
+    SOCKS4A = "socks4a"
+    SOCKS5 = "socks5"
+    HTTPS_CONNECT = "https_connect"
+    WINGATE = "wingate"
+
+
+class Opener(StrEnum):
+    """What a check sends first. A port that answers HTTP sits silent on a SOCKS greeting or a TLS hello (it waits
+    for the end of a request line that never comes), so those checks run after the HTTP ones, with a short wait."""
+
+    HTTP = "HTTP"
+    SOCKS = "SOCKS"
+    TLS = "TLS"
+    GATEWAY = "gateway"  # waits for a telnet-style prompt
+
+
+Runner = Callable[["Exchange", CanaryTargets, str, str], Awaitable[None]]
+
+
 @dataclass(frozen=True)
 class ProxyCheck:
-    id: str  # stable: proxy.<id>
+    id: ProxyCheckId
     protocol: str
     klass: str  # web (pages for anyone), smtp (spam can flow), tunnel (encrypted traffic to port 443)
     explanation: str
     needs: str  # which canary: http, smtp, tls
-
-
-Runner = Callable[["Exchange", CanaryTargets, str, str], Awaitable[None]]
+    opener: Opener
+    run: Runner = field(repr=False, compare=False)
+    ipv4_only: bool = False  # SOCKS4 has no IPv6
+    needs_name: bool = False  # SOCKS4a asks the proxy to resolve our canary's name
+    gateway_ports_only: bool = False  # tried only on ProxyOptions.wingate_ports
 
 
 async def _smtp_through(ex: Exchange, check_id: str, token: str, buffer: bytes = b"") -> None:
     """Through an established tunnel: the SMTP canary's banner, then EHLO <check id>, then its token."""
     buffer = await ex.read_until(lambda b: b"\n" in b, buffer, what="our mail canary's greeting", eof_ok=True)
     if not buffer.startswith(b"220"):
-        raise Finding(Verdict.CLOSED, "answers_without_tunnel",
+        raise Ended(Verdict.CLOSED, "answers_without_tunnel",
                       "the tunnel did not lead to our mail canary (no SMTP greeting)")
     await ex.send(f"EHLO {check_id}\r\n".encode())
     reply = await ex.read_until(lambda b: token.encode() in b or b.count(b"\n") >= 3, what="our canary's token")
     if token.encode() not in reply:
-        raise Finding(Verdict.CLOSED, "answers_without_tunnel", "our mail canary's token did not come back")
+        raise Ended(Verdict.CLOSED, "answers_without_tunnel", "our mail canary's token did not come back")
     await ex.send(b"QUIT\r\n")
 
 
@@ -236,7 +264,7 @@ async def http_get(ex: Exchange, targets: CanaryTargets, check_id: str, token: s
     body = await ex.read_until(lambda b: token.encode() in b, rest, what="the page", eof_ok=True)
     ex.bodies.append(body)
     if token.encode() not in body:
-        raise http_status_finding(status, headers, "GET")
+        raise Ended.of(http_status_finding(status, headers, "GET"))
 
 
 async def http_post(ex: Exchange, targets: CanaryTargets, check_id: str, token: str) -> None:
@@ -252,7 +280,7 @@ async def http_post(ex: Exchange, targets: CanaryTargets, check_id: str, token: 
     status, headers, rest = parse_head(data)
     ex.heads.append(headers)
     ex.bodies.append(rest)
-    raise http_status_finding(status, headers, "POST")
+    raise Ended.of(http_status_finding(status, headers, "POST"))
 
 
 async def _connect(ex: Exchange, hostport: str, extra_crlf: bool = True) -> bytes:
@@ -261,7 +289,7 @@ async def _connect(ex: Exchange, hostport: str, extra_crlf: bool = True) -> byte
         await ex.send(b"\r\n")  # into the tunnel, where our mail canary ignores it (a TLS canary would not)
     status, headers, rest = await ex.read_head()
     if status != 200:
-        raise http_status_finding(status, headers, "CONNECT")
+        raise Ended.of(http_status_finding(status, headers, "CONNECT"))
     return rest
 
 
@@ -277,20 +305,20 @@ async def connect_tls(ex: Exchange, targets: CanaryTargets, check_id: str, token
     await ex.open()
     rest = await _connect(ex, targets.hostport(targets.tls_port), extra_crlf=False)
     if rest:
-        raise Finding(Verdict.CLOSED, "answers_without_tunnel", "bytes came before our TLS handshake: no tunnel")
+        raise Ended(Verdict.CLOSED, "answers_without_tunnel", "bytes came before our TLS handshake: no tunnel")
     assert ex.writer is not None
     try:
         async with asyncio.timeout(ex.options.step_timeout):
             await ex.writer.start_tls(tls_context())
     except (TimeoutError, ssl.SSLError, ConnectionError, OSError) as exc:
-        raise Finding(Verdict.CLOSED, "answers_without_tunnel",
+        raise Ended(Verdict.CLOSED, "answers_without_tunnel",
                       f"no TLS with our canary through the tunnel ({type(exc).__name__})") from None
     ex.transcript.info("TLS with our canary established through the tunnel")
     await ex.send(f"GET /canary/{check_id} HTTP/1.1\r\nHost: {targets.hostport(targets.tls_port)}\r\n"
                   f"Connection: close\r\n\r\n".encode())
     body = await ex.read_until(lambda b: token.encode() in b, what="our canary's page", eof_ok=True)
     if token.encode() not in body:
-        raise Finding(Verdict.CLOSED, "answers_without_tunnel", "our TLS canary's token did not come back")
+        raise Ended(Verdict.CLOSED, "answers_without_tunnel", "our TLS canary's token did not come back")
 
 
 async def https_connect(ex: Exchange, targets: CanaryTargets, check_id: str, token: str) -> None:
@@ -314,13 +342,14 @@ def _socks_runner(kind: str) -> Runner:
             # the port already accepted a connection (the gate): the handshake gets one step's time
             sock = await proxy.connect(destination, targets.smtp_port, timeout=ex.options.step_timeout)
         except ProxyTimeoutError:
-            raise Finding(Verdict.INCONCLUSIVE, "timeout", f"the {kind.upper()} handshake did not finish") from None
+            raise Ended(Verdict.INCONCLUSIVE, "timeout", f"the {kind.upper()} handshake did not finish") from None
         except ProxyConnectionError as exc:
-            if exc.errno == 111:
-                raise Finding(Verdict.UNREACHABLE, "refused", "connection refused") from None
-            raise Finding(Verdict.UNREACHABLE, "filtered", "no answer to connect") from None
+            raise Ended.of(connect_failure(exc, ex.options.connect_timeout)) from None
         except ProxyError as exc:
-            raise socks_finding(kind, exc) from None
+            raise Ended.of(socks_finding(kind, exc)) from None
+        except OSError as exc:  # a reset or a broken pipe in the middle of the handshake: it is not SOCKS to us
+            raise Ended(Verdict.CLOSED, "not_a_proxy",
+                        f"the connection failed during the {kind.upper()} handshake ({exc})") from None
         ex.transcript.add("in", f"{kind.upper()}: request granted")
         reader, writer = await asyncio.open_connection(sock=sock)
         ex.attach(reader, writer)
@@ -361,171 +390,164 @@ async def wingate(ex: Exchange, targets: CanaryTargets, check_id: str, token: st
     prompt = await ex.read_until(prompted, what="a gateway prompt")
     ex.bodies.append(prompt)
     if prompt[:3].isdigit():
-        raise Finding(Verdict.CLOSED, "not_a_proxy", "the port answers with a numbered reply, not a gateway prompt")
+        raise Ended(Verdict.CLOSED, "not_a_proxy", "the port answers with a numbered reply, not a gateway prompt")
     await ex.send(f"{targets.address}:{targets.smtp_port}\r\n".encode())
     data = await ex.read_until(lambda b: b"\n220" in b or (b.startswith(b"220") and b"\n" in b),
                                what="our mail canary's greeting")
     await _smtp_through(ex, check_id, token, data[data.find(b"220"):])
 
 
-PROXY_CHECKS: tuple[tuple[ProxyCheck, Runner], ...] = (
-    (ProxyCheck("http_get", "HTTP GET", "web", "Asks the port to fetch our test page, as a web proxy would.", "http"),
-     http_get),
-    (ProxyCheck("connect_smtp", "HTTP CONNECT", "smtp",
-                "Asks for a tunnel to our mail test server: through this, spam can flow.", "smtp"), connect_smtp),
-    (ProxyCheck("connect_tls", "HTTP CONNECT", "tunnel",
-                "Asks for a tunnel to our encrypted web test server (the port-443 case).", "tls"), connect_tls),
-    (ProxyCheck("http_post", "HTTP POST", "smtp",
-                "Posts mail commands to our mail test server through the proxy.", "smtp"), http_post),
-    (ProxyCheck("socks4", "SOCKS4", "smtp", "Asks for a SOCKS4 connection to our mail test server.", "smtp"),
-     _socks_runner("socks4")),
-    (ProxyCheck("socks4a", "SOCKS4a", "smtp",
-                "Asks for a SOCKS4a connection to our mail test server by name.", "smtp"), _socks_runner("socks4a")),
-    (ProxyCheck("socks5", "SOCKS5", "smtp",
-                "Asks for a SOCKS5 connection (no login offered) to our mail test server.", "smtp"),
-     _socks_runner("socks5")),
-    (ProxyCheck("https_connect", "HTTPS proxy", "smtp",
-                "Speaks TLS to the port, then asks for a tunnel to our mail test server.", "smtp"), https_connect),
-    (ProxyCheck("wingate", "WinGate-style gateway", "smtp",
-                "Types our mail test server's address at a telnet-style gateway prompt.", "smtp"), wingate),
+PROXY_CHECKS: tuple[ProxyCheck, ...] = (
+    ProxyCheck(ProxyCheckId.HTTP_GET, "HTTP GET", "web", "Asks the port to fetch our test page, as a web proxy would.",
+               "http", Opener.HTTP, http_get),
+    ProxyCheck(ProxyCheckId.CONNECT_SMTP, "HTTP CONNECT", "smtp",
+               "Asks for a tunnel to our mail test server: through this, spam can flow.", "smtp", Opener.HTTP,
+               connect_smtp),
+    ProxyCheck(ProxyCheckId.CONNECT_TLS, "HTTP CONNECT", "tunnel",
+               "Asks for a tunnel to our encrypted web test server (the port-443 case).", "tls", Opener.HTTP,
+               connect_tls),
+    ProxyCheck(ProxyCheckId.HTTP_POST, "HTTP POST", "smtp",
+               "Posts mail commands to our mail test server through the proxy.", "smtp", Opener.HTTP, http_post),
+    ProxyCheck(ProxyCheckId.SOCKS4, "SOCKS4", "smtp", "Asks for a SOCKS4 connection to our mail test server.", "smtp",
+               Opener.SOCKS, _socks_runner("socks4"), ipv4_only=True),
+    ProxyCheck(ProxyCheckId.SOCKS4A, "SOCKS4a", "smtp",
+               "Asks for a SOCKS4a connection to our mail test server by name.", "smtp", Opener.SOCKS,
+               _socks_runner("socks4a"), ipv4_only=True, needs_name=True),
+    ProxyCheck(ProxyCheckId.SOCKS5, "SOCKS5", "smtp",
+               "Asks for a SOCKS5 connection (no login offered) to our mail test server.", "smtp", Opener.SOCKS,
+               _socks_runner("socks5")),
+    ProxyCheck(ProxyCheckId.HTTPS_CONNECT, "HTTPS proxy", "smtp",
+               "Speaks TLS to the port, then asks for a tunnel to our mail test server.", "smtp", Opener.TLS,
+               https_connect),
+    ProxyCheck(ProxyCheckId.WINGATE, "WinGate-style gateway", "smtp",
+               "Types our mail test server's address at a telnet-style gateway prompt.", "smtp", Opener.GATEWAY,
+               wingate, gateway_ports_only=True),
 )
-CHECKS_BY_ID = {check.id: (check, runner) for check, runner in PROXY_CHECKS}
 
 
 def planned_checks(host: str, port: int, targets: CanaryTargets,
-                   wingate_ports: frozenset[int] = frozenset({23})) -> list[ProxyCheck]:
+                   wingate_ports: frozenset[int] = WINGATE_PORTS) -> list[ProxyCheck]:
     """Which checks apply to this port: the canary they need exists, the address family allows them."""
     ipv6 = ipaddress.ip_address(host).version == 6
     have = {"http": targets.http_base is not None, "smtp": targets.smtp_port is not None,
             "tls": targets.tls_port is not None}
-    chosen = []
-    for check, _runner in PROXY_CHECKS:
-        if not have[check.needs]:
-            continue
-        if check.id in ("socks4", "socks4a") and ipv6:
-            continue  # SOCKS4 has no IPv6
-        if check.id == "socks4a" and not targets.name:
-            continue
-        if check.id == "wingate" and port not in wingate_ports:
-            continue
-        chosen.append(check)
-    return chosen
+    return [check for check in PROXY_CHECKS
+            if have[check.needs] and not (check.ipv4_only and ipv6) and not (check.needs_name and not targets.name)
+            and not (check.gateway_ports_only and port not in wingate_ports)]
 
 
 # --- one port ----------------------------------------------------------------------------------------------
+# what a SOCKS port answers when it speaks SOCKS, whatever it thinks of our request
+_SOCKS_ANSWERS = ("token_returned", "auth_required", "destination_denied", "destination_unreachable")
+
+
+@dataclass
+class _Ran:
+    """One check's end, with the exchange that shows how the port behaved."""
+
+    check: ProxyCheck
+    finding: Finding
+    ex: Exchange
+
+    @property
+    def speaks(self) -> Opener | None:
+        """Which protocol the port answered this check in, if it answered at all."""
+        if self.check.opener is Opener.SOCKS:
+            return Opener.SOCKS if self.finding.reason in _SOCKS_ANSWERS else None
+        if self.ex.heads or (self.finding.reason == "token_returned" and self.check.opener is not Opener.GATEWAY):
+            return Opener.HTTP
+        return None
 
 
 async def run_port(emit: Emit, slot: SlotFactory, host: str, port: int, options: ProxyOptions) -> None:
     """A reachability gate first (a closed port costs one connection), then every check; rows carry the port's
     fingerprint, so they are emitted together when the port is done."""
     checks = planned_checks(host, port, options.targets, options.wingate_ports)
-    gate = Transcript()
-    gate_ex = Exchange(host, port, options, gate)
+    gate = Exchange(host, port, options, Transcript())
     try:
         async with slot():
-            await gate_ex.open()
-            await gate_ex.close()
-    except Finding as refused:
+            await gate.open()
+            await gate.close()
+    except Ended as refused:
         for check in checks:
-            await emit(_result(check, host, port, refused.verdict, refused.reason, refused.note, gate.fork(), None))
+            await emit(check_result("proxy", host, port, check.id, refused.finding, gate.transcript.fork()))
         return
-    # Plain-text HTTP checks first: a port that answers HTTP sits silent on a SOCKS greeting or a TLS hello (it
-    # waits for the end of a request line that never comes), so those checks then get a short wait
-    later_ids = ("socks4", "socks4a", "socks5", "https_connect")
-    first = [c for c in checks if c.id not in later_ids]
-    later = [c for c in checks if c.id in later_ids]
-    results = dict(zip([c.id for c in first], await asyncio.gather(
-        *(_run_check(check, slot, host, port, options) for check in first)), strict=True))
-    answered = [ex for c in first for finding, ex in [results[c.id]] if _speaks(c, finding, ex) == "HTTP"]
-    if answered:  # a real SOCKS or TLS peer answers within a few round trips; the port showed us its pace
-        latency = max(ex.head_latency for ex in answered)
-        wait = min(options.step_timeout, max(SILENT_PROTOCOL_WAIT, SILENT_PROTOCOL_FACTOR * latency))
-        later_options = replace(options, step_timeout=wait)
-    else:
-        later_options = options
-    results.update(zip([c.id for c in later], await asyncio.gather(
-        *(_run_check(check, slot, host, port, later_options) for check in later)), strict=True))
-    outcomes = _silence_is_not_a_timeout(checks, [results[c.id] for c in checks])
-    fingerprint = port_fingerprint([ex for _outcome, ex in outcomes], checks, outcomes)
-    for check, (finding, ex) in zip(checks, outcomes, strict=True):
-        await emit(_result(check, host, port, finding.verdict, finding.reason, finding.note, ex.transcript,
-                           fingerprint))
+    first = [c for c in checks if c.opener in (Opener.HTTP, Opener.GATEWAY)]
+    ran = await asyncio.gather(*(_run_check(check, slot, host, port, options) for check in first))
+    later_options = _paced(options, [r for r in ran if r.speaks is Opener.HTTP])
+    ran += await asyncio.gather(*(_run_check(check, slot, host, port, later_options)
+                                  for check in checks if check not in first))
+    ran = _silence_is_not_a_timeout(sorted(ran, key=lambda r: checks.index(r.check)))
+    fingerprint = port_fingerprint(ran)
+    for r in ran:
+        await emit(_row(r, host, port, fingerprint))
 
 
-async def _run_check(check: ProxyCheck, slot: SlotFactory, host: str, port: int,
-                     options: ProxyOptions) -> tuple[Finding, Exchange]:
-    _check, runner = CHECKS_BY_ID[check.id]
+def _row(ran: _Ran, host: str, port: int, fingerprint: dict[str, str | None] | None) -> CheckResult:
+    """A proxy check is confirmed when it is open: the token that came back is the proof."""
+    return check_result("proxy", host, port, ran.check.id, ran.finding, ran.ex.transcript, fingerprint=fingerprint,
+                        confirmed=ran.finding.verdict is Verdict.OPEN)
+
+
+def _paced(options: ProxyOptions, answered: list[_Ran]) -> ProxyOptions:
+    """A real SOCKS or TLS peer answers within a few round trips; a port that answered HTTP showed us its pace."""
+    if not answered:
+        return options
+    latency = max(r.ex.head_latency for r in answered)
+    return replace(options, step_timeout=min(options.step_timeout,
+                                             max(SILENT_PROTOCOL_WAIT, SILENT_PROTOCOL_FACTOR * latency)))
+
+
+async def _run_check(check: ProxyCheck, slot: SlotFactory, host: str, port: int, options: ProxyOptions) -> _Ran:
     check_id = new_check_id()
     token = options.targets.canary.token(check_id)
     ex = Exchange(host, port, options, Transcript())
     ex.transcript.info(f"{check.protocol}: {check.explanation}")
     async with slot():
         try:
-            await runner(ex, options.targets, check_id, token)
-            sources = options.targets.canary.seen_from(check_id)
-            where = (f"; our canary saw it arrive from {', '.join(sources)}"
-                     + (" (your server's address)" if host in sources else "")) if sources else ""
-            finding = Finding(Verdict.OPEN, "token_returned",
-                              f"{check.protocol} ({check.klass}): our canary's token came back through this port"
-                              + where)
-        except Finding as found:
-            finding = found
+            await check.run(ex, options.targets, check_id, token)
+            finding = _token_returned(check, host, options.targets.canary.seen_from(check_id))
+        except Ended as ended:
+            finding = ended.finding
         except Exception as exc:  # noqa: BLE001 - a bug of ours, or something python-socks did not expect: never a crash
             finding = Finding(Verdict.ERROR, "internal_error", f"the check failed: {type(exc).__name__}: {exc}"[:200])
         finally:
             await ex.close()
-    ex.transcript.info(f"verdict: {finding.verdict.value} ({finding.reason}) - {finding.note}")
-    return finding, ex
+    return _Ran(check, finding, ex)
 
 
-def _speaks(check: ProxyCheck, finding: Finding, ex: Exchange) -> str | None:
-    """Which protocol the port answered this check in, if it answered at all."""
-    if check.id.startswith("socks"):
-        return "SOCKS" if finding.reason in ("token_returned", "auth_required", "destination_denied",
-                                             "destination_unreachable") else None
-    if ex.heads or (finding.reason == "token_returned" and check.id != "wingate"):
-        return "HTTP"
-    return None
+def _token_returned(check: ProxyCheck, host: str, sources: list[str]) -> Finding:
+    where = (f"; our canary saw it arrive from {', '.join(sources)}"
+             + (" (your server's address)" if host in sources else "")) if sources else ""
+    return Finding(Verdict.OPEN, "token_returned",
+                   f"{check.protocol} ({check.klass}): our canary's token came back through this port" + where)
 
 
-def _silence_is_not_a_timeout(checks: list[ProxyCheck],
-                              outcomes: list[tuple[Finding, Exchange]]) -> list[tuple[Finding, Exchange]]:
+def _silence_is_not_a_timeout(ran: list[_Ran]) -> list[_Ran]:
     """A port that answers one protocol and stays silent to another does not speak the other: an HTTP proxy
     waits for the end of a request line that a SOCKS greeting never sends. That silence is `not_a_proxy` for
     the silent protocol, not an inconclusive timeout."""
-    spoken = {p for p in (_speaks(c, f, ex) for c, (f, ex) in zip(checks, outcomes, strict=True)) if p}
+    spoken = {r.speaks for r in ran if r.speaks}
     if not spoken:
-        return outcomes
-    fixed = []
-    for check, (finding, ex) in zip(checks, outcomes, strict=True):
-        if finding.reason == "timeout" and ex.received == 0 and _speaks(check, finding, ex) is None:
-            note = f"no answer to {check.protocol}, while the port answers {' and '.join(sorted(spoken))}"
-            ex.transcript.info(f"reclassified: {note}")
-            finding = Finding(Verdict.CLOSED, "not_a_proxy", note)
-        fixed.append((finding, ex))
-    return fixed
+        return ran
+    for r in ran:
+        if r.finding.reason == "timeout" and r.ex.received == 0 and r.speaks is None:
+            note = f"no answer to {r.check.protocol}, while the port answers {' and '.join(sorted(spoken))}"
+            r.ex.transcript.info(f"reclassified: {note}")
+            r.finding = Finding(Verdict.CLOSED, "not_a_proxy", note)
+    return ran
 
 
-def port_fingerprint(exchanges: list[Exchange], checks: list[ProxyCheck],
-                     outcomes: list[tuple[Finding, Exchange]]) -> dict[str, str | None] | None:
+def port_fingerprint(ran: list[_Ran]) -> dict[str, str | None] | None:
     parts = []
-    for ex in exchanges:
-        for headers in ex.heads:
+    for r in ran:
+        for headers in r.ex.heads:
             for name in ("server", "via", "proxy-agent", "x-squid-error", "x-cache", ":reason"):
                 if name in headers:
                     parts.append(f"{name}: {headers[name]}")
-        for body in ex.bodies:
+        for body in r.ex.bodies:
             parts.append(body[:2000].decode("latin-1"))
-    socks = [check.protocol for check, (finding, _ex) in zip(checks, outcomes, strict=True)
-             if check.id.startswith("socks") and finding.reason in ("token_returned", "auth_required",
-                                                                    "destination_denied", "destination_unreachable")]
+    socks = [r.check.protocol for r in ran if r.check.opener is Opener.SOCKS and r.finding.reason in _SOCKS_ANSWERS]
     if socks:
         parts.append("SOCKS: " + ", ".join(socks))
     return identify("\n".join(dict.fromkeys(parts)), PROXY_SIGNATURES)
-
-
-def _result(check: ProxyCheck, host: str, port: int, verdict: Verdict, reason: str, note: str,
-            transcript: Transcript, fingerprint: dict[str, str | None] | None) -> CheckResult:
-    return CheckResult(service="proxy", host=host, port=port, name=f"proxy.{check.id}", verdict=verdict,
-                       reason=reason, confirmed=verdict is Verdict.OPEN, fingerprint=fingerprint,
-                       transcript=transcript.lines, detail=note, opening=transcript.opening)

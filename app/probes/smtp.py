@@ -13,15 +13,16 @@ import email.utils
 import ipaddress
 import re
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
-from app.probes.base import Emit, SlotFactory
+from app.config import Settings
+from app.probes.base import Emit, Ended, Finding, SlotFactory, check_result, connect_failure
 from app.probes.fingerprint import identify
 from app.probes.sink import TAG_HEADER, new_tag
-from app.probes.smtp_wire import Dropped, ProtocolError, Reply, SmtpConnection, Timeout, TlsFailed
+from app.probes.smtp_wire import Dropped, ProtocolError, Reply, SmtpConnection, SmtpError, Timeout, TlsFailed
 from app.probes.transcript import Transcript
-from app.verdicts import CheckResult, Verdict
+from app.verdicts import Verdict
 
 SENDER_LOCAL = "sys-probe"
 IMPLICIT_TLS_PORTS = frozenset({465})
@@ -33,9 +34,36 @@ REASONS = ("delivered", "accepted_unconfirmed", "accepts_then_rejects", "relay_d
            "refused", "filtered", "not_smtp", "protocol_error", "dropped", "internal_error")
 
 
+class VariantId(StrEnum):
+    """The relay table's check ids (rows relay.v1 ... relay.v22): stable, stored with every audit."""
+
+    V1 = "v1"
+    V2 = "v2"
+    V3 = "v3"
+    V4 = "v4"
+    V5 = "v5"
+    V6 = "v6"
+    V7 = "v7"
+    V8 = "v8"
+    V9 = "v9"
+    V10 = "v10"
+    V11 = "v11"
+    V12 = "v12"
+    V13 = "v13"
+    V14 = "v14"
+    V15 = "v15"
+    V16 = "v16"
+    V17 = "v17"
+    V18 = "v18"
+    V19 = "v19"
+    V20 = "v20"
+    V21 = "v21"
+    V22 = "v22"
+
+
 @dataclass(frozen=True)
 class Variant:
-    id: str  # stable: relay.v1 ... relay.v22
+    id: VariantId
     mail_from: str  # templates: {s} sender local part, {t} tag, {T} probe domain, {H} target name,
     rcpt_to: str  # {lit} the target's address literal (1.2.3.4 or IPv6:...), {D} the local-looking domain
     explanation: str
@@ -44,30 +72,32 @@ class Variant:
 # The relay table (nmap's 16 smtp-open-relay tests, abuse.net's, DSBL's and mailradar's extra forms).
 # The recipient is always our own sink address, however the form disguises it.
 VARIANTS: tuple[Variant, ...] = (
-    Variant("v1", "<>", "<{t}@{T}>", "Empty sender (like a bounce) to a stranger's address."),
-    Variant("v2", "<{s}@{T}>", "<{t}@{T}>", "A stranger writing to a stranger: the classic relay test."),
-    Variant("v3", "<{s}@{H}>", "<{t}@{T}>", "A sender that claims to be your server's own name."),
-    Variant("v4", "<{s}@[{lit}]>", "<{t}@{T}>", "A sender at your server's own address literal."),
-    Variant("v5", "<{s}>", "<{t}@{T}>", "A sender without a domain, which some servers complete with their own."),
-    Variant("v6", "<{s}@localhost>", "<{t}@{T}>", "A sender that claims to be the server itself (localhost)."),
-    Variant("v7", "<{s}@{D}>", "<{t}@{T}>", "A sender in your own domain: servers that trust local senders relay."),
-    Variant("v8", "<{H}!{s}>", "<{t}@{T}>", "An old UUCP bang-path sender."),
-    Variant("v9", "<{s}@[{lit}]>", "{t}@{T}", "The recipient without angle brackets."),
-    Variant("v10", "<{s}@[{lit}]>", "<\"{t}@{T}\">", "The recipient address in quotes."),
-    Variant("v11", "<{s}@[{lit}]>", "<\"{t}%{T}\">", "A quoted percent-hack recipient."),
-    Variant("v12", "<{s}@[{lit}]>", "<{t}%{T}@[{lit}]>", "The percent hack via your address literal."),
-    Variant("v13", "<{s}@[{lit}]>", "<{t}%{T}@{H}>", "The percent hack via your server's name."),
-    Variant("v14", "<{s}@[{lit}]>", "<{t}@{T}@[{lit}]>", "A doubled @ ending in your address literal."),
-    Variant("v15", "<{s}@[{lit}]>", "<\"{t}@{T}\"@[{lit}]>", "A quoted foreign address at your address literal."),
-    Variant("v16", "<{s}@[{lit}]>", "<{t}@{T}@{H}>", "A doubled @ ending in your server's name."),
-    Variant("v17", "<{s}@[{lit}]>", "<@[{lit}]:{t}@{T}>", "A source route through your address literal."),
-    Variant("v18", "<{s}@[{lit}]>", "<@{H}:{t}@{T}>", "A source route through your server's name."),
-    Variant("v19", "<{s}@[{lit}]>", "<{T}!{t}>", "A bang-path recipient."),
-    Variant("v20", "<{s}@[{lit}]>", "<{T}!{t}@[{lit}]>", "A bang path at your address literal."),
-    Variant("v21", "<{s}@[{lit}]>", "<{T}!{t}@{H}>", "A bang path at your server's name."),
-    Variant("v22", "<{s}@[{lit}]>", "<{t}@{T}@>", "A recipient with an empty trailing domain."),
+    Variant(VariantId.V1, "<>", "<{t}@{T}>", "Empty sender (like a bounce) to a stranger's address."),
+    Variant(VariantId.V2, "<{s}@{T}>", "<{t}@{T}>", "A stranger writing to a stranger: the classic relay test."),
+    Variant(VariantId.V3, "<{s}@{H}>", "<{t}@{T}>", "A sender that claims to be your server's own name."),
+    Variant(VariantId.V4, "<{s}@[{lit}]>", "<{t}@{T}>", "A sender at your server's own address literal."),
+    Variant(VariantId.V5, "<{s}>", "<{t}@{T}>",
+            "A sender without a domain, which some servers complete with their own."),
+    Variant(VariantId.V6, "<{s}@localhost>", "<{t}@{T}>", "A sender that claims to be the server itself (localhost)."),
+    Variant(VariantId.V7, "<{s}@{D}>", "<{t}@{T}>",
+            "A sender in your own domain: servers that trust local senders relay."),
+    Variant(VariantId.V8, "<{H}!{s}>", "<{t}@{T}>", "An old UUCP bang-path sender."),
+    Variant(VariantId.V9, "<{s}@[{lit}]>", "{t}@{T}", "The recipient without angle brackets."),
+    Variant(VariantId.V10, "<{s}@[{lit}]>", "<\"{t}@{T}\">", "The recipient address in quotes."),
+    Variant(VariantId.V11, "<{s}@[{lit}]>", "<\"{t}%{T}\">", "A quoted percent-hack recipient."),
+    Variant(VariantId.V12, "<{s}@[{lit}]>", "<{t}%{T}@[{lit}]>", "The percent hack via your address literal."),
+    Variant(VariantId.V13, "<{s}@[{lit}]>", "<{t}%{T}@{H}>", "The percent hack via your server's name."),
+    Variant(VariantId.V14, "<{s}@[{lit}]>", "<{t}@{T}@[{lit}]>", "A doubled @ ending in your address literal."),
+    Variant(VariantId.V15, "<{s}@[{lit}]>", "<\"{t}@{T}\"@[{lit}]>",
+            "A quoted foreign address at your address literal."),
+    Variant(VariantId.V16, "<{s}@[{lit}]>", "<{t}@{T}@{H}>", "A doubled @ ending in your server's name."),
+    Variant(VariantId.V17, "<{s}@[{lit}]>", "<@[{lit}]:{t}@{T}>", "A source route through your address literal."),
+    Variant(VariantId.V18, "<{s}@[{lit}]>", "<@{H}:{t}@{T}>", "A source route through your server's name."),
+    Variant(VariantId.V19, "<{s}@[{lit}]>", "<{T}!{t}>", "A bang-path recipient."),
+    Variant(VariantId.V20, "<{s}@[{lit}]>", "<{T}!{t}@[{lit}]>", "A bang path at your address literal."),
+    Variant(VariantId.V21, "<{s}@[{lit}]>", "<{T}!{t}@{H}>", "A bang path at your server's name."),
+    Variant(VariantId.V22, "<{s}@[{lit}]>", "<{t}@{T}@>", "A recipient with an empty trailing domain."),
 )
-VARIANT_IDS = tuple(v.id for v in VARIANTS)
 
 _HOSTNAME = re.compile(r"^(?=.{4,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
@@ -105,7 +135,7 @@ def addresses_for(variant: Variant, *, tag: str, probe_domain: str, host: str, n
     lit = address_literal(host)
     values = {"s": SENDER_LOCAL, "t": tag, "T": probe_domain, "lit": lit,
               "H": name or f"[{lit}]", "D": local_domain(name, audited_domain) or f"[{lit}]"}
-    if variant.id == "v8" and not name:  # a bang path needs a name; an address literal would not parse
+    if variant.id is VariantId.V8 and not name:  # a bang path needs a name; an address literal would not parse
         values["H"] = probe_domain
     return Addresses(tag, variant.mail_from.format(**values), variant.rcpt_to.format(**values))
 
@@ -124,35 +154,27 @@ _RELAY = re.compile(r"relay|relaying|access denied|not permitted|unauthori[sz]ed
 _GREYLIST_DELAY = re.compile(r"(\d{1,5}(?:\.\d{1,3})?)\s*(seconds?|secs?|s\b|minutes?|mins?|m\b)", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
-class Outcome:
-    verdict: Verdict
-    reason: str
-    note: str
-    retry_after: float | None = None  # what a temporary refusal said about when to come back
-
-
-def classify_refusal(reply: Reply, stage: str) -> Outcome:
+def classify_refusal(reply: Reply, stage: str) -> Finding:
     """A negative reply at MAIL, RCPT, DATA or end of data -> its verdict. Order matters: the most specific first."""
     text, enhanced = reply.text, reply.enhanced or ""
     where = {"mail": "MAIL FROM", "rcpt": "RCPT TO", "data": "DATA", "end": "the end of the message"}[stage]
     note = f"{where} answered {reply.code}{' ' + enhanced if enhanced else ''}"
     if (enhanced == "5.7.0" and _STARTTLS.search(text)) or (reply.code == 530 and _STARTTLS.search(text)):
-        return Outcome(Verdict.INCONCLUSIVE, "starttls_required", note + ": encryption required first")
+        return Finding(Verdict.INCONCLUSIVE, "starttls_required", note + ": encryption required first")
     if reply.code in (530, 535) or enhanced in ("5.7.0", "5.7.8", "5.7.57") or (
             reply.code >= 500 and _AUTH.search(text)):
-        return Outcome(Verdict.AUTH_REQUIRED, "auth_required_for_relay", note + ": login required to relay")
+        return Finding(Verdict.AUTH_REQUIRED, "auth_required_for_relay", note + ": login required to relay")
     if _CLIENT.search(text):
-        return Outcome(Verdict.INCONCLUSIVE, "client_blocked", note + ": our test address is refused")
+        return Finding(Verdict.INCONCLUSIVE, "client_blocked", note + ": our test address is refused")
     if stage == "mail" or enhanced.endswith((".1.7", ".1.8")) or _SENDER.search(text):
-        return Outcome(Verdict.INCONCLUSIVE, "sender_rejected", note + ": the sender was refused")
+        return Finding(Verdict.INCONCLUSIVE, "sender_rejected", note + ": the sender was refused")
     if reply.code < 500:
         if _RELAY.search(text):  # "454 4.7.1 Relay access denied": a temporary form of a refusal
-            return Outcome(Verdict.CLOSED, "relay_denied", note + ": relaying refused")
-        return Outcome(Verdict.INCONCLUSIVE, "greylisted", note + ": come back later")
+            return Finding(Verdict.CLOSED, "relay_denied", note + ": relaying refused")
+        return Finding(Verdict.INCONCLUSIVE, "greylisted", note + ": come back later")
     if stage == "rcpt":
-        return Outcome(Verdict.CLOSED, "relay_denied", note + ": recipient refused")
-    return Outcome(Verdict.CLOSED, "accepts_then_rejects", note + ": the message was refused after the recipient")
+        return Finding(Verdict.CLOSED, "relay_denied", note + ": recipient refused")
+    return Finding(Verdict.CLOSED, "accepts_then_rejects", note + ": the message was refused after the recipient")
 
 
 def greylist_delay(reply: Reply) -> float | None:
@@ -200,15 +222,14 @@ class RelayOptions:
     command_timeout: float
     port_deadline: float
     greylist_max_wait: float
-    audited_domain: str | None = None
+    audited_domain: str | None
 
-
-class SessionFailed(Exception):
-    """The whole session cannot go on: every variant still pending gets this outcome."""
-
-    def __init__(self, outcome: Outcome) -> None:
-        super().__init__(outcome.note)
-        self.outcome = outcome
+    @classmethod
+    def from_settings(cls, settings: Settings, audit_id: str, audited_domain: str | None) -> RelayOptions:
+        return cls(audit_id=audit_id, site_url=settings.public_url, probe_domain=settings.probe_domain,
+                   probe_helo=settings.probe_helo, connect_timeout=settings.connect_timeout,
+                   command_timeout=settings.smtp_command_timeout, port_deadline=settings.smtp_port_deadline,
+                   greylist_max_wait=settings.greylist_max_wait, audited_domain=audited_domain)
 
 
 @dataclass
@@ -230,24 +251,11 @@ class RelaySession:
         self.needs_rset = False
 
     async def open(self) -> Greeting:
-        implicit = self.port in IMPLICIT_TLS_PORTS
-        self.prelude.info(f"connecting to {self.host} port {self.port}" + (" (TLS)" if implicit else ""))
-        try:
-            banner = await self.conn.open(self.options.connect_timeout, implicit_tls=implicit)
-        except TimeoutError:
-            raise SessionFailed(Outcome(Verdict.UNREACHABLE, "filtered",
-                                        f"no answer within {self.options.connect_timeout:g} s")) from None
-        except TlsFailed as exc:
-            raise SessionFailed(Outcome(Verdict.INCONCLUSIVE, "protocol_error", str(exc))) from None
-        except ProtocolError as exc:
-            raise SessionFailed(Outcome(Verdict.CLOSED, "not_smtp", f"the port does not speak SMTP ({exc})")) from None
-        except OSError as exc:
-            if isinstance(exc, ConnectionRefusedError):
-                raise SessionFailed(Outcome(Verdict.UNREACHABLE, "refused", "connection refused")) from None
-            raise SessionFailed(Outcome(Verdict.UNREACHABLE, "filtered", f"no route: {exc.strerror or exc}")) from None
+        """Connect, greet, upgrade to TLS when offered. Ended: nothing can be tested on this connection."""
+        banner = await self._connect()
         if banner.code != 220:
-            raise SessionFailed(Outcome(Verdict.INCONCLUSIVE, "client_blocked",
-                                        f"the greeting was {banner.code}: the server refuses to talk to us"))
+            raise Ended(Verdict.INCONCLUSIVE, "client_blocked",
+                        f"the greeting was {banner.code}: the server refuses to talk to us")
         ehlo = await self._hello()
         if ehlo is not None and self.use_starttls and self._offers(ehlo, "STARTTLS") and not self.conn.tls:
             self.starttls_offered = True
@@ -261,6 +269,19 @@ class RelaySession:
         self.greeting = Greeting(name=name, fingerprint=identify(words))
         return self.greeting
 
+    async def _connect(self) -> Reply:
+        implicit = self.port in IMPLICIT_TLS_PORTS
+        self.prelude.info(f"connecting to {self.host} port {self.port}" + (" (TLS)" if implicit else ""))
+        try:
+            return await self.conn.open(self.options.connect_timeout, implicit_tls=implicit)
+        except TlsFailed as exc:
+            raise Ended(Verdict.INCONCLUSIVE, "protocol_error", str(exc)) from None
+        except ProtocolError as exc:
+            raise Ended(Verdict.CLOSED, "not_smtp", f"the port does not speak SMTP ({exc})") from None
+        except OSError as exc:  # refused, unreachable, silent (TimeoutError)
+            failure = connect_failure(exc, self.options.connect_timeout)
+            raise Ended(failure.verdict, failure.reason, failure.note) from None
+
     async def _hello(self) -> Reply | None:
         """EHLO, HELO as the fallback; None when only HELO worked."""
         reply = await self.conn.command(f"EHLO {self.options.probe_helo}")
@@ -271,15 +292,14 @@ class RelaySession:
         reply = await self.conn.command(f"HELO {self.options.probe_helo}")
         if reply.code == 250:
             return None
-        raise SessionFailed(Outcome(Verdict.INCONCLUSIVE, "client_blocked",
-                                    f"EHLO and HELO were both refused ({reply.code})"))
+        raise Ended(Verdict.INCONCLUSIVE, "client_blocked", f"EHLO and HELO were both refused ({reply.code})")
 
     @staticmethod
     def _offers(ehlo: Reply, keyword: str) -> bool:
         return any(line.strip().upper().split(" ")[0] == keyword for line in ehlo.lines[1:])
 
     async def run_variant(self, variant: Variant, tag: str,
-                          transcript: Transcript | None = None) -> tuple[Outcome, Transcript]:
+                          transcript: Transcript | None = None) -> tuple[Finding, Transcript]:
         """One attempt; a retry passes the first attempt's transcript to continue it."""
         assert self.greeting is not None
         if transcript is None:
@@ -308,7 +328,7 @@ class RelaySession:
                 raise ProtocolError(f"RSET answered {reply.code}")
             self.needs_rset = False
 
-    async def _attempt(self, variant: Variant, addresses: Addresses) -> Outcome:
+    async def _attempt(self, variant: Variant, addresses: Addresses) -> Finding:
         await self._reset()
         self.needs_rset = True
         reply = await self._checked(f"MAIL FROM:{addresses.mail_from}")
@@ -316,13 +336,10 @@ class RelaySession:
             return _with_reply(classify_refusal(reply, "mail"), reply)
         reply = await self._checked(f"RCPT TO:{addresses.rcpt_to}")
         if reply.code // 100 != 2:
-            return _with_reply(classify_refusal(reply, "rcpt") if reply.code >= 400 else
-                               Outcome(Verdict.INCONCLUSIVE, "protocol_error", f"RCPT TO answered {reply.code}"),
-                               reply)
+            return _refused_or_odd(reply, "rcpt", "RCPT TO")
         reply = await self._checked("DATA")
         if reply.code != 354:
-            return _with_reply(classify_refusal(reply, "data") if reply.code >= 400 else
-                               Outcome(Verdict.INCONCLUSIVE, "protocol_error", f"DATA answered {reply.code}"), reply)
+            return _refused_or_odd(reply, "data", "DATA")
         message = probe_message(addresses=addresses, audit_id=self.options.audit_id, site_url=self.options.site_url,
                                 helo=self.options.probe_helo, host=self.host, port=self.port, variant=variant)
         reply = await self.conn.send_message(message)
@@ -330,11 +347,11 @@ class RelaySession:
             raise Dropped("421 after the message")
         self.needs_rset = False  # a finished transaction needs no RSET
         if reply.code // 100 == 2:
-            return Outcome(Verdict.OPEN, "accepted_unconfirmed",
+            return Finding(Verdict.OPEN, "accepted_unconfirmed",
                            f"accepted a message for {addresses.rcpt_to} through the end of data ({reply.code})")
         if reply.code >= 400:
             return _with_reply(classify_refusal(reply, "end"), reply)
-        return Outcome(Verdict.INCONCLUSIVE, "protocol_error", f"the end of the message answered {reply.code}")
+        return Finding(Verdict.INCONCLUSIVE, "protocol_error", f"the end of the message answered {reply.code}")
 
     async def _checked(self, command: str) -> Reply:
         reply = await self.conn.command(command)
@@ -346,123 +363,157 @@ class RelaySession:
         await self.conn.close(quit=True)
 
 
-def _with_reply(outcome: Outcome, reply: Reply) -> Outcome:
-    return replace(outcome, note=f"{outcome.note}: {reply.text[:200]}",
-                   retry_after=greylist_delay(reply) if outcome.reason == "greylisted" else None)
+def _with_reply(finding: Finding, reply: Reply) -> Finding:
+    return replace(finding, note=f"{finding.note}: {reply.text[:200]}",
+                   retry_after=greylist_delay(reply) if finding.reason == "greylisted" else None)
+
+
+def _refused_or_odd(reply: Reply, stage: str, command: str) -> Finding:
+    """A refusal at RCPT or DATA is classified; a positive code where none belongs is a protocol error."""
+    if reply.code >= 400:
+        return _with_reply(classify_refusal(reply, stage), reply)
+    return _with_reply(Finding(Verdict.INCONCLUSIVE, "protocol_error", f"{command} answered {reply.code}"), reply)
 
 
 # --- one port: variants spread over sessions ---------------------------------------------------------------
+_ERROR_REASONS = {Dropped: "dropped", Timeout: "timeout", ProtocolError: "protocol_error"}
+
+
+class _Port:
+    """The variants of one port: each ends with exactly one emitted row, whatever the server does."""
+
+    def __init__(self, emit: Emit, slot: SlotFactory, host: str, port: int, options: RelayOptions) -> None:
+        self.emit, self.slot, self.host, self.port, self.options = emit, slot, host, port, options
+        self.done: set[str] = set()
+        self.fingerprint: dict[str, str | None] | None = None
+        self.greeted = False  # the first greeting's fingerprint stands for the port
+
+    def greeted_by(self, greeting: Greeting) -> None:
+        if not self.greeted:
+            self.greeted, self.fingerprint = True, greeting.fingerprint
+
+    async def finish(self, variant: Variant, finding: Finding, transcript: Transcript, tag: str | None) -> None:
+        if variant.id in self.done:
+            return
+        self.done.add(variant.id)
+        await self.emit(check_result("relay", self.host, self.port, variant.id, finding, transcript,
+                                     fingerprint=self.fingerprint,
+                                     tag=tag if finding.reason == "accepted_unconfirmed" else None))
+
+    async def run(self, variants: tuple[Variant, ...]) -> None:
+        chunks = [variants[i:i + VARIANTS_PER_SESSION] for i in range(0, len(variants), VARIANTS_PER_SESSION)]
+        try:
+            async with asyncio.timeout(self.options.port_deadline):
+                await asyncio.gather(*(_Chunk(self, chunk).run() for chunk in chunks))
+        except TimeoutError:
+            pass
+        started = Transcript()
+        cut = Finding(Verdict.INCONCLUSIVE, "timeout",
+                      f"the port's time limit of {self.options.port_deadline:g} s ran out")
+        for variant in variants:  # cut by the port's deadline
+            if variant.id not in self.done:
+                await self.finish(variant, cut, started.fork(), None)
+
+
 async def run_port(emit: Emit, slot: SlotFactory, host: str, port: int, options: RelayOptions,
                    variants: tuple[Variant, ...] = VARIANTS) -> None:
     """Every variant on one port ends with exactly one emitted result, whatever the server does."""
-    done: set[str] = set()
-    fingerprints: dict[str, dict[str, str | None] | None] = {}
-
-    async def finish(variant: Variant, outcome: Outcome, transcript: Transcript, tag: str | None) -> None:
-        if variant.id in done:
-            return
-        done.add(variant.id)
-        transcript.info(f"verdict: {outcome.verdict.value} ({outcome.reason}) - {outcome.note}")
-        await emit(CheckResult(
-            service="relay", host=host, port=port, name=f"relay.{variant.id}", verdict=outcome.verdict,
-            reason=outcome.reason, fingerprint=fingerprints.get("port"), transcript=transcript.lines,
-            detail=outcome.note, tag=tag if outcome.reason == "accepted_unconfirmed" else None,
-            opening=transcript.opening))
-
-    chunks = [variants[i:i + VARIANTS_PER_SESSION] for i in range(0, len(variants), VARIANTS_PER_SESSION)]
-    started = Transcript()
-    try:
-        async with asyncio.timeout(options.port_deadline):
-            await asyncio.gather(*(_run_chunk(chunk, finish, slot, host, port, options, fingerprints)
-                                   for chunk in chunks))
-    except TimeoutError:
-        pass
-    for variant in variants:  # cut by the port's deadline
-        if variant.id not in done:
-            transcript = started.fork()
-            await finish(variant, Outcome(Verdict.INCONCLUSIVE, "timeout",
-                                          f"the port's time limit of {options.port_deadline:g} s ran out"),
-                         transcript, None)
+    await _Port(emit, slot, host, port, options).run(variants)
 
 
-async def _run_chunk(chunk: tuple[Variant, ...], finish: Callable[..., Awaitable[None]], slot: SlotFactory,
-                     host: str, port: int, options: RelayOptions,
-                     fingerprints: dict[str, dict[str, str | None] | None]) -> None:
-    pending = list(chunk)
-    tags = {v.id: new_tag() for v in chunk}  # one tag per variant, kept across a reconnect (greylisting)
-    retries: dict[str, Transcript] = {}  # greylisted once: the transcript that the retry continues
-    delays: list[float] = []
-    reconnects = 0
-    use_starttls = True
-    while pending:
-        async with slot():
-            session = RelaySession(host, port, options, use_starttls=use_starttls)
-            try:
-                greeting = await session.open()
-                fingerprints.setdefault("port", greeting.fingerprint)
-                while pending:
-                    variant = pending[0]
-                    outcome, transcript = await session.run_variant(variant, tags[variant.id],
-                                                                    retries.get(variant.id))
-                    # required but not offered in EHLO: try it anyway, then test this variant again
-                    if (outcome.reason == "starttls_required" and not session.conn.tls and use_starttls
-                            and not session.starttls_offered and await session.upgrade()):
-                        continue
-                    if outcome.reason == "greylisted" and variant.id not in retries:
-                        # come back once with the same sender and recipient (greylisting remembers the triplet),
-                        # after the other variants, waiting once for all of them
-                        retries[variant.id] = transcript
-                        delays.append(outcome.retry_after or 0.0)
-                        pending.append(pending.pop(0))
-                        if all(v.id in retries for v in pending):
-                            delay = min(max(delays), options.greylist_max_wait)
-                            for v in pending:
-                                retries[v.id].info(f"temporary refusal: trying once more after {delay:g} s")
-                            await asyncio.sleep(delay)
-                        continue
-                    await finish(variant, outcome, transcript, tags[variant.id])
-                    pending.pop(0)
-                await session.close()
-                return
-            except SessionFailed as exc:
-                await _fail_all(pending, exc.outcome, session, finish)
-                await session.conn.close(quit=False)
-                return
-            except TlsFailed as exc:
-                await session.conn.close(quit=False)
-                if use_starttls and session.greeting is None:
-                    use_starttls = False  # try once more without STARTTLS, as a client that cannot do TLS
-                    session.conn.transcript.info(f"{exc}; retrying without STARTTLS")
-                    continue
-                await _fail_all(pending, Outcome(Verdict.INCONCLUSIVE, "starttls_required", str(exc)), session,
-                                finish)
-                return
-            except (Dropped, Timeout, ProtocolError) as exc:
-                await session.conn.close(quit=False)
-                if session.greeting is None:  # the greeting itself failed: nothing can be tested on this port
-                    reason = {Dropped: "dropped", Timeout: "timeout", ProtocolError: "protocol_error"}[type(exc)]
-                    await _fail_all(pending, Outcome(Verdict.INCONCLUSIVE, reason, str(exc)), session, finish)
-                    return
-                if isinstance(exc, Dropped):
-                    reconnects += 1
-                    session.conn.transcript.info(f"{exc}; reconnecting ({reconnects} of {MAX_RECONNECTS})")
-                    if reconnects > MAX_RECONNECTS:
-                        await _fail_all(pending, Outcome(Verdict.INCONCLUSIVE, "dropped",
-                                                         f"the server dropped us {reconnects} times"), session, finish)
-                        return
-                    continue
-                # a timeout or garbage in the middle of a variant: that variant ends here, the rest go on anew
-                reason = "timeout" if isinstance(exc, Timeout) else "protocol_error"
-                variant = pending.pop(0)
-                await finish(variant, Outcome(Verdict.INCONCLUSIVE, reason, str(exc)), session.conn.transcript, None)
-                reconnects += 1
-                if reconnects > MAX_RECONNECTS:
-                    await _fail_all(pending, Outcome(Verdict.INCONCLUSIVE, reason, f"{exc} (again)"), session, finish)
+class _Chunk:
+    """Some variants of one port, tested over as few sessions as the server allows: reconnecting after a drop,
+    retrying greylisted variants once, STARTTLS when required, without STARTTLS when its handshake fails."""
+
+    def __init__(self, port: _Port, variants: tuple[Variant, ...]) -> None:
+        self.port = port
+        self.pending = list(variants)
+        self.tags = {v.id: new_tag() for v in variants}  # one tag per variant, kept across a reconnect
+        self.retries: dict[str, Transcript] = {}  # greylisted once: the transcript that the retry continues
+        self.delays: list[float] = []
+        self.reconnects = 0
+        self.use_starttls = True
+
+    async def run(self) -> None:
+        while self.pending:
+            async with self.port.slot():
+                session = RelaySession(self.port.host, self.port.port, self.port.options, self.use_starttls)
+                if await self._session(session):
                     return
 
+    async def _session(self, session: RelaySession) -> bool:
+        """One connection. True: the chunk is finished; False: reconnect."""
+        try:
+            self.port.greeted_by(await session.open())
+            await self._variants(session)
+        except Ended as exc:
+            await session.conn.close(quit=False)
+            await self._fail_all(exc.finding, session)
+            return True
+        except SmtpError as exc:
+            await session.conn.close(quit=False)
+            return await self._after(exc, session)
+        await session.close()
+        return True
 
-async def _fail_all(pending: list[Variant], outcome: Outcome, session: RelaySession,
-                    finish: Callable[..., Awaitable[None]]) -> None:
-    for variant in pending:
-        await finish(variant, outcome, session.conn.transcript.fork(), None)
-    pending.clear()
+    async def _variants(self, session: RelaySession) -> None:
+        while self.pending:
+            variant = self.pending[0]
+            finding, transcript = await session.run_variant(variant, self.tags[variant.id],
+                                                            self.retries.get(variant.id))
+            # required but not offered in EHLO: try it anyway, then test this variant again
+            if (finding.reason == "starttls_required" and not session.conn.tls and self.use_starttls
+                    and not session.starttls_offered and await session.upgrade()):
+                continue
+            if finding.reason == "greylisted" and variant.id not in self.retries:
+                await self._later(variant, finding, transcript)
+                continue
+            await self.port.finish(variant, finding, transcript, self.tags[variant.id])
+            self.pending.pop(0)
+
+    async def _later(self, variant: Variant, finding: Finding, transcript: Transcript) -> None:
+        """Come back once with the same sender and recipient (greylisting remembers the triplet), after the other
+        variants, waiting once for all of them."""
+        self.retries[variant.id] = transcript
+        self.delays.append(finding.retry_after or 0.0)
+        self.pending.append(self.pending.pop(0))
+        if all(v.id in self.retries for v in self.pending):
+            delay = min(max(self.delays), self.port.options.greylist_max_wait)
+            for v in self.pending:
+                self.retries[v.id].info(f"temporary refusal: trying once more after {delay:g} s")
+            await asyncio.sleep(delay)
+
+    async def _after(self, exc: SmtpError, session: RelaySession) -> bool:
+        """After the connection failed: True when the chunk is finished, False to reconnect."""
+        if isinstance(exc, TlsFailed):
+            return await self._after_tls(exc, session)
+        reason = _ERROR_REASONS.get(type(exc), "protocol_error")
+        if session.greeting is None:  # the greeting itself failed: nothing can be tested on this port
+            await self._fail_all(Finding(Verdict.INCONCLUSIVE, reason, str(exc)), session)
+            return True
+        self.reconnects += 1
+        if isinstance(exc, Dropped):
+            session.conn.transcript.info(f"{exc}; reconnecting ({self.reconnects} of {MAX_RECONNECTS})")
+            again = Finding(Verdict.INCONCLUSIVE, "dropped", f"the server dropped us {self.reconnects} times")
+        else:  # a timeout or garbage in the middle of a variant: that variant ends here, the rest go on anew
+            variant = self.pending.pop(0)
+            await self.port.finish(variant, Finding(Verdict.INCONCLUSIVE, reason, str(exc)), session.conn.transcript,
+                                   None)
+            again = Finding(Verdict.INCONCLUSIVE, reason, f"{exc} (again)")
+        if self.reconnects > MAX_RECONNECTS:
+            await self._fail_all(again, session)
+            return True
+        return False
+
+    async def _after_tls(self, exc: TlsFailed, session: RelaySession) -> bool:
+        if self.use_starttls and session.greeting is None:
+            self.use_starttls = False  # try once more without STARTTLS, as a client that cannot do TLS
+            session.conn.transcript.info(f"{exc}; retrying without STARTTLS")
+            return False
+        await self._fail_all(Finding(Verdict.INCONCLUSIVE, "starttls_required", str(exc)), session)
+        return True
+
+    async def _fail_all(self, finding: Finding, session: RelaySession) -> None:
+        for variant in self.pending:
+            await self.port.finish(variant, finding, session.conn.transcript.fork(), None)
+        self.pending.clear()

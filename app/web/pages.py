@@ -291,7 +291,7 @@ async def about(request: Request) -> HTMLResponse:
     from app.probes.proxy import PROXY_CHECKS
     from app.probes.smtp import VARIANTS
 
-    return render(request, "about.html", {"variants": VARIANTS, "proxy_checks": [c for c, _run in PROXY_CHECKS]})
+    return render(request, "about.html", {"variants": VARIANTS, "proxy_checks": PROXY_CHECKS})
 
 
 @router.get("/privacy", response_class=HTMLResponse)

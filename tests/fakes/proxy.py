@@ -7,6 +7,8 @@ ever connects to 127.0.0.1 (anything else is refused), listens on 127.0.0.1, and
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import contextlib
 
 MAX_HEAD = 16 * 1024
@@ -170,6 +172,22 @@ class Tarpit(FakeServer):
 
     async def handle(self, reader, writer):
         await asyncio.sleep(30)
+
+
+class ResetsSocks(FakeServer):
+    """Answers HTTP like a web server, and resets the connection (RST, not FIN) on anything else: what Dante with a
+    client rule that blocks us, or an HTTP proxy that does not speak SOCKS4, do to a SOCKS4 request."""
+
+    async def handle(self, reader, writer):
+        first = await reader.read(1)
+        if first in (b"\x04", b"\x05"):
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return
+        await _read_head(reader)
+        writer.write(b"HTTP/1.1 404 Not Found\r\nServer: Apache/2.4.62 (Debian)\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
 
 
 class Garbage(FakeServer):

@@ -7,13 +7,15 @@ test, so every finding (verdict, reason and the note the owner reads) is the one
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Callable
 
 import pytest
 
 from app.probes import proxy
 from app.probes.canary import Canary
-from app.probes.proxy import CanaryTargets, Exchange, Finding, ProxyOptions
+from app.probes.base import Ended, Finding
+from app.probes.proxy import CanaryTargets, Exchange, ProxyOptions
 from app.probes.transcript import Transcript
 from app.verdicts import Verdict
 
@@ -56,9 +58,10 @@ def canary_after_ehlo(data: bytes) -> bytes | None:
 
 
 async def finding_of(run) -> tuple[Verdict, str, str]:
-    with pytest.raises(Finding) as info:
+    with pytest.raises(Ended) as info:
         await run
-    return info.value.verdict, info.value.reason, info.value.note
+    found = info.value.finding
+    return found.verdict, found.reason, found.note
 
 
 # --- through a tunnel to the mail canary -------------------------------------------------------------------
@@ -143,6 +146,10 @@ class LoopbackPeer:
             pass
         finally:
             writer.close()
+
+
+def check_named(check_id: str) -> proxy.ProxyCheck:
+    return next(c for c in proxy.PROXY_CHECKS if c.id == check_id)
 
 
 def options(step_timeout: float = 1.0) -> ProxyOptions:
@@ -262,48 +269,51 @@ def canary_page(*sources: str):
 async def test_a_returned_token_is_open_and_says_where_the_canary_saw_it_arrive(sources, where):
     from support import Slots
 
-    check = proxy.CHECKS_BY_ID["http_get"][0]
+    check = check_named("http_get")
     async with LoopbackPeer(canary_page(*sources)) as peer:
-        finding, ex = await proxy._run_check(check, Slots(), "127.0.0.1", peer.port, options())
+        ran = await proxy._run_check(check, Slots(), "127.0.0.1", peer.port, options())
+    finding, ex = ran.finding, ran.ex
     assert (finding.verdict, finding.reason) == (Verdict.OPEN, "token_returned")
     assert finding.note == "HTTP GET (web): our canary's token came back through this port" + where
     texts = [line.text for line in ex.transcript.lines]
     assert texts[0] == f"HTTP GET: {check.explanation}"
-    assert texts[-1] == f"verdict: open (token_returned) - {finding.note}"
     assert ex.writer is None  # the connection is closed
 
 
-async def test_a_check_whose_runner_fails_is_an_error_not_a_verdict(monkeypatch):
+async def test_a_check_whose_runner_fails_is_an_error_not_a_verdict():
     from support import Slots
-
-    check = proxy.CHECKS_BY_ID["http_get"][0]
 
     async def broken(ex, targets, check_id, token):
         await ex.open()
         raise RuntimeError("boom " * 60)
 
-    monkeypatch.setitem(proxy.CHECKS_BY_ID, "http_get", (check, broken))
+    check = dataclasses.replace(check_named("http_get"), run=broken)
     async with LoopbackPeer(lambda received: (b"", False)) as peer:
-        finding, ex = await proxy._run_check(check, Slots(), "127.0.0.1", peer.port, options())
+        ran = await proxy._run_check(check, Slots(), "127.0.0.1", peer.port, options())
+    finding, ex = ran.finding, ran.ex
     assert (finding.verdict, finding.reason) == (Verdict.ERROR, "internal_error")
     assert finding.note == f"the check failed: RuntimeError: {'boom ' * 60}"[:200]
     assert ex.writer is None
 
 
 def test_the_row_of_a_check():
-    check = proxy.CHECKS_BY_ID["connect_smtp"][0]
+    check = check_named("connect_smtp")
     gate = Transcript()
     gate.info("connecting")
     transcript = gate.fork()  # shares the gate's opening
     transcript.info("line")
     fingerprint = {"product": "Squid", "version": None, "raw": "x"}
-    opened = proxy._result(check, "192.0.2.1", 3128, Verdict.OPEN, "token_returned", "note", transcript, fingerprint)
+    exchange = Exchange("192.0.2.1", 3128, options(), transcript)
+    opened = proxy._row(proxy._Ran(check, Finding(Verdict.OPEN, "token_returned", "note"), exchange), "192.0.2.1",
+                        3128, fingerprint)
     assert (opened.service, opened.host, opened.port, opened.name, opened.verdict, opened.reason, opened.confirmed,
             opened.fingerprint, opened.transcript, opened.detail) == (
         "proxy", "192.0.2.1", 3128, "proxy.connect_smtp", Verdict.OPEN, "token_returned", True, fingerprint,
         transcript.lines, "note")
+    assert opened.transcript[-1].text == "verdict: open (token_returned) - note"
     assert opened.opening is transcript.opening and opened.opening is not None
-    closed = proxy._result(check, "192.0.2.1", 3128, Verdict.CLOSED, "not_a_proxy", "n", transcript, None)
+    closed = proxy._row(proxy._Ran(check, Finding(Verdict.CLOSED, "not_a_proxy", "n"), exchange), "192.0.2.1", 3128,
+                        None)
     assert closed.confirmed is False and closed.fingerprint is None
 
 

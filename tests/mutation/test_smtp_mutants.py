@@ -11,7 +11,8 @@ import pytest
 from support import relay_options
 
 from app.probes import smtp
-from app.probes.smtp import Outcome, RelaySession, classify_refusal
+from app.probes.base import Finding
+from app.probes.smtp import RelaySession, classify_refusal
 from app.probes.smtp_wire import Dropped, Reply
 from app.probes.transcript import Transcript
 from app.verdicts import Verdict
@@ -58,14 +59,14 @@ def test_each_refusal_is_classified_with_its_note(code, text, stage, expected):
 
 
 def test_a_note_keeps_at_most_200_characters_of_the_reply():
-    outcome = smtp._with_reply(Outcome(C, "relay_denied", "n"), Reply(554, ("x" * 300,)))
+    outcome = smtp._with_reply(Finding(C, "relay_denied", "n"), Reply(554, ("x" * 300,)))
     assert outcome.note == "n: " + "x" * 200
 
 
 def test_only_a_temporary_refusal_carries_a_retry_delay():
     reply = Reply(451, ("try again in 30 seconds",))
-    assert smtp._with_reply(Outcome(I, "greylisted", "n"), reply).retry_after == 30
-    assert smtp._with_reply(Outcome(C, "relay_denied", "n"), reply).retry_after is None
+    assert smtp._with_reply(Finding(I, "greylisted", "n"), reply).retry_after == 30
+    assert smtp._with_reply(Finding(C, "relay_denied", "n"), reply).retry_after is None
 
 
 # --- the forms of the addresses ----------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def session(**replies: list[Reply]) -> tuple[RelaySession, Scripted]:
 V2 = next(v for v in smtp.VARIANTS if v.id == "v2")
 
 
-async def attempt(relay: RelaySession) -> Outcome:
+async def attempt(relay: RelaySession) -> Finding:
     outcome, _transcript = await relay.run_variant(V2, "sys0123456789abcdef")
     return outcome
 
@@ -168,7 +169,7 @@ async def test_open_only_when_the_end_of_the_message_is_answered_2xx():
 @pytest.mark.parametrize("code", [300, 302, 354])
 async def test_a_3xx_at_the_end_of_the_message_is_no_proof(code):
     relay, _conn = session(END=[Reply(code, ("what",))])
-    assert await attempt(relay) == Outcome(I, "protocol_error", f"the end of the message answered {code}")
+    assert await attempt(relay) == Finding(I, "protocol_error", f"the end of the message answered {code}")
 
 
 async def test_a_400_at_the_end_of_the_message_is_classified():

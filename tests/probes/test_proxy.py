@@ -99,6 +99,15 @@ async def test_socks5_reply_02_is_destination_denied(targets):
     assert outcome(results, "socks5") == ("closed", "destination_denied")
 
 
+async def test_a_reset_during_a_socks_handshake_is_not_a_proxy_not_an_error(targets):
+    async with fakes.ResetsSocks() as server:
+        results = await proxy_port(server.port, targets, step_timeout=0.5)
+    for check in ("socks4", "socks4a", "socks5"):
+        assert outcome(results, check) == ("closed", "not_a_proxy"), (check, results[f"proxy.{check}"].detail)
+        assert results[f"proxy.{check}"].detail.startswith(f"the connection failed during the {check.upper()} hand")
+    assert outcome(results, "http_get") == ("closed", "not_a_proxy")  # a 404: not a proxy either
+
+
 async def test_407_is_auth_required(targets):
     async with fakes.AuthRequired() as server:
         results = await proxy_port(server.port, targets, step_timeout=0.5)

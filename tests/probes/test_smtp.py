@@ -199,7 +199,7 @@ def test_variant_forms():
     assert got["v21"][1] == f"<{T}!{t}@mx.corp.example>"
     assert got["v22"][1] == f"<{t}@{T}@>"
     assert all(got[f"v{i}"][0] == "<sys-probe@[192.0.2.5]>" for i in range(9, 23))
-    assert len(smtp.VARIANTS) == 22 and len(set(smtp.VARIANT_IDS)) == 22
+    assert len(smtp.VARIANTS) == 22 and [v.id for v in smtp.VARIANTS] == list(smtp.VariantId)
     assert all(v.explanation for v in smtp.VARIANTS)
     v6 = smtp.addresses_for(smtp.VARIANTS[11], tag=t, probe_domain=T, host="2001:db8::25", name=None,
                             audited_domain="corp.example")
