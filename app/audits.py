@@ -14,7 +14,7 @@ import contextlib
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -400,14 +400,7 @@ class Auditor:
         final state, always before `done`. Yields None as a keep-alive when nothing happened for `keepalive` s.
         """
         queue = self.events.subscribe(audit_id)  # before reading the store, so nothing falls in between
-        sent: dict[int, tuple[str, str, bool]] = {}  # seq -> the state the follower has seen
-
-        def news(event: Event) -> bool:
-            state = _state(event.data)
-            if sent.get(event.seq) == state:
-                return False
-            sent[event.seq] = state
-            return True
+        sent = _SentStates()
         try:
             while True:
                 audit = await self.store.get_audit(audit_id)
@@ -415,20 +408,14 @@ class Auditor:
                     return
                 for stored in audit.checks:
                     event = Event("check", stored.seq, stored.result)
-                    if news(event):
+                    if sent.news(event):
                         yield event
                 if audit.finished:
                     yield Event("done", -1, {"status": audit.status, "summary": audit.summary})
                     return
-                try:
-                    while True:
-                        event = await asyncio.wait_for(queue.get(), keepalive)
-                        if event.kind == "done":
-                            break  # re-read the store: it holds every check in its final state, and the status
-                        if news(event):
-                            yield event
-                except TimeoutError:
-                    yield None
+                async with contextlib.aclosing(_live_events(queue, keepalive, sent)) as live:
+                    async for live_event in live:
+                        yield live_event
         finally:
             self.events.unsubscribe(audit_id, queue)
 
@@ -440,6 +427,36 @@ class Auditor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _SentStates:
+    """What one follower has been sent: each row's seq -> its state (verdict, reason, confirmed)."""
+
+    def __init__(self) -> None:
+        self._sent: dict[int, tuple[str, str, bool]] = {}
+
+    def news(self, event: Event) -> bool:
+        """Whether the follower has not seen this row in this state yet; from now on it has."""
+        state = _state(event.data)
+        if self._sent.get(event.seq) == state:
+            return False
+        self._sent[event.seq] = state
+        return True
+
+
+async def _live_events(queue: asyncio.Queue[Event], keepalive: float,
+                       sent: _SentStates) -> AsyncGenerator[Event | None, None]:
+    """The live check events that are news to the follower, until `done`; or one None when nothing happened for
+    `keepalive` s. Either way the follower then reads the store again."""
+    try:
+        while True:
+            event = await asyncio.wait_for(queue.get(), keepalive)
+            if event.kind == "done":
+                return  # re-read the store: it holds every check in its final state, and the status
+            if sent.news(event):
+                yield event
+    except TimeoutError:
+        yield None
 
 
 def _state(result: CheckResult) -> tuple[str, str, bool]:

@@ -270,3 +270,36 @@ async def test_every_form_of_one_address_shares_its_connection_slots(settings, s
     assert len(audit.checks) == 8 and [c.seq for c in audit.checks] == list(range(1, 9))
     assert tracker["max"] == 2
 
+
+async def test_follow_of_an_unknown_audit_ends_at_once(settings, store):
+    auditor = Auditor(settings, store)
+    async with asyncio.timeout(5):
+        assert [event async for event in auditor.follow("A" * 22, keepalive=5)] == []
+    assert auditor.events._followers == {}
+
+
+async def test_follow_sends_keepalives_while_nothing_happens_and_no_row_twice(settings, store):
+    """While the held check runs, the follower gets keep-alives (None); each one is followed by a new read of the
+    store, which must not send the already sent row again. Closing the follower unsubscribes it."""
+    settings.proxy_ports = [20001, 20002]
+    gate = asyncio.Event()
+    auditor = Auditor(settings, store, planners={"proxy": fake_planner(lambda p: 0.0 if p == 20001 else gate)})
+    audit = await auditor.start(target="self", requester="127.0.0.1", hosts=["127.0.0.1"], services=["proxy"])
+    async with asyncio.timeout(5):
+        while len((await store.get_audit(audit.id)).checks) < 1:
+            await asyncio.sleep(0.01)
+    follower = auditor.follow(audit.id, keepalive=0.05)
+    seen = []
+    async with asyncio.timeout(10):
+        async for event in follower:
+            seen.append(event)
+            if seen.count(None) == 3:
+                gate.set()
+            if event is not None and event.kind == "done":
+                break
+    assert (seen[0].kind, seen[0].seq) == ("check", 1)
+    assert seen[1:4] == [None, None, None]
+    sent = [(e.kind, e.seq) for e in seen if e is not None]
+    assert sent == [("check", 1), ("check", 2), ("done", -1)]
+    await follower.aclose()
+    assert auditor.events._followers == {}
