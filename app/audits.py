@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,6 +27,7 @@ from app.fairness import AddressSlots, FairQueue, Job
 from app.listeners import site_addresses
 from app.logs import get_logger
 from app.probes import PLANNERS, PlannedCheck, Planner, ProbeOptions
+from app.probes.base import SlotFactory
 from app.probes.proxy import CanaryTargets
 from app.probes.sink import Sink
 from app.store import Audit, Store, new_id
@@ -136,6 +138,93 @@ class EventHub:
     def publish(self, audit_id: str, event: Event) -> None:
         for queue in self._followers.get(audit_id, ()):
             queue.put_nowait(event)
+
+
+class AuditRun:
+    """The checks of one audit as they run. Each result is admitted to the audit's evidence budget, stored under
+    the next seq (seq follows the order in which results are stored) and published. A unit's connections hold a
+    slot of its server (budget_key) under the site-wide per-host limit. A unit may emit each name it promised once;
+    any promised name it did not emit still gets a row: `error` when it crashed or returned without it,
+    `inconclusive` (`audit_deadline`) when the deadline cut it."""
+
+    def __init__(self, audit_id: str, planned: Sequence[PlannedCheck], store: Store, events: EventHub,
+                 address_slots: AddressSlots) -> None:
+        self.audit_id = audit_id
+        self.planned = planned
+        self.store = store
+        self.events = events
+        self.address_slots = address_slots
+        self.results: dict[int, CheckResult] = {}  # seq -> the result as stored
+        self.budget = EvidenceBudget()
+        self._seq = 0
+        self._record_lock = asyncio.Lock()
+        self._emitted: dict[int, set[str]] = {id(unit): set() for unit in planned}  # id(unit) -> names emitted
+
+    async def run(self, deadline: float) -> None:
+        """Every unit at once; at the deadline the unfinished ones are cancelled and their missing rows filled."""
+        tasks = {asyncio.create_task(self._run_unit(unit)): unit for unit in self.planned}
+        if not tasks:
+            return
+        _done, pending = await asyncio.wait(tasks, timeout=deadline)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+            log.warning("audit.deadline", extra={"audit": self.audit_id, "unfinished": len(pending)})
+            for task in pending:
+                await self._cut_by_deadline(tasks[task], deadline)
+
+    async def _record(self, result: CheckResult) -> None:
+        async with self._record_lock:  # seq follows the order in which results are stored
+            self._seq += 1
+            seq = self._seq
+            spent = self.budget.exhausted
+            result = self.budget.admit(result)
+            if self.budget.exhausted and not spent:
+                log.warning("audit.evidence_cut",
+                            extra={"audit": self.audit_id, "seq": seq, "bytes": self.budget.spent})
+            await self.store.add_check(self.audit_id, seq, result)
+            self.results[seq] = result
+            self.events.publish(self.audit_id, Event("check", seq, result))
+
+    async def _emit(self, unit: PlannedCheck, result: CheckResult) -> None:
+        """A unit's row: stored once per promised name; a repeated or unpromised name is a bug, logged, dropped."""
+        emitted = self._emitted[id(unit)]
+        if result.name in emitted or result.name not in unit.names:
+            log.error("check.unexpected_row", extra={"audit": self.audit_id, "check": result.name})
+            return
+        emitted.add(result.name)
+        await self._record(result)
+
+    def _missing(self, unit: PlannedCheck) -> Iterator[str]:
+        """The names the unit promised and has not emitted (lazily: each is checked when its turn comes)."""
+        return (name for name in unit.names if name not in self._emitted[id(unit)])
+
+    def _slot(self, unit: PlannedCheck) -> SlotFactory:
+        @contextlib.asynccontextmanager
+        async def slot() -> AsyncIterator[None]:
+            async with self.address_slots.hold(budget_key(unit.host)):
+                yield
+        return slot
+
+    async def _run_unit(self, unit: PlannedCheck) -> None:
+        try:
+            await unit.run(functools.partial(self._emit, unit), self._slot(unit))
+        except Exception as exc:
+            log.exception("check.crashed", extra={"audit": self.audit_id, "host": unit.host, "port": unit.port})
+            await self._fill_in_errors(unit, f"the check crashed: {type(exc).__name__}")
+        # a unit that returned without a promised row is a bug: say so
+        await self._fill_in_errors(unit, "the check ended without a result")
+
+    async def _fill_in_errors(self, unit: PlannedCheck, note: str) -> None:
+        for name in self._missing(unit):
+            await self._emit(unit, _row(unit, name, Verdict.ERROR, "internal_error", note))
+
+    async def _cut_by_deadline(self, unit: PlannedCheck, deadline: float) -> None:
+        for name in self._missing(unit):
+            self._emitted[id(unit)].add(name)
+            await self._record(_row(unit, name, Verdict.INCONCLUSIVE, "audit_deadline",
+                                   f"not finished after {deadline:g} s"))
 
 
 class Auditor:
@@ -263,67 +352,10 @@ class Auditor:
             self.events.publish(audit.id, Event("done", -1, {"status": "failed", "summary": None}))
 
     async def _run_checks(self, audit_id: str, planned: list[PlannedCheck]) -> list[CheckResult]:
-        results: dict[int, CheckResult] = {}
-        seq = 0
-        record_lock = asyncio.Lock()
-        budget = EvidenceBudget()
-
-        async def record(result: CheckResult) -> None:
-            nonlocal seq
-            async with record_lock:  # seq follows the order in which results are stored
-                seq += 1
-                spent = budget.exhausted
-                result = budget.admit(result)
-                if budget.exhausted and not spent:
-                    log.warning("audit.evidence_cut", extra={"audit": audit_id, "seq": seq, "bytes": budget.spent})
-                await self.store.add_check(audit_id, seq, result)
-                results[seq] = result
-                self.events.publish(audit_id, Event("check", seq, result))
-
-        emitted: dict[int, set[str]] = {id(unit): set() for unit in planned}
-
-        async def run_unit(unit: PlannedCheck) -> None:
-            async def emit(result: CheckResult) -> None:
-                if result.name in emitted[id(unit)] or result.name not in unit.names:
-                    log.error("check.unexpected_row", extra={"audit": audit_id, "check": result.name})
-                    return
-                emitted[id(unit)].add(result.name)
-                await record(result)
-
-            @contextlib.asynccontextmanager
-            async def slot() -> AsyncIterator[None]:
-                async with self.address_slots.hold(budget_key(unit.host)):
-                    yield
-
-            try:
-                await unit.run(emit, slot)
-            except Exception as exc:
-                log.exception("check.crashed", extra={"audit": audit_id, "host": unit.host, "port": unit.port})
-                note = f"the check crashed: {type(exc).__name__}"
-                for name in unit.names:
-                    if name not in emitted[id(unit)]:
-                        await emit(_row(unit, name, Verdict.ERROR, "internal_error", note))
-            for name in unit.names:  # a unit that returned without a promised row is a bug: say so
-                if name not in emitted[id(unit)]:
-                    await emit(_row(unit, name, Verdict.ERROR, "internal_error", "the check ended without a result"))
-
-        tasks = {asyncio.create_task(run_unit(u)): u for u in planned}
-        if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=self.settings.audit_deadline)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
-                log.warning("audit.deadline", extra={"audit": audit_id, "unfinished": len(pending)})
-                for task in pending:
-                    unit = tasks[task]
-                    for name in unit.names:
-                        if name not in emitted[id(unit)]:
-                            emitted[id(unit)].add(name)
-                            await record(_row(unit, name, Verdict.INCONCLUSIVE, "audit_deadline",
-                                              f"not finished after {self.settings.audit_deadline:g} s"))
-        await self._await_deliveries(audit_id, results)
-        return list(results.values())
+        run = AuditRun(audit_id, planned, self.store, self.events, self.address_slots)
+        await run.run(self.settings.audit_deadline)
+        await self._await_deliveries(audit_id, run.results)
+        return list(run.results.values())
 
     async def _await_deliveries(self, audit_id: str, results: dict[int, CheckResult]) -> None:
         """Give relayed probes up to SECURE_SINK_WAIT seconds to reach our sink (delivered() records them)."""
@@ -358,14 +390,7 @@ class Auditor:
         final state, always before `done`. Yields None as a keep-alive when nothing happened for `keepalive` s.
         """
         queue = self.events.subscribe(audit_id)  # before reading the store, so nothing falls in between
-        sent: dict[int, tuple[str, str, bool]] = {}  # seq -> the state the follower has seen
-
-        def news(event: Event) -> bool:
-            state = _state(event.data)
-            if sent.get(event.seq) == state:
-                return False
-            sent[event.seq] = state
-            return True
+        sent = _SentStates()
         try:
             while True:
                 audit = await self.store.get_audit(audit_id)
@@ -373,20 +398,14 @@ class Auditor:
                     return
                 for stored in audit.checks:
                     event = Event("check", stored.seq, stored.result)
-                    if news(event):
+                    if sent.news(event):
                         yield event
                 if audit.finished:
                     yield Event("done", -1, {"status": audit.status, "summary": audit.summary})
                     return
-                try:
-                    while True:
-                        event = await asyncio.wait_for(queue.get(), keepalive)
-                        if event.kind == "done":
-                            break  # re-read the store: it holds every check in its final state, and the status
-                        if news(event):
-                            yield event
-                except TimeoutError:
-                    yield None
+                async with contextlib.aclosing(_live_events(queue, keepalive, sent)) as live:
+                    async for live_event in live:
+                        yield live_event
         finally:
             self.events.unsubscribe(audit_id, queue)
 
@@ -398,6 +417,36 @@ class Auditor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _SentStates:
+    """What one follower has been sent: each row's seq -> its state (verdict, reason, confirmed)."""
+
+    def __init__(self) -> None:
+        self._sent: dict[int, tuple[str, str, bool]] = {}
+
+    def news(self, event: Event) -> bool:
+        """Whether the follower has not seen this row in this state yet; from now on it has."""
+        state = _state(event.data)
+        if self._sent.get(event.seq) == state:
+            return False
+        self._sent[event.seq] = state
+        return True
+
+
+async def _live_events(queue: asyncio.Queue[Event], keepalive: float,
+                       sent: _SentStates) -> AsyncGenerator[Event | None, None]:
+    """The live check events that are news to the follower, until `done`; or one None when nothing happened for
+    `keepalive` s. Either way the follower then reads the store again."""
+    try:
+        while True:
+            event = await asyncio.wait_for(queue.get(), keepalive)
+            if event.kind == "done":
+                return  # re-read the store: it holds every check in its final state, and the status
+            if sent.news(event):
+                yield event
+    except TimeoutError:
+        yield None
 
 
 def _state(result: CheckResult) -> tuple[str, str, bool]:

@@ -111,6 +111,19 @@ class GuideError(ValueError):
 
 
 def parse_guide(text: str, path: str = "") -> Guide:
+    meta, body = _front_matter(text, path)
+    _check_identity(meta, path)
+    sources = _sources(meta, path)
+    patterns = _fingerprints(meta, path)
+    return Guide(
+        slug=str(meta["slug"]), title=str(meta["title"]), service=str(meta["service"]), body=body,
+        products=[str(p) for p in meta.get("products") or []], versions=str(meta.get("versions") or ""),
+        fingerprints=patterns, sources=sources, updated=str(meta.get("updated") or ""), path=path,
+        missing=[key for key in REQUIRED if not meta.get(key)], weight=int(meta.get("weight") or 50))
+
+
+def _front_matter(text: str, path: str) -> tuple[dict[str, Any], str]:
+    """The YAML between the opening `---` line and the next one, and the Markdown body after it."""
     if not text.startswith("---\n"):
         raise GuideError(f"{path}: no front matter")
     try:
@@ -121,6 +134,11 @@ def parse_guide(text: str, path: str = "") -> Guide:
         meta: dict[str, Any] = yaml.safe_load(front) or {}
     except yaml.YAMLError as exc:
         raise GuideError(f"{path}: front matter is not YAML ({exc})") from None
+    return meta, body
+
+
+def _check_identity(meta: dict[str, Any], path: str) -> None:
+    """A guide cannot load without a slug, a title and one of the services."""
     for key in ("slug", "title", "service"):
         if not meta.get(key):
             raise GuideError(f"{path}: front matter lacks {key!r}")
@@ -128,21 +146,24 @@ def parse_guide(text: str, path: str = "") -> Guide:
         raise GuideError(f"{path}: bad slug {meta['slug']!r}")
     if meta["service"] not in SERVICES:
         raise GuideError(f"{path}: service must be one of {SERVICES}")
+
+
+def _sources(meta: dict[str, Any], path: str) -> list[str]:
     sources = [str(s) for s in meta.get("sources") or []]
     if any(not s.startswith(("https://", "http://")) for s in sources):
         raise GuideError(f"{path}: every source must be an http(s) address")
+    return sources
+
+
+def _fingerprints(meta: dict[str, Any], path: str) -> list[re.Pattern[str]]:
+    """The front matter's fingerprints as case-insensitive patterns; one that does not compile stops the load."""
     patterns = []
     for pattern in meta.get("fingerprints") or []:
         try:
             patterns.append(re.compile(str(pattern), re.IGNORECASE))
         except re.error as exc:
             raise GuideError(f"{path}: fingerprint {pattern!r} does not compile ({exc})") from None
-    guide = Guide(
-        slug=str(meta["slug"]), title=str(meta["title"]), service=str(meta["service"]), body=body,
-        products=[str(p) for p in meta.get("products") or []], versions=str(meta.get("versions") or ""),
-        fingerprints=patterns, sources=sources, updated=str(meta.get("updated") or ""), path=path,
-        missing=[key for key in REQUIRED if not meta.get(key)], weight=int(meta.get("weight") or 50))
-    return guide
+    return patterns
 
 
 def _fence_info(info: str) -> tuple[str, dict[str, str]]:

@@ -87,49 +87,69 @@ async def start_listeners(settings: Settings, secret: str, app_listeners: list[L
                           addresses=site_addresses(settings, await machine_addresses()))
     try:
         if settings.sink_listen:
-            host, port = parse_listen(settings.sink_listen)
-            listeners.sink = Sink(settings.probe_domain)
-            await listeners.sink.start(host, port)
-            listeners._servers.append(listeners.sink)
-            listeners.own.append(Listener(host, listeners.sink.port or port))
-            log.info("sink.started", extra={"listen": f"{host}:{listeners.sink.port}"})
-
-        ports: dict[str, int] = {}
-        hosts: list[str] = []
-        for kind, value, server in (
-                ("smtp", settings.canary_smtp_listen, SmtpCanary(listeners.canary)),
-                ("http", settings.canary_http_listen, HttpCanary(listeners.canary, "http")),
-                ("tls", settings.canary_tls_listen, HttpCanary(listeners.canary, "tls"))):
-            if not value:
-                continue
-            host, port = parse_listen(value)
-            context = self_signed_context() if kind == "tls" else None
-            ports[kind] = await (server.start(host, port, context) if isinstance(server, HttpCanary)
-                                 else server.start(host, port))
-            listeners._servers.append(server)
-            listeners.own.append(Listener(host, ports[kind]))
-            hosts.append(host)
-            log.info("canary.started", extra={"kind": kind, "listen": f"{host}:{ports[kind]}"})
-
-        address = settings.canary_address or next((h for h in hosts if not _is_unspecified(h)), "")
-        if hosts and not address:
-            raise ListenerConfigError("a canary listens on every address: set SECURE_CANARY_ADDRESS to the "
-                                      "address proxies should reach")
-        http_base = None
-        if address:
-            shown = f"[{address}]" if ":" in address else address
-            if "http" in ports:
-                http_base = f"http://{shown}:{ports['http']}"
-            else:  # the site itself answers /canary/<id>, when it is reachable over plain HTTP at that address
-                public = urlsplit(settings.public_url)
-                if public.scheme == "http" and public.hostname == address:
-                    http_base = f"http://{shown}:{public.port or 80}"
-            listeners.targets = CanaryTargets(
-                canary=listeners.canary, address=address, name=settings.canary_name or None, http_base=http_base,
-                smtp_port=ports.get("smtp"), tls_port=ports.get("tls"))
+            await _start_sink(listeners, settings.sink_listen, settings.probe_domain)
+        ports, hosts = await _start_canaries(listeners, settings)
+        listeners.targets = _canary_targets(settings, listeners.canary, ports, hosts)
     except BaseException:
         await listeners.stop()
         raise
     log.info("listeners.own", extra={"listeners": [f"{o.host}:{o.port}" for o in listeners.own],
                                      "addresses": [str(a) for a in listeners.addresses]})
     return listeners
+
+
+async def _start_sink(listeners: Listeners, listen: str, probe_domain: str) -> None:
+    host, port = parse_listen(listen)
+    listeners.sink = Sink(probe_domain)
+    await listeners.sink.start(host, port)
+    listeners._servers.append(listeners.sink)
+    listeners.own.append(Listener(host, listeners.sink.port or port))
+    log.info("sink.started", extra={"listen": f"{host}:{listeners.sink.port}"})
+
+
+async def _start_canaries(listeners: Listeners, settings: Settings) -> tuple[dict[str, int], list[str]]:
+    """The configured canaries, each added to the site's own listeners: (kind -> port, the hosts they listen on)."""
+    ports: dict[str, int] = {}
+    hosts: list[str] = []
+    for kind, value, server in (
+            ("smtp", settings.canary_smtp_listen, SmtpCanary(listeners.canary)),
+            ("http", settings.canary_http_listen, HttpCanary(listeners.canary, "http")),
+            ("tls", settings.canary_tls_listen, HttpCanary(listeners.canary, "tls"))):
+        if not value:
+            continue
+        host, port = parse_listen(value)
+        context = self_signed_context() if kind == "tls" else None
+        ports[kind] = await (server.start(host, port, context) if isinstance(server, HttpCanary)
+                             else server.start(host, port))
+        listeners._servers.append(server)
+        listeners.own.append(Listener(host, ports[kind]))
+        hosts.append(host)
+        log.info("canary.started", extra={"kind": kind, "listen": f"{host}:{ports[kind]}"})
+    return ports, hosts
+
+
+def _canary_targets(settings: Settings, canary: Canary, ports: dict[str, int],
+                    hosts: list[str]) -> CanaryTargets | None:
+    """What proxies are asked to reach: SECURE_CANARY_ADDRESS, else the first canary host that is one address;
+    None when no canary listens and no address is set."""
+    address = settings.canary_address or next((h for h in hosts if not _is_unspecified(h)), "")
+    if hosts and not address:
+        raise ListenerConfigError("a canary listens on every address: set SECURE_CANARY_ADDRESS to the "
+                                  "address proxies should reach")
+    if not address:
+        return None
+    return CanaryTargets(canary=canary, address=address, name=settings.canary_name or None,
+                         http_base=_canary_http_base(settings, address, ports),
+                         smtp_port=ports.get("smtp"), tls_port=ports.get("tls"))
+
+
+def _canary_http_base(settings: Settings, address: str, ports: dict[str, int]) -> str | None:
+    """Where proxies fetch the HTTP canary at `address`: its own listener, or the site itself, which answers
+    /canary/<id>, when it is reachable over plain HTTP at that address; else None (no HTTP canary)."""
+    shown = f"[{address}]" if ":" in address else address
+    if "http" in ports:
+        return f"http://{shown}:{ports['http']}"
+    public = urlsplit(settings.public_url)
+    if public.scheme == "http" and public.hostname == address:
+        return f"http://{shown}:{public.port or 80}"
+    return None

@@ -195,3 +195,111 @@ async def test_shutdown_marks_running_audits_interrupted(settings, store):
     await asyncio.sleep(0.1)
     await auditor.shutdown()
     assert (await store.get_audit(audit.id)).status == "interrupted"
+
+
+def scripted_planner(script, names=("proxy.a", "proxy.b")):
+    """A planner of one unit per port that promises `names` and runs `script(emit, row, slot)`; `row(name)` makes
+    a closed row of this unit."""
+    def plan(host, ports, options: ProbeOptions):
+        def unit(port):
+            def row(name):
+                return CheckResult("proxy", host, port, name, Verdict.CLOSED, "destination_denied")
+
+            async def run(emit, slot):
+                await script(emit, row, slot)
+            return PlannedCheck("proxy", host, port, names, run)
+        return [unit(port) for port in ports]
+    return plan
+
+
+def rows_of(audit):
+    return [(c.seq, c.result.name, c.result.verdict, c.result.reason, c.result.detail) for c in audit.checks]
+
+
+async def test_a_repeated_or_unpromised_row_is_dropped(settings, store):
+    settings.proxy_ports = [20001]
+
+    async def script(emit, row, slot):
+        for name in ("proxy.a", "proxy.a", "proxy.other", "proxy.b"):
+            await emit(row(name))
+    audit = await run_audit(Auditor(settings, store, planners={"proxy": scripted_planner(script)}))
+    assert rows_of(audit) == [(1, "proxy.a", Verdict.CLOSED, "destination_denied", ""),
+                              (2, "proxy.b", Verdict.CLOSED, "destination_denied", "")]
+
+
+async def test_a_crash_keeps_the_rows_already_emitted_and_names_the_error(settings, store):
+    settings.proxy_ports = [20001]
+
+    async def script(emit, row, slot):
+        await emit(row("proxy.a"))
+        raise KeyError("boom")
+    audit = await run_audit(Auditor(settings, store, planners={"proxy": scripted_planner(script)}))
+    assert rows_of(audit) == [(1, "proxy.a", Verdict.CLOSED, "destination_denied", ""),
+                              (2, "proxy.b", Verdict.ERROR, "internal_error", "the check crashed: KeyError")]
+
+
+async def test_a_unit_that_returns_early_gets_error_rows_for_the_rest_only(settings, store):
+    settings.proxy_ports = [20001]
+
+    async def script(emit, row, slot):
+        await emit(row("proxy.b"))
+    audit = await run_audit(Auditor(settings, store, planners={"proxy": scripted_planner(script)}))
+    assert rows_of(audit) == [(1, "proxy.b", Verdict.CLOSED, "destination_denied", ""),
+                              (2, "proxy.a", Verdict.ERROR, "internal_error", "the check ended without a result")]
+
+
+async def test_the_deadline_keeps_the_rows_already_emitted_and_says_how_long_it_waited(settings, store):
+    settings.proxy_ports = [20001]
+    settings.audit_deadline = 1.0  # said as "1 s"
+
+    async def script(emit, row, slot):
+        await emit(row("proxy.a"))
+        await asyncio.sleep(30)
+    audit = await run_audit(Auditor(settings, store, planners={"proxy": scripted_planner(script)}))
+    assert rows_of(audit) == [(1, "proxy.a", Verdict.CLOSED, "destination_denied", ""),
+                              (2, "proxy.b", Verdict.INCONCLUSIVE, "audit_deadline", "not finished after 1 s")]
+
+
+async def test_every_form_of_one_address_shares_its_connection_slots(settings, store):
+    """::ffff:127.0.0.1 is 127.0.0.1: the per-host limit counts both forms together."""
+    settings.proxy_ports = list(range(20001, 20005))
+    settings.max_connections_per_host = 2
+    tracker = {"now": 0, "max": 0}
+    auditor = Auditor(settings, store, planners={"proxy": fake_planner(lambda p: 0.05, tracker)})
+    audit = await run_audit(auditor, hosts=("127.0.0.1", "::ffff:127.0.0.1"))
+    assert len(audit.checks) == 8 and [c.seq for c in audit.checks] == list(range(1, 9))
+    assert tracker["max"] == 2
+
+
+async def test_follow_of_an_unknown_audit_ends_at_once(settings, store):
+    auditor = Auditor(settings, store)
+    async with asyncio.timeout(5):
+        assert [event async for event in auditor.follow("A" * 22, keepalive=5)] == []
+    assert auditor.events._followers == {}
+
+
+async def test_follow_sends_keepalives_while_nothing_happens_and_no_row_twice(settings, store):
+    """While the held check runs, the follower gets keep-alives (None); each one is followed by a new read of the
+    store, which must not send the already sent row again. Closing the follower unsubscribes it."""
+    settings.proxy_ports = [20001, 20002]
+    gate = asyncio.Event()
+    auditor = Auditor(settings, store, planners={"proxy": fake_planner(lambda p: 0.0 if p == 20001 else gate)})
+    audit = await auditor.start(target="self", requester="127.0.0.1", hosts=["127.0.0.1"], services=["proxy"])
+    async with asyncio.timeout(5):
+        while len((await store.get_audit(audit.id)).checks) < 1:
+            await asyncio.sleep(0.01)
+    follower = auditor.follow(audit.id, keepalive=0.05)
+    seen = []
+    async with asyncio.timeout(10):
+        async for event in follower:
+            seen.append(event)
+            if seen.count(None) == 3:
+                gate.set()
+            if event is not None and event.kind == "done":
+                break
+    assert (seen[0].kind, seen[0].seq) == ("check", 1)
+    assert seen[1:4] == [None, None, None]
+    sent = [(e.kind, e.seq) for e in seen if e is not None]
+    assert sent == [("check", 1), ("check", 2), ("done", -1)]
+    await follower.aclose()
+    assert auditor.events._followers == {}

@@ -41,6 +41,41 @@ def test_bad_guides_are_refused(text):
         parse_guide(text, "t.md")
 
 
+
+@pytest.mark.parametrize("text,message", [
+    ("no front matter", "t.md: no front matter"),
+    ("---\nslug: x\n", "t.md: front matter not closed"),
+    ("---\nslug: [x\n---\nbody", "t.md: front matter is not YAML"),
+    ("---\n---\nbody", "t.md: front matter lacks 'slug'"),  # empty front matter
+    ("---\nslug: x\nservice: mail\n---\nbody", "t.md: front matter lacks 'title'"),  # checked in this order
+    ("---\nslug: x\ntitle: X\n---\nbody", "t.md: front matter lacks 'service'"),
+    ("---\nslug: Bad\ntitle: X\nservice: mail\n---\nbody", "t.md: bad slug 'Bad'"),
+    ("---\nslug: x\ntitle: X\nservice: mail\nsources: [ftp://x]\n---\nbody", "t.md: service must be one of"),
+    ("---\nslug: x\ntitle: X\nservice: relay\nsources: [ftp://x]\nfingerprints: ['(']\n---\nbody",
+     "t.md: every source must be an http(s) address"),
+    ("---\nslug: x\ntitle: X\nservice: relay\nfingerprints: ['ok', '(']\n---\nbody",
+     "t.md: fingerprint '(' does not compile"),
+])
+def test_each_refusal_says_what_is_wrong_first(text, message):
+    with pytest.raises(GuideError) as info:
+        parse_guide(text, "t.md")
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_a_guide_is_read_from_its_front_matter():
+    guide = parse_guide("---\nslug: x\ntitle: X\nservice: proxy\nproducts: [Squid, 3]\nversions: 4 to 6\n"
+                        "fingerprints: ['squid/\\d']\nsources: ['http://a.example/', 'https://b.example/']\n"
+                        "weight: 7\n---\n## Fix\n---\nmore\n", "proxy/x.md")
+    assert (guide.slug, guide.title, guide.service, guide.path) == ("x", "X", "proxy", "proxy/x.md")
+    assert guide.body == "## Fix\n---\nmore\n"  # a later --- line belongs to the body
+    assert (guide.products, guide.versions, guide.weight) == (["Squid", "3"], "4 to 6", 7)
+    assert guide.sources == ["http://a.example/", "https://b.example/"]
+    assert guide.matches("Via: 1.1 host (SQUID/5.7)") and not guide.matches("squid/x")  # case-insensitive
+    assert (guide.updated, guide.missing) == ("", ["updated"])
+    bare = parse_guide("---\nslug: y\ntitle: Y\nservice: general\n---\n")
+    assert (bare.weight, bare.versions, bare.products, bare.fingerprints, bare.body) == (50, "", [], [], "")
+    assert bare.missing == ["products", "sources", "updated"]
+
 def test_an_unnamed_open_proxy_points_to_the_infected_computer_guide():
     library = GuideLibrary(ROOT / "guides")
     unnamed = CheckResult("proxy", "192.0.2.1", 1080, "proxy.socks5", Verdict.OPEN, "token_returned",

@@ -138,10 +138,12 @@ async def check_http(domain: str, token: str, resolver: Resolver, allow_networks
 
 async def _fetch(url: str, domain: str, addresses: Sequence[str], timeout: float,
                  may_fetch: Callable[[str], bool] | None = None) -> tuple[int, str, bytes]:
-    """GET url from one of the pinned addresses: (status, Location, at most 1 KiB of body)."""
+    """GET url from one of the pinned addresses: (status, Location, at most 1 KiB of body).
+
+    The next address is tried when one cannot be reached (connection, TLS or timeout); a reply that is not HTTP
+    ends the fetch."""
     parts = urlsplit(url)
     secure = parts.scheme == "https"
-    port = 443 if secure else 80
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     last_error: Exception = OSError("no address")
     for address in addresses:
@@ -149,38 +151,65 @@ async def _fetch(url: str, domain: str, addresses: Sequence[str], timeout: float
             raise FetchBudgetSpent(address)
         try:
             async with asyncio.timeout(timeout):
-                context = None
-                if secure:  # control of the domain is proven by the content; any certificate will do
-                    context = ssl.create_default_context()
-                    context.check_hostname = False
-                    context.verify_mode = ssl.CERT_NONE
-                reader, writer = await asyncio.open_connection(address, port, ssl=context,
-                                                               server_hostname=domain if secure else None)
-                try:
-                    writer.write(f"GET {path} HTTP/1.1\r\nHost: {domain}\r\nUser-Agent: {USER_AGENT}\r\n"
-                                 f"Accept: text/plain\r\nConnection: close\r\n\r\n".encode("ascii"))
-                    await writer.drain()
-                    head = b""
-                    while b"\r\n\r\n" not in head:
-                        chunk = await reader.read(MAX_HEAD - len(head))
-                        if not chunk or len(head) >= MAX_HEAD:
-                            raise ValueError("no complete HTTP reply head")
-                        head += chunk
-                    head, _, body = head.partition(b"\r\n\r\n")
-                    while len(body) < MAX_BODY:
-                        chunk = await reader.read(MAX_BODY - len(body))
-                        if not chunk:
-                            break
-                        body += chunk
-                finally:
-                    writer.transport.abort()
-            lines = head.decode("latin-1").split("\r\n")
-            match = re.match(r"^HTTP/\d\.\d (\d{3})", lines[0])
-            if not match:
-                raise ValueError("not an HTTP reply")
-            location = next((line.split(":", 1)[1].strip() for line in lines[1:]
-                             if line.lower().startswith("location:")), "")
-            return int(match.group(1)), location, body[:MAX_BODY]
+                head, body = await _get(address, domain, path, secure)
+            status, location = _parse_head(head)
+            return status, location, body[:MAX_BODY]
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             last_error = exc
     raise last_error
+
+
+async def _get(address: str, domain: str, path: str, secure: bool) -> tuple[bytes, bytes]:
+    """One GET of `path` from `address` (port 443 with TLS, else 80): the reply's head and body, both bounded."""
+    context = _any_certificate() if secure else None
+    reader, writer = await asyncio.open_connection(address, 443 if secure else 80, ssl=context,
+                                                   server_hostname=domain if secure else None)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {domain}\r\nUser-Agent: {USER_AGENT}\r\n"
+                     f"Accept: text/plain\r\nConnection: close\r\n\r\n".encode("ascii"))
+        await writer.drain()
+        head, body = await _read_head(reader)
+        return head, await _read_body(reader, body)
+    finally:
+        writer.transport.abort()
+
+
+def _any_certificate() -> ssl.SSLContext:
+    """TLS without checking the certificate: control of the domain is proven by the content, so any will do."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """The reply's head up to the blank line (at most MAX_HEAD bytes), and what came after it."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = await reader.read(MAX_HEAD - len(head))
+        if not chunk or len(head) >= MAX_HEAD:
+            raise ValueError("no complete HTTP reply head")
+        head += chunk
+    head, _, body = head.partition(b"\r\n\r\n")
+    return head, body
+
+
+async def _read_body(reader: asyncio.StreamReader, body: bytes) -> bytes:
+    """More of the body, until MAX_BODY bytes or the end."""
+    while len(body) < MAX_BODY:
+        chunk = await reader.read(MAX_BODY - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return body
+
+
+def _parse_head(head: bytes) -> tuple[int, str]:
+    """(status, Location) of a reply head; ValueError when it is not HTTP."""
+    lines = head.decode("latin-1").split("\r\n")
+    match = re.match(r"^HTTP/\d\.\d (\d{3})", lines[0])
+    if not match:
+        raise ValueError("not an HTTP reply")
+    location = next((line.split(":", 1)[1].strip() for line in lines[1:]
+                     if line.lower().startswith("location:")), "")
+    return int(match.group(1)), location

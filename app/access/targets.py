@@ -44,16 +44,28 @@ def why_not_public(address: IPAddress) -> str | None:
     if address.is_unspecified:
         return "it is the unspecified address"
     if isinstance(address, ipaddress.IPv6Address):
-        if address.is_site_local:
-            return "it is a site-local IPv6 address"
-        if address in _NAT64_LOCAL:
-            return "it is a local-use NAT64 address"
-        inner = embedded_ipv4(address)
-        if inner is not None:
-            reason = why_not_public(inner)
-            if reason:
-                return f"it embeds the IPv4 address {inner}, and {reason}"
-            return None
+        return _why_not_public_v6(address)
+    return _why_not_global(address)
+
+
+def _why_not_public_v6(address: ipaddress.IPv6Address) -> str | None:
+    """The IPv6-only ranges, then: an address that carries an IPv4 address (mapped, compatible, 6to4, Teredo,
+    NAT64) is judged by that IPv4 address alone; any other by its own ranges."""
+    if address.is_site_local:
+        return "it is a site-local IPv6 address"
+    if address in _NAT64_LOCAL:
+        return "it is a local-use NAT64 address"
+    inner = embedded_ipv4(address)
+    if inner is None:
+        return _why_not_global(address)
+    reason = why_not_public(inner)
+    if reason:
+        return f"it embeds the IPv4 address {inner}, and {reason}"
+    return None
+
+
+def _why_not_global(address: IPAddress) -> str | None:
+    """Private and reserved space: Python's tables, and _EXTRA_FORBIDDEN for what they may miss."""
     if address.is_private or not address.is_global or any(address in n for n in _EXTRA_FORBIDDEN
                                                              if n.version == address.version):
         return "it is a private or reserved address, not reachable from the Internet"

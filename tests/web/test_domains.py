@@ -9,7 +9,8 @@ import pytest
 from fakes.dns import FakeDns
 from support import running_app, skip_or_fail, wait_done
 
-from app.access.domains import DomainError, check_http, hash_id, normalise_domain
+from app.access.domains import (MAX_BODY, MAX_HEAD, USER_AGENT, DomainError, FetchBudgetSpent, _fetch, check_http,
+                                hash_id, normalise_domain)
 from app.access.resolver import Resolver
 
 DOMAIN = "corp.test"
@@ -164,6 +165,115 @@ async def test_http_fetch_respects_the_guard(dns):
     proof = await check_http("private.test", "tok", Resolver([dns.server]), [], timeout=1)
     assert not proof.verified and "private or reserved" in proof.detail
 
+
+
+# --- the fetch itself: bounded reads, pinned addresses, the budget ------------------------------------------------
+class RawWeb:
+    """A server on `address`:`port` that reads each request head, records it, and lets `answer(reader, writer)`
+    reply however a test needs (several loopback addresses, so one fetch can be offered several)."""
+
+    def __init__(self, address, answer, port=80, context=None):
+        self.address, self.port, self.answer, self.context = address, port, answer, context
+        self.requests: list[str] = []
+
+    async def __aenter__(self):
+        try:
+            self.server = await asyncio.start_server(self.handle, self.address, self.port, ssl=self.context)
+        except OSError as exc:
+            skip_or_fail(f"cannot listen on {self.address}:{self.port}: {exc}")
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def handle(self, reader, writer):
+        try:
+            self.requests.append((await reader.readuntil(b"\r\n\r\n")).decode("latin-1"))
+            await self.answer(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+def replying(data: bytes, then_hold: bool = False):
+    async def answer(reader, writer):
+        writer.write(data)
+        await writer.drain()
+        if then_hold:
+            await reader.read()  # until the fetch gives up and hangs up
+    return answer
+
+
+async def holding(reader, writer):
+    await reader.read()  # never answers
+
+
+FETCH_URL = f"http://{DOMAIN}{WELL_KNOWN}"
+
+
+async def test_the_request_names_the_domain_and_keeps_the_query():
+    async with RawWeb("127.0.0.61", replying(b"HTTP/1.0 200 OK\r\nlocation: /next\r\n\r\nbody")) as web:
+        status, location, body = await _fetch(f"http://{DOMAIN}/x?a=1&b=2", DOMAIN, ["127.0.0.61"], 2)
+    assert (status, location, body) == (200, "/next", b"body")  # any case of Location
+    assert web.requests == [f"GET /x?a=1&b=2 HTTP/1.1\r\nHost: {DOMAIN}\r\nUser-Agent: {USER_AGENT}\r\n"
+                            "Accept: text/plain\r\nConnection: close\r\n\r\n"]
+
+
+async def test_a_head_without_end_is_read_no_further_than_8_kib():
+    endless = b"HTTP/1.1 200 OK\r\nX-Junk: " + b"a" * (MAX_HEAD + 100)
+    async with RawWeb("127.0.0.61", replying(endless, then_hold=True)):
+        with pytest.raises(ValueError, match="no complete HTTP reply head"):
+            await _fetch(FETCH_URL, DOMAIN, ["127.0.0.61"], 5)
+
+
+async def test_a_reply_that_is_not_http_ends_the_fetch():
+    async with RawWeb("127.0.0.61", replying(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")), \
+            RawWeb("127.0.0.62", replying(b"HTTP/1.1 200 OK\r\n\r\ntok123")) as second:
+        with pytest.raises(ValueError, match="not an HTTP reply"):
+            await _fetch(FETCH_URL, DOMAIN, ["127.0.0.61", "127.0.0.62"], 2)
+    assert second.requests == []
+
+
+async def test_the_next_pinned_address_is_tried_when_one_is_refused_or_silent():
+    asked = []
+
+    def may_fetch(address):
+        asked.append(address)
+        return True
+    async with RawWeb("127.0.0.61", holding), RawWeb("127.0.0.63", replying(b"HTTP/1.1 200 OK\r\n\r\ntok123")):
+        # nothing listens on 127.0.0.62:80
+        status, _location, body = await _fetch(FETCH_URL, DOMAIN, ["127.0.0.61", "127.0.0.62", "127.0.0.63"], 0.5,
+                                               may_fetch)
+    assert (status, body) == (200, b"tok123")
+    assert asked == ["127.0.0.61", "127.0.0.62", "127.0.0.63"]  # the budget is asked before every connection
+
+
+async def test_when_no_address_answers_the_last_error_is_raised():
+    with pytest.raises(ConnectionRefusedError):
+        await _fetch(FETCH_URL, DOMAIN, ["127.0.0.62"], 1)
+    with pytest.raises(OSError, match="no address"):
+        await _fetch(FETCH_URL, DOMAIN, [], 1)
+
+
+async def test_a_spent_budget_stops_before_connecting():
+    async with RawWeb("127.0.0.61", replying(b"HTTP/1.1 200 OK\r\n\r\ntok123")) as web:
+        with pytest.raises(FetchBudgetSpent):
+            await _fetch(FETCH_URL, DOMAIN, ["127.0.0.61"], 2, lambda address: False)
+    assert web.requests == []
+
+
+async def test_https_on_the_same_host_accepts_any_certificate_and_names_the_domain():
+    from app.probes.canary import self_signed_context
+
+    context = self_signed_context()
+    names = []
+    context.sni_callback = lambda _sock, name, _ctx: names.append(name)
+    async with RawWeb("127.0.0.61", replying(b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 3000), 443, context):
+        status, _location, body = await _fetch(f"https://{DOMAIN}/x", DOMAIN, ["127.0.0.61"], 2)
+    assert (status, body) == (200, b"x" * MAX_BODY)
+    assert names == [DOMAIN]
 
 # --- audits of a verified domain -----------------------------------------------------------------------------
 async def test_domain_audit_needs_a_verification_of_that_domain(site, dns):
