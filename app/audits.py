@@ -159,6 +159,7 @@ class AuditRun:
         self._seq = 0
         self._record_lock = asyncio.Lock()
         self._emitted: dict[int, set[str]] = {id(unit): set() for unit in planned}  # id(unit) -> names emitted
+        self._writes: set[asyncio.Future[None]] = set()  # rows being stored
 
     async def run(self, deadline: float) -> None:
         """Every unit at once; at the deadline the unfinished ones are cancelled and their missing rows filled."""
@@ -170,6 +171,7 @@ class AuditRun:
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.gather(*self._writes, return_exceptions=True)  # rows being stored when their units stopped
             log.warning("audit.deadline", extra={"audit": self.audit_id, "unfinished": len(pending)})
             for task in pending:
                 await self._cut_by_deadline(tasks[task], deadline)
@@ -194,7 +196,12 @@ class AuditRun:
             log.error("check.unexpected_row", extra={"audit": self.audit_id, "check": result.name})
             return
         emitted.add(result.name)
-        await self._record(result)
+        # a row on its way to the store finishes even when the deadline cancels its unit: marked as emitted, it
+        # would otherwise get neither its own row nor a deadline row
+        write = asyncio.ensure_future(self._record(result))
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+        await asyncio.shield(write)
 
     def _missing(self, unit: PlannedCheck) -> Iterator[str]:
         """The names the unit promised and has not emitted (lazily: each is checked when its turn comes)."""

@@ -303,3 +303,22 @@ async def test_follow_sends_keepalives_while_nothing_happens_and_no_row_twice(se
     assert sent == [("check", 1), ("check", 2), ("done", -1)]
     await follower.aclose()
     assert auditor.events._followers == {}
+
+
+async def test_a_row_being_stored_when_the_deadline_strikes_is_kept_once(settings, store, monkeypatch):
+    """The deadline cancels a unit while its row is on the way to the store: the row is neither lost (a name
+    marked as emitted but never stored) nor stored twice (its own row and a deadline row)."""
+    settings.proxy_ports = [20001]
+    settings.audit_deadline = 0.3
+    real_add = store.add_check
+
+    async def slow_add(audit_id, seq, result):
+        await asyncio.sleep(0.6)  # the deadline strikes in the middle of this write
+        await real_add(audit_id, seq, result)
+
+    monkeypatch.setattr(store, "add_check", slow_add)
+    auditor = Auditor(settings, store, planners={"proxy": fake_planner(lambda p: 0.0)})
+    audit = await run_audit(auditor)
+    rows = [(c.result.name, c.result.verdict, c.result.reason) for c in audit.checks]
+    assert rows == [("proxy.fake", Verdict.CLOSED, "destination_denied")]
+    assert audit.summary["proxy"] == "closed"
