@@ -24,6 +24,8 @@ from app.probes.smtp_wire import (
     SmtpConnection,
     Timeout,
     TlsFailed,
+    _RecordingProtocol,
+    _reply,
     check_command,
 )
 from app.probes.transcript import Transcript
@@ -329,3 +331,71 @@ async def test_implicit_tls_against_a_plain_port_fails_as_tls():
         with pytest.raises(TlsFailed):
             await conn.open(2.0, implicit_tls=True)
         await conn.close(quit=False)
+
+
+# --- the recorder, fed directly (no connection: aiosmtplib ignores data while not connected) ----------------
+class Holder:
+    def __init__(self) -> None:
+        self.transcript = Transcript()
+
+
+def recorder() -> tuple[Holder, _RecordingProtocol]:
+    holder = Holder()
+    return holder, _RecordingProtocol(holder, asyncio.get_running_loop())  # type: ignore[arg-type]
+
+
+def lines_of(holder: Holder, direction: str) -> list[str]:
+    return [line.text for line in holder.transcript.lines if line.dir == direction]
+
+
+MARKER = f"[more than {MAX_REPLY_BYTES} bytes without our next command: the rest is not recorded]"
+
+
+async def test_lines_split_across_reads_are_recorded_whole():
+    holder, protocol = recorder()
+    for chunk in (b"220-ab", b"c\r\n220 d", b"efX\r", b"\n"):
+        protocol.data_received(chunk)
+    assert lines_of(holder, "in") == ["220-abc", "220 defX"]
+
+
+async def test_the_evidence_of_one_reply_stops_at_the_bound_whatever_the_reads():
+    holder, protocol = recorder()
+    line = b"250-" + b"x" * 994 + b"\r\n"  # 1000 bytes
+    for _ in range(40):  # 40 000 bytes in 40 reads, more than one reply may be
+        protocol.data_received(line)
+    received = lines_of(holder, "in")
+    assert sum(len(text) for text in received) + 2 * (len(received) - 1) == MAX_REPLY_BYTES  # CRLFs not shown
+    assert len(received) == MAX_REPLY_BYTES // 1000 + 1  # the whole lines, then the start of the cut one
+    assert lines_of(holder, "info") == [MARKER]
+
+
+async def test_a_reply_of_exactly_the_bound_then_more():
+    holder, protocol = recorder()
+    protocol.data_received(b"250-" + b"y" * (MAX_REPLY_BYTES - 6) + b"\r\n")
+    assert lines_of(holder, "info") == [MARKER]  # the bound is reached: the marker, once
+    protocol.data_received(b"250 more\r\n")
+    assert lines_of(holder, "info") == [MARKER]
+    assert "250 more" not in lines_of(holder, "in")
+
+
+async def test_one_byte_of_room_is_recorded_and_marked():
+    holder, protocol = recorder()
+    protocol.data_received(b"250-" + b"z" * (MAX_REPLY_BYTES - 7) + b"\r\n")  # one byte short of the bound
+    assert lines_of(holder, "info") == []
+    protocol.data_received(b"Qrest\r\n")
+    assert lines_of(holder, "in")[-1] == "Q" and lines_of(holder, "info") == [MARKER]
+
+
+@pytest.mark.parametrize("code,ok", [(199, False), (200, True), (599, True), (600, False)])
+def test_reply_codes_outside_2xx_to_5xx_are_not_smtp(code, ok):
+    if ok:
+        assert _reply(code, "fine\nsecond") == Reply(code, ("fine", "second"))
+    else:
+        with pytest.raises(ProtocolError):
+            _reply(code, "x")
+
+
+def test_our_own_guard_refuses_delete_before_aiosmtplib_does():
+    with pytest.raises(ValueError) as info:
+        check_command("EHLO x\x7f")
+    assert str(info.value).startswith("refusing to send an unsafe SMTP command")
