@@ -74,6 +74,10 @@ _REASONS = [
     Reason("destination_unreachable", ("proxy",),
            N_("Your proxy accepted the request but could not reach our test server."),
            N_("A firewall may block it on the way out. Re-test; if it persists, check the proxy's access rules.")),
+    Reason("answer_not_returned", ("proxy",),
+           N_("Your proxy passed our request on to our test server (it saw the request arrive), but the answer did "
+           "not come back through the proxy."),
+           N_("Your proxy forwards requests for strangers: follow the guide for your proxy software, then re-test.")),
     # both
     Reason("timeout", ("relay", "proxy"), N_("Your server stopped answering in the middle of the test."),
            N_("It may be slow or tarpitting us. Re-test later; if it persists, check its logs for our address.")),

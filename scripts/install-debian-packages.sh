@@ -195,7 +195,7 @@ apt_update() {
 }
 
 # Daemons these packages ship, by process name (postfix's is "master").
-daemons=(master squid tinyproxy danted microsocks)
+daemons=(master squid tinyproxy danted microsocks haproxy nginx apache2 privoxy)
 
 running_pids() {
     local d

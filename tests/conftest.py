@@ -135,8 +135,10 @@ def require_proxy(binary: str) -> None:
 @pytest.fixture
 def proxies(tmp_path: Path):
     """Real proxies on 127.0.0.1 started on demand, each in its own folder under tmp_path/proxies:
-    `proxies.squid("open" | "closed" | "ssl_only", ssl_ports=[...])`, `proxies.dante()`,
-    `proxies.microsocks(user, password)`, `proxies.tinyproxy("open" | "restricted")` return a ProxyInstance
+    `proxies.squid("open" | "closed" | "ssl_only", ssl_ports=[...])`, `proxies.dante("open" | "closed")`,
+    `proxies.microsocks(user, password)`, `proxies.tinyproxy("open" | "restricted")`,
+    `proxies.apache("open" | "stock_connect" | "restricted" | "reverse")`, `proxies.nginx("forward" | "site")`,
+    `proxies.privoxy("open" | "restricted")`, `proxies.haproxy(backend_port)` return a ProxyInstance
     (.port, .log(), ...). A missing proxy fails the test under CI=true and skips it otherwise. All instances are
     stopped (in parallel) after the test. See tests/servers/proxies.py."""
     from servers.proxies import ProxySet

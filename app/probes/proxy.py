@@ -35,7 +35,8 @@ SILENT_PROTOCOL_FACTOR = 8
 USER_AGENT = "SecureYourServer-proxy-test"
 
 REASONS = ("token_returned", "auth_required", "destination_denied", "answers_without_tunnel", "not_a_proxy",
-           "destination_unreachable", "timeout", "refused", "filtered", "protocol_error", "internal_error")
+           "destination_unreachable", "answer_not_returned", "timeout", "refused", "filtered", "protocol_error",
+           "internal_error")
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ def parse_head(buffer: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(match.group(1)), headers, rest
 
 
+_ANSWERED = re.compile(r"^[A-Z]+ answered HTTP \d{3}")  # how every note of http_status_finding starts
 _UNREACHABLE = re.compile(r"connect|unreachable|resolve|timed? ?out", re.IGNORECASE)
 
 
@@ -508,7 +510,7 @@ async def _run_check(check: ProxyCheck, slot: SlotFactory, host: str, port: int,
             await check.run(ex, options.targets, check_id, token)
             finding = _token_returned(check, host, options.targets.canary.seen_from(check_id))
         except Ended as ended:
-            finding = ended.finding
+            finding = _reached_but_not_returned(ended.finding, options.targets.canary.seen_from(check_id))
         except Exception as exc:  # noqa: BLE001 - a bug of ours, or something python-socks did not expect: never a crash
             finding = Finding(Verdict.ERROR, "internal_error", f"the check failed: {type(exc).__name__}: {exc}"[:200])
         finally:
@@ -521,6 +523,18 @@ def _token_returned(check: ProxyCheck, host: str, sources: list[str]) -> Finding
              + (" (your server's address)" if host in sources else "")) if sources else ""
     return Finding(Verdict.OPEN, "token_returned",
                    f"{check.protocol} ({check.klass}): our canary's token came back through this port" + where)
+
+
+def _reached_but_not_returned(finding: Finding, sources: list[str]) -> Finding:
+    """A check that ended without its token although our canary saw it arrive: whatever the port said (Privoxy's
+    `502` for a POST whose answer is not HTTP, a timeout, a mangled tunnel), it did reach our canary. Not `open`,
+    since the token did not come back; not "could not reach" or "not a proxy" either."""
+    if not sources or finding.verdict is Verdict.OPEN:
+        return finding
+    answered = _ANSWERED.match(finding.note)  # the fact, without our reading of the status ("could not reach")
+    return Finding(Verdict.INCONCLUSIVE, "answer_not_returned",
+                   f"our canary saw this check arrive from {', '.join(sources)}: the port passed our request on, but "
+                   f"our canary's answer did not come back through it ({answered[0] if answered else finding.note})")
 
 
 def _silence_is_not_a_timeout(ran: list[_Ran]) -> list[_Ran]:

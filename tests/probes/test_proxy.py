@@ -251,3 +251,16 @@ async def test_an_ipv6_target_gets_connect_and_socks5_but_no_socks4(targets):
     assert "proxy.socks4" not in results and "proxy.socks4a" not in results and "proxy.socks5" in results
     assert outcome(results, "connect_smtp") == ("open", "token_returned")
     assert results["proxy.connect_smtp"].host == "::1"
+
+
+def test_a_check_our_canary_saw_is_never_could_not_reach():
+    """Issue 13: Privoxy's 502 for a POST that reached our SMTP canary was explained as "could not reach"."""
+    said = proxy.http_status_finding(502, {":reason": "Server or forwarder response invalid"}, "POST")
+    assert said.reason == "destination_unreachable"
+    finding = proxy._reached_but_not_returned(said, ["192.0.2.7"])
+    assert (finding.verdict.value, finding.reason) == ("inconclusive", "answer_not_returned")
+    assert finding.note == ("our canary saw this check arrive from 192.0.2.7: the port passed our request on, but our "
+                            "canary's answer did not come back through it (POST answered HTTP 502)")
+    assert proxy._reached_but_not_returned(said, []) is said  # not seen: what the port said stands
+    timeout = proxy.Finding(proxy.Verdict.INCONCLUSIVE, "timeout", "no our canary's token within 2 s")
+    assert proxy._reached_but_not_returned(timeout, ["192.0.2.7"]).note.endswith("(no our canary's token within 2 s)")

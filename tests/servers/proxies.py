@@ -1,4 +1,5 @@
-"""Real proxies as loopback test fixtures: Squid, Dante, microsocks and tinyproxy, side by side.
+"""Real proxies as loopback test fixtures: Squid, Dante, microsocks, tinyproxy, Apache (mod_proxy), nginx, Privoxy
+and HAProxy, side by side.
 
     inst = start_squid(tmp_path, "open")
     try:
@@ -57,8 +58,15 @@ SQUID = "/usr/sbin/squid"
 DANTED = "/usr/sbin/danted"
 MICROSOCKS = "/usr/bin/microsocks"
 TINYPROXY = "/usr/bin/tinyproxy"
+APACHE = "/usr/sbin/apache2"
+NGINX = "/usr/sbin/nginx"
+PRIVOXY = "/usr/sbin/privoxy"
+HAPROXY = "/usr/sbin/haproxy"
 UNSHARE = "/usr/bin/unshare"
-PACKAGES = {SQUID: "squid", DANTED: "dante-server", MICROSOCKS: "microsocks", TINYPROXY: "tinyproxy"}
+PACKAGES = {SQUID: "squid", DANTED: "dante-server", MICROSOCKS: "microsocks", TINYPROXY: "tinyproxy",
+            APACHE: "apache2", NGINX: "nginx-light", PRIVOXY: "privoxy", HAPROXY: "haproxy"}
+APACHE_MODULES = "/usr/lib/apache2/modules"
+PRIVOXY_STOCK = Path("/etc/privoxy")  # Debian's stock action and filter files, and the templates
 RUN_ROOT = "/tmp"  # world-searchable: see the module docstring on why Squid's files live here
 
 START_TIMEOUT = 15.0  # seconds until the instance must listen
@@ -74,8 +82,16 @@ TINYPROXY_FILTERS = {"127.0.0.1/32": r"^127\.0\.0\.1$", "127.0.0.0/8": r"^127\.[
 
 SquidKind = Literal["open", "closed", "ssl_only"]
 TinyproxyKind = Literal["open", "restricted"]
+DanteKind = Literal["open", "closed"]
+ApacheKind = Literal["open", "stock_connect", "restricted", "reverse"]
+NginxKind = Literal["forward", "site"]
+PrivoxyKind = Literal["open", "restricted"]
 SQUID_KINDS = ("open", "closed", "ssl_only")
 TINYPROXY_KINDS = ("open", "restricted")
+DANTE_KINDS = ("open", "closed")
+APACHE_KINDS = ("open", "stock_connect", "restricted", "reverse")
+NGINX_KINDS = ("forward", "site")
+PRIVOXY_KINDS = ("open", "restricted")
 FOREIGN_NETWORK = "198.51.100.0/24"  # TEST-NET-2: the only clients the closed/restricted kinds accept
 
 # Debian 12's stock squid.conf port lists (used by the ssl_only kind)
@@ -109,7 +125,7 @@ class ProxyInstance:
     dns_fenced: bool = False  # runs with a private resolv.conf/hosts (see the module docstring)
     start_seconds: float = 0.0  # from Popen to listening
     stop_seconds: float | None = None  # set by the first stop()
-    run_dir: Path | None = None  # Squid's private folder in /tmp (removed by stop())
+    run_dir: Path | None = None  # a private folder in /tmp (Squid, Apache, nginx, Privoxy; removed by stop())
     stop_signal: int = signal.SIGTERM
     own_pid_namespace: bool = False  # the daemon is init of its own PID namespace (Dante: see start_dante)
     _process: subprocess.Popen | None = field(default=None, repr=False)
@@ -207,9 +223,9 @@ class ProxyInstance:
             self._out = None
         run = self.run_dir
         if run is not None and run.parent == Path(RUN_ROOT) and run.is_dir():
-            for name in ("access.log", "cache.log"):
-                if (run / name).is_file():
-                    shutil.copyfile(run / name, self.directory / name)
+            for path in self.log_files:
+                if path.parent == run and path.is_file():
+                    shutil.copyfile(path, self.directory / path.name)
             shutil.rmtree(run, ignore_errors=True)
             link = self.directory / "run"
             if link.is_symlink():
@@ -233,7 +249,9 @@ class ProxyInstance:
 # --- availability ---------------------------------------------------------------------------------------------
 
 _NEEDS_ROOT = {SQUID: "Squid drops to the proxy user", DANTED: "Dante drops to nobody",
-               TINYPROXY: "tinyproxy drops to its own user"}
+               TINYPROXY: "tinyproxy drops to its own user", APACHE: "Apache's children run as www-data",
+               NGINX: "nginx's workers run as www-data", PRIVOXY: "Privoxy drops to the privoxy user",
+               HAPROXY: "HAProxy drops to the haproxy user"}
 
 
 def available(binary: str) -> None:
@@ -247,7 +265,8 @@ def available(binary: str) -> None:
         raise ProxyUnavailable(f"{path} is missing: install the Debian package {package}")
     if path in _NEEDS_ROOT and os.geteuid() != 0:
         raise ProxyUnavailable(f"{path} fixtures need root ({_NEEDS_ROOT[path]})")
-    users = {SQUID: ["proxy"], DANTED: ["nobody"], TINYPROXY: []}.get(path, [])
+    users = {SQUID: ["proxy"], DANTED: ["nobody"], TINYPROXY: [], APACHE: ["www-data"], NGINX: ["www-data"],
+             PRIVOXY: ["privoxy"], HAPROXY: ["haproxy"]}.get(path, [])
     for user in users:
         try:
             pwd.getpwnam(user)
@@ -258,9 +277,11 @@ def available(binary: str) -> None:
 
 
 def resolve_binary(binary: str) -> str:
-    """The full path for a short name (squid, danted/dante, microsocks, tinyproxy); a path is returned as is."""
+    """The full path for a short name (squid, danted/dante, microsocks, tinyproxy, apache2/apache, nginx, privoxy,
+    haproxy); a path is returned as is."""
     names = {"squid": SQUID, "danted": DANTED, "dante": DANTED, "dante-server": DANTED, "microsocks": MICROSOCKS,
-             "tinyproxy": TINYPROXY}
+             "tinyproxy": TINYPROXY, "apache2": APACHE, "apache": APACHE, "nginx": NGINX, "privoxy": PRIVOXY,
+             "haproxy": HAPROXY}
     return names.get(binary, binary)
 
 
@@ -335,9 +356,14 @@ def squid_config(kind: SquidKind, *, port: int, run_dir: Path, ssl_ports: Iterab
     return "\n".join(lines) + "\n"
 
 
-def dante_config(*, port: int, log_file: Path, fence: Fence = "127.0.0.1/32") -> str:
-    """danted.conf: open SOCKS4/SOCKS5 without authentication for loopback clients, fenced to `fence`."""
+def dante_config(*, port: int, log_file: Path, fence: Fence = "127.0.0.1/32", kind: DanteKind = "open") -> str:
+    """danted.conf: SOCKS4/SOCKS5 without authentication, fenced to `fence`. "open": for loopback clients (every
+    client the test has). "closed": as an administrator limits it to the LAN, here 198.51.100.0/24 only; a
+    loopback client is dropped by the `client block` rule right after it connects (checked by the tests)."""
     _check_fence(fence)
+    if kind not in DANTE_KINDS:
+        raise ValueError(f"dante kind must be one of {DANTE_KINDS}, not {kind!r}")
+    clients = "127.0.0.0/8" if kind == "open" else FOREIGN_NETWORK
     return f"""\
 # Generated by tests/servers/proxies.py: a private loopback instance
 logoutput: {log_file}
@@ -349,7 +375,7 @@ user.privileged: root
 user.unprivileged: nobody
 
 client pass {{
-    from: 127.0.0.0/8 to: 0.0.0.0/0
+    from: {clients} to: 0.0.0.0/0
     log: error connect disconnect
 }}
 client block {{
@@ -361,7 +387,7 @@ client block {{
 # The rules use IP addresses only: a hostname destination is resolved by Dante to match them (see the module
 # docstring on the DNS fence).
 socks pass {{
-    from: 127.0.0.0/8 to: {fence}
+    from: {clients} to: {fence}
     command: connect
     protocol: tcp
     log: error connect disconnect
@@ -406,6 +432,232 @@ def tinyproxy_config(kind: TinyproxyKind, *, port: int, pid_file: Path, filter_f
     if kind == "restricted":
         lines += [f"Allow {FOREIGN_NETWORK}"]
     return "\n".join(lines) + "\n"
+
+
+# --- Apache, nginx, Privoxy, HAProxy: web servers and proxies as administrators write them --------------------
+# Their unprivileged processes (www-data, privoxy) open files after start-up, so like Squid each keeps its files in a
+# private folder under /tmp (`run`, copied back and removed by stop()). Their destination fence is 127.0.0.1 only
+# (no `fence` parameter): the tests prove it with 127.0.0.2.
+
+APACHE_FENCE = r"^(?!(http://)?127\.0\.0\.1[:/])"  # every proxied URL (CONNECT: host:port) but 127.0.0.1's
+NGINX_FENCE = r"^127\.0\.0\.1(:[0-9]+)?$"  # the Host header the classic forward proxy dials
+UNUSED_BACKEND = 9  # a reverse proxy's application port when the test gives none: nothing listens on it
+PRIVOXY_FENCE_ACTION = """\
+# Generated by tests/servers/proxies.py: the test fence, every destination but 127.0.0.1 is blocked (403)
+{+block{outside the test fence: only 127.0.0.1 may be reached}}
+/
+{-block}
+127.0.0.1
+"""
+
+
+def apache_config(kind: ApacheKind, *, port: int, run_dir: Path, backend_port: int = UNUSED_BACKEND) -> str:
+    """A private Apache 2.4 with mod_proxy, mod_proxy_http and mod_proxy_connect, children as www-data.
+
+    - "open": the forward proxy the mod_proxy manual warns about, `ProxyRequests On` with `<Proxy "*"> Require all
+      granted`, and `AllowCONNECT 25 443 563 1025-65535` (CONNECT to mail and TLS ports; our loopback canaries
+      listen on ephemeral ports and stand in for 25 and 443).
+    - "stock_connect": the same without AllowCONNECT, so CONNECT only to mod_proxy_connect's default 443 and 563.
+    - "restricted": `ProxyRequests On`, but `<Proxy "*"> Require ip 198.51.100.0/24` (a foreign network).
+    - "reverse": `ProxyRequests Off` and `ProxyPass "/app/"` to a fixed backend: a reverse proxy, not open.
+    Every kind denies proxied URLs to anything but 127.0.0.1 (a `<ProxyMatch>` after the `<Proxy>` section).
+    """
+    if kind not in APACHE_KINDS:
+        raise ValueError(f"apache kind must be one of {APACHE_KINDS}, not {kind!r}")
+    lines = [
+        "# Generated by tests/servers/proxies.py: a private loopback instance",
+        f"ServerRoot {run_dir}",
+        "ServerName apache-test.invalid",
+        f"Listen {LOOPBACK}:{port}",
+        f"PidFile {run_dir}/httpd.pid",
+        f"DefaultRuntimeDir {run_dir}",
+        f"ErrorLog {run_dir}/error.log",
+        "LogLevel info proxy:debug proxy_connect:debug",
+        *(f"LoadModule {m}_module {APACHE_MODULES}/mod_{m}.so"
+          for m in ("mpm_event", "authz_core", "authz_host", "proxy", "proxy_http", "proxy_connect")),
+        'LogFormat "%h %l %u %t \\"%r\\" %>s %b" common',
+        f"CustomLog {run_dir}/access.log common",
+        "User www-data",
+        "Group www-data",
+        f"DocumentRoot {run_dir}/htdocs",
+        "StartServers 1",
+        "ServerLimit 1",
+        "ThreadsPerChild 25",
+        "MaxRequestWorkers 25",
+    ]
+    if kind == "reverse":
+        lines += ["ProxyRequests Off",
+                  f'ProxyPass "/app/" "http://{LOOPBACK}:{backend_port}/"',
+                  f'ProxyPassReverse "/app/" "http://{LOOPBACK}:{backend_port}/"']
+    else:
+        lines += ["ProxyRequests On"]
+        if kind != "stock_connect":
+            lines += ["AllowCONNECT 25 443 563 1025-65535"]
+        require = "ip " + FOREIGN_NETWORK if kind == "restricted" else "all granted"
+        lines += ['<Proxy "*">', f"    Require {require}", "</Proxy>"]
+    lines += ["# the test fence", f'<ProxyMatch "{APACHE_FENCE}">', "    Require all denied", "</ProxyMatch>"]
+    return "\n".join(lines) + "\n"
+
+
+def nginx_config(kind: NginxKind, *, port: int, run_dir: Path, backend_port: int = UNUSED_BACKEND) -> str:
+    """A private nginx (master as root, one worker as www-data, `daemon off`).
+
+    - "forward": the classic misconfigured forward proxy, `resolver` + `proxy_pass $scheme://$http_host$request_uri`
+      (found in tutorials and in the wild): any Host is fetched for anyone. nginx has no CONNECT (400).
+    - "site": a normal site (a static root) with a reverse proxy to a fixed backend under /app/: not open.
+    The fence: "forward" answers 403 unless the Host header is 127.0.0.1[:port]; outgoing connections leave from
+    127.0.0.1 (`proxy_bind`).
+    """
+    if kind not in NGINX_KINDS:
+        raise ValueError(f"nginx kind must be one of {NGINX_KINDS}, not {kind!r}")
+    temp = "\n".join(f"    {what}_temp_path {run_dir}/tmp/{what};"
+                     for what in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    if kind == "forward":
+        server = f"""\
+    server {{
+        listen {LOOPBACK}:{port};
+        resolver {LOOPBACK};
+        proxy_bind {LOOPBACK};
+        if ($http_host !~ "{NGINX_FENCE}") {{ return 403; }}  # the test fence
+        location / {{
+            proxy_pass $scheme://$http_host$request_uri;
+        }}
+    }}"""
+    else:
+        server = f"""\
+    server {{
+        listen {LOOPBACK}:{port} default_server;
+        server_name www.example.test;
+        root {run_dir}/site;
+        index index.html;
+        location / {{
+            try_files $uri $uri/ =404;
+        }}
+        location /app/ {{
+            proxy_pass http://{LOOPBACK}:{backend_port}/;
+            proxy_bind {LOOPBACK};
+        }}
+    }}"""
+    return f"""\
+# Generated by tests/servers/proxies.py: a private loopback instance
+user www-data;
+worker_processes 1;
+daemon off;
+pid {run_dir}/nginx.pid;
+error_log {run_dir}/error.log info;
+events {{
+    worker_connections 64;
+}}
+http {{
+    access_log {run_dir}/access.log;
+{temp}
+{server}
+}}
+"""
+
+
+def privoxy_config(kind: PrivoxyKind, *, port: int, run_dir: Path) -> str:
+    """Debian's stock Privoxy 3.0 configuration (its action and filter files, copied into run_dir), with the
+    change administrators make to share it: `listen-address` on the network, here 127.0.0.1:port.
+
+    - "open": no `permit-access` line, so every client may use it. The stock files apply no `limit-connect`
+      (default.action's `+limit-connect{,}` sits in the `standard.Advanced` block, which matches no real
+      host), so Privoxy 3.0.34 tunnels CONNECT to every port (checked by the tests).
+    - "restricted": `permit-access 198.51.100.0/24`; Privoxy drops any other client's connection as soon as it is
+      accepted ("dropped due to ACL"), before reading a byte.
+    The fence: an extra actions file blocks every host but 127.0.0.1 (`403 Request blocked by Privoxy`).
+    In the foreground (--no-daemon) Privoxy logs to stderr, captured in privoxy.out.
+    """
+    if kind not in PRIVOXY_KINDS:
+        raise ValueError(f"privoxy kind must be one of {PRIVOXY_KINDS}, not {kind!r}")
+    lines = [
+        "# Generated by tests/servers/proxies.py: Debian's stock config, listening on 127.0.0.1",
+        f"confdir {run_dir}",
+        f"templdir {PRIVOXY_STOCK}/templates",
+        f"logdir {run_dir}",
+        "actionsfile match-all.action",
+        "actionsfile default.action",
+        "actionsfile user.action",
+        "actionsfile fence.action",
+        "filterfile default.filter",
+        "filterfile user.filter",
+        "debug 1",  # every request
+        "debug 2",  # connections (and the ones permit-access drops)
+        "debug 512",  # common log format
+        "debug 4096",  # startup banner and warnings
+        "debug 8192",  # non-fatal errors
+        f"listen-address {LOOPBACK}:{port}",
+        "toggle 1",
+        "enable-remote-toggle 0",
+        "enable-remote-http-toggle 0",
+        "enable-edit-actions 0",
+        "enforce-blocks 0",
+        "buffer-limit 4096",
+        "enable-proxy-authentication-forwarding 0",
+        "forwarded-connect-retries 0",
+        "accept-intercepted-requests 0",
+        "allow-cgi-request-crunching 0",
+        "split-large-forms 0",
+        "keep-alive-timeout 5",
+        "tolerate-pipelining 1",
+        "socket-timeout 300",
+    ]
+    if kind == "restricted":
+        lines += [f"permit-access {FOREIGN_NETWORK}"]
+    return "\n".join(lines) + "\n"
+
+
+def haproxy_config(*, port: int, backend_port: int) -> str:
+    """An ordinary HAProxy reverse proxy: `mode http`, one frontend on 127.0.0.1:port, one backend server (a fixed
+    local web server). It forwards whatever it gets, absolute-URI GETs and CONNECT included, to that server, never
+    to the host the request names: it must never be reported open. Logs go to stdout (captured in haproxy.out)."""
+    return f"""\
+# Generated by tests/servers/proxies.py: a private loopback instance
+global
+    log stdout format raw local0 info
+    user haproxy
+    group haproxy
+    maxconn 100
+
+defaults
+    mode http
+    log global
+    option httplog
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+
+frontend www
+    bind {LOOPBACK}:{port}
+    default_backend web
+
+backend web
+    server web1 {LOOPBACK}:{backend_port}
+"""
+
+
+def _private_run_dir(directory: Path, name: str) -> Path:
+    """A fresh world-searchable folder under /tmp (see the module docstring), linked from `directory` as `run`."""
+    run = Path(tempfile.mkdtemp(prefix=f"proxy-{name}-", dir=RUN_ROOT))
+    os.chmod(run, 0o755)
+    link = directory / "run"
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(run)
+    return run
+
+
+def _config_check(argv: list[str], run: Path, what: str) -> None:
+    """Run a product's own syntax check (apache2 -t, nginx -t, privoxy --config-test, haproxy -c)."""
+    try:
+        result = subprocess.run(argv, cwd=run, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as exc:
+        shutil.rmtree(run, ignore_errors=True)
+        raise ProxyStartError(f"{what}: {' '.join(argv)} did not finish in 30 s") from exc
+    if result.returncode != 0:
+        shutil.rmtree(run, ignore_errors=True)
+        raise ProxyStartError(f"{what}: {' '.join(argv)} failed (exit {result.returncode}):\n"
+                              f"{_tail(result.stdout + result.stderr)}")
 
 
 # --- starting -------------------------------------------------------------------------------------------------
@@ -463,22 +715,26 @@ def _squid_parse(conf: Path, run: Path) -> None:
         raise ProxyStartError(f"squid -k parse -f {conf} failed (exit {result.returncode}):\n{_tail(output)}")
 
 
-def start_dante(base: Path, *, fence: Fence = "127.0.0.1/32", timeout: float = START_TIMEOUT) -> ProxyInstance:
-    """A private Dante (`danted -f FILE -p PIDFILE`, foreground): open SOCKS4 and SOCKS5, no authentication,
-    for loopback clients; CONNECT only, to `fence` only (anything else: SOCKS5 reply 02 / SOCKS4 5b).
+def start_dante(base: Path, kind: DanteKind = "open", *, fence: Fence = "127.0.0.1/32",
+                timeout: float = START_TIMEOUT) -> ProxyInstance:
+    """A private Dante (`danted -f FILE -p PIDFILE`, foreground): SOCKS4 and SOCKS5, no authentication; CONNECT
+    only, to `fence` only (anything else: SOCKS5 reply 02 / SOCKS4 5b). "open" serves loopback clients; "closed"
+    serves 198.51.100.0/24 only (see dante_config).
 
     Dante's mother process exits on SIGTERM without reaping the ~20 children it forks, so they would linger as
     zombies of PID 1 (for seconds here; for ever where PID 1 does not reap). Where PID namespaces are allowed it
     therefore runs as init of its own (`unshare --pid --fork --kill-child`): when it exits the kernel kills and
     reaps everything in that namespace. Its pid file then says 1.
     """
+    if kind not in DANTE_KINDS:
+        raise ValueError(f"dante kind must be one of {DANTE_KINDS}, not {kind!r}")
     available(DANTED)
     _check_fence(fence)
-    name = "dante"
+    name = "dante" if kind == "open" else f"dante-{kind}"
 
     def prepare(directory: Path, port: int) -> tuple[list[str], dict]:
         conf, log_file = directory / "danted.conf", directory / "danted.log"
-        conf.write_text(dante_config(port=port, log_file=log_file, fence=fence))
+        conf.write_text(dante_config(port=port, log_file=log_file, fence=fence, kind=kind))
         return ([DANTED, "-f", str(conf), "-p", str(directory / "danted.pid")],
                 {"config_file": conf, "log_files": [log_file], "own_pid_namespace": _pid_namespace_possible()})
 
@@ -522,6 +778,95 @@ def start_tinyproxy(base: Path, kind: TinyproxyKind, *, fence: Fence = "127.0.0.
         conf.write_text(tinyproxy_config(kind, port=port, pid_file=directory / "tinyproxy.pid",
                                          filter_file=filter_file))
         return [TINYPROXY, "-d", "-c", str(conf)], {"config_file": conf}
+
+    return _start(base, name, prepare, timeout=timeout)
+
+
+def start_apache(base: Path, kind: ApacheKind, *, backend_port: int = UNUSED_BACKEND,
+                 timeout: float = START_TIMEOUT) -> ProxyInstance:
+    """A private Apache 2.4 (`apache2 -f FILE -DFOREGROUND`) on 127.0.0.1; see apache_config for the kinds.
+    The config is checked with `apache2 -t` first. Logs: access.log (the request and status) and error.log
+    (mod_proxy's debug lines: where it connected, or why it refused)."""
+    if kind not in APACHE_KINDS:
+        raise ValueError(f"apache kind must be one of {APACHE_KINDS}, not {kind!r}")
+    available(APACHE)
+    name = f"apache-{kind}"
+
+    def prepare(directory: Path, port: int) -> tuple[list[str], dict]:
+        run = _private_run_dir(directory, name)
+        (run / "htdocs").mkdir(mode=0o755)
+        (run / "htdocs" / "index.html").write_text("<h1>It works</h1>\n")
+        conf = directory / "apache2.conf"
+        conf.write_text(apache_config(kind, port=port, run_dir=run, backend_port=backend_port))
+        _config_check([APACHE, "-t", "-f", str(conf)], run, name)
+        return ([APACHE, "-f", str(conf), "-DFOREGROUND"],
+                {"config_file": conf, "run_dir": run, "log_files": [run / "access.log", run / "error.log"]})
+
+    return _start(base, name, prepare, timeout=timeout)
+
+
+def start_nginx(base: Path, kind: NginxKind, *, backend_port: int = UNUSED_BACKEND,
+                timeout: float = START_TIMEOUT) -> ProxyInstance:
+    """A private nginx (`nginx -c FILE`, `daemon off`) on 127.0.0.1; see nginx_config for the kinds. Checked with
+    `nginx -t` first. SIGQUIT stops it (graceful: the worker finishes its requests, then the master exits)."""
+    if kind not in NGINX_KINDS:
+        raise ValueError(f"nginx kind must be one of {NGINX_KINDS}, not {kind!r}")
+    available(NGINX)
+    name = f"nginx-{kind}"
+
+    def prepare(directory: Path, port: int) -> tuple[list[str], dict]:
+        run = _private_run_dir(directory, name)
+        (run / "tmp").mkdir(mode=0o700)
+        shutil.chown(run / "tmp", "www-data")
+        (run / "site").mkdir(mode=0o755)
+        (run / "site" / "index.html").write_text("<h1>Welcome to www.example.test</h1>\n")
+        conf = directory / "nginx.conf"
+        conf.write_text(nginx_config(kind, port=port, run_dir=run, backend_port=backend_port))
+        _config_check([NGINX, "-t", "-q", "-c", str(conf), "-p", str(run)], run, name)
+        return ([NGINX, "-c", str(conf), "-p", str(run)],
+                {"config_file": conf, "run_dir": run, "log_files": [run / "access.log", run / "error.log"],
+                 "stop_signal": signal.SIGQUIT})
+
+    return _start(base, name, prepare, timeout=timeout)
+
+
+def start_privoxy(base: Path, kind: PrivoxyKind, *, timeout: float = START_TIMEOUT) -> ProxyInstance:
+    """A private Privoxy 3.0 (`privoxy --no-daemon --user privoxy FILE`) on 127.0.0.1; see privoxy_config.
+    Checked with `privoxy --config-test` first; its log (requests, the common log format lines, errors such as
+    "Invalid server or forwarder response") is its stderr, in privoxy.out."""
+    if kind not in PRIVOXY_KINDS:
+        raise ValueError(f"privoxy kind must be one of {PRIVOXY_KINDS}, not {kind!r}")
+    available(PRIVOXY)
+    name = f"privoxy-{kind}"
+
+    def prepare(directory: Path, port: int) -> tuple[list[str], dict]:
+        run = _private_run_dir(directory, name)
+        for stock in ("match-all.action", "default.action", "user.action", "default.filter", "user.filter"):
+            shutil.copyfile(PRIVOXY_STOCK / stock, run / stock)
+            (run / stock).chmod(0o644)
+        (run / "fence.action").write_text(PRIVOXY_FENCE_ACTION)
+        (run / "fence.action").chmod(0o644)
+        conf = run / "config"
+        conf.write_text(privoxy_config(kind, port=port, run_dir=run))
+        conf.chmod(0o644)
+        _config_check([PRIVOXY, "--config-test", str(conf)], run, name)
+        return ([PRIVOXY, "--no-daemon", "--pidfile", str(directory / "privoxy.pid"), "--user", "privoxy",
+                 str(conf)], {"config_file": conf, "run_dir": run})
+
+    return _start(base, name, prepare, timeout=timeout)
+
+
+def start_haproxy(base: Path, backend_port: int, *, timeout: float = START_TIMEOUT) -> ProxyInstance:
+    """A private HAProxy (`haproxy -db -f FILE`, foreground) on 127.0.0.1 in front of the web server on
+    127.0.0.1:backend_port (tests use an nginx "site"); see haproxy_config. Checked with `haproxy -c` first."""
+    available(HAPROXY)
+    name = "haproxy"
+
+    def prepare(directory: Path, port: int) -> tuple[list[str], dict]:
+        conf = directory / "haproxy.cfg"
+        conf.write_text(haproxy_config(port=port, backend_port=backend_port))
+        _config_check([HAPROXY, "-c", "-q", "-f", str(conf)], directory, name)
+        return [HAPROXY, "-db", "-f", str(conf)], {"config_file": conf}
 
     return _start(base, name, prepare, timeout=timeout)
 
@@ -817,14 +1162,26 @@ class ProxySet:
     def squid(self, kind: SquidKind, ssl_ports: Sequence[int] = (), **kwargs) -> ProxyInstance:
         return self._add(start_squid, kind, ssl_ports, **kwargs)
 
-    def dante(self, **kwargs) -> ProxyInstance:
-        return self._add(start_dante, **kwargs)
+    def dante(self, kind: DanteKind = "open", **kwargs) -> ProxyInstance:
+        return self._add(start_dante, kind, **kwargs)
 
     def microsocks(self, user: str | None = None, password: str | None = None, **kwargs) -> ProxyInstance:
         return self._add(start_microsocks, user, password, **kwargs)
 
     def tinyproxy(self, kind: TinyproxyKind, **kwargs) -> ProxyInstance:
         return self._add(start_tinyproxy, kind, **kwargs)
+
+    def apache(self, kind: ApacheKind, **kwargs) -> ProxyInstance:
+        return self._add(start_apache, kind, **kwargs)
+
+    def nginx(self, kind: NginxKind, **kwargs) -> ProxyInstance:
+        return self._add(start_nginx, kind, **kwargs)
+
+    def privoxy(self, kind: PrivoxyKind, **kwargs) -> ProxyInstance:
+        return self._add(start_privoxy, kind, **kwargs)
+
+    def haproxy(self, backend_port: int, **kwargs) -> ProxyInstance:
+        return self._add(start_haproxy, backend_port, **kwargs)
 
     def stop_all(self) -> None:
         """Stop every instance, in parallel (Squid and tinyproxy take about a second each); re-raise the

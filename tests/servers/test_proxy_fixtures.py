@@ -1,4 +1,5 @@
-"""The proxy fixtures themselves: real Squid, Dante, microsocks and tinyproxy on loopback answer as their kind says.
+"""The proxy fixtures themselves: real Squid, Dante, microsocks, tinyproxy, Apache, nginx, Privoxy and HAProxy on
+loopback answer as their kind says.
 
 Clients here are raw sockets from the standard library (no app code), talking to a tiny asyncio "target" (greets
 with `220 target ready`, echoes lines) and a tiny HTTP server, both on 127.0.0.1. Every destination is 127.0.0.1
@@ -26,8 +27,12 @@ from servers.proxies import (
     ProxySet,
     ProxyUnavailable,
     available,
+    start_apache,
     start_dante,
+    start_haproxy,
     start_microsocks,
+    start_nginx,
+    start_privoxy,
     start_squid,
     start_tinyproxy,
 )
@@ -143,7 +148,8 @@ def started(tmp_path: Path) -> Iterator[Callable[..., ProxyInstance]]:
 
     def start(function: Callable[..., ProxyInstance], *args, **kwargs) -> ProxyInstance:
         binary = {start_squid: "squid", start_dante: "danted", start_microsocks: "microsocks",
-                  start_tinyproxy: "tinyproxy"}[function]
+                  start_tinyproxy: "tinyproxy", start_apache: "apache2", start_nginx: "nginx",
+                  start_privoxy: "privoxy", start_haproxy: "haproxy"}[function]
         _require(binary)
         t0 = time.monotonic()
         instance = function(tmp_path, *args, **kwargs)
@@ -486,6 +492,104 @@ def test_tinyproxy_restricted_refuses_loopback(started, target: Target) -> None:
     assert 'Unauthorized connection from "127.0.0.1"' in _wait_log(tiny, "Unauthorized")
 
 
+# --- Dante limited to a foreign network -------------------------------------------------------------------------
+
+def test_dante_closed_drops_loopback_clients(started, target: Target) -> None:
+    dante = started(start_dante, "closed")
+    conn, method, reply = _socks5_connect(dante.port, LOCAL, target.port)
+    with conn:
+        assert method == b"" and conn.eof  # dropped before any reply (a close or a reset)
+    assert target.peers == []
+    assert "from: 198.51.100.0/24" in dante.config_file.read_text()
+
+
+# --- Apache mod_proxy ------------------------------------------------------------------------------------------
+
+def test_apache_open_forward_proxy(started, target: Target, http_server) -> None:
+    apache = started(start_apache, "open")
+    conn, status, headers = _connect(apache, "127.0.0.1", target.port)
+    with conn:
+        assert status == "HTTP/1.0 200 Connection Established"
+        assert headers["proxy-agent"].startswith("Apache/2.4")
+        _tunnel_works(conn)
+    status, headers, body = _get(apache, f"http://127.0.0.1:{http_server.server_port}/a")
+    assert status == "HTTP/1.1 200 OK" and body == b"hello from /a\n"
+    # the fence: a <ProxyMatch> denies every URL but 127.0.0.1's, CONNECT (host:port) included
+    conn, status, _ = _connect(apache, "127.0.0.2", target.port)
+    conn.close()
+    assert status == "HTTP/1.1 403 Forbidden"
+    assert _get(apache, f"http://127.0.0.2:{http_server.server_port}/a")[0] == "HTTP/1.1 403 Forbidden"
+    assert len(target.peers) == 1 and http_server.requests == [("127.0.0.1", "/a")]  # type: ignore[attr-defined]
+    conf = apache.config_file.read_text()
+    assert "ProxyRequests On" in conf and "Require all granted" in conf and "AllowCONNECT 25 443 563 1025-65535" in conf
+    assert f'"CONNECT 127.0.0.1:{target.port} HTTP/1.1" 200' in _wait_log(apache, "CONNECT 127.0.0.1")
+
+
+def test_apache_reverse_proxy_and_restricted(started, target: Target) -> None:
+    reverse = started(start_apache, "reverse")
+    conn, status, _ = _connect(reverse, "127.0.0.1", target.port)
+    conn.close()
+    assert status == "HTTP/1.1 405 Method Not Allowed"
+    restricted = started(start_apache, "restricted")
+    conn, status, _ = _connect(restricted, "127.0.0.1", target.port)
+    conn.close()
+    assert status == "HTTP/1.1 403 Forbidden"
+    assert target.peers == []
+    assert "AH01630: client denied by server configuration" in _wait_log(restricted, "AH01630")
+
+
+# --- nginx -----------------------------------------------------------------------------------------------------
+
+def test_nginx_forward_proxy_and_site(started, target: Target, http_server) -> None:
+    forward = started(start_nginx, "forward")
+    status, headers, body = _get(forward, f"http://127.0.0.1:{http_server.server_port}/n")
+    assert status == "HTTP/1.1 200 OK" and body == b"hello from /n\n"
+    assert headers["server"].startswith("nginx/")
+    conn, status, _ = _connect(forward, "127.0.0.1", target.port)
+    conn.close()
+    assert status == "HTTP/1.1 400 Bad Request"  # nginx has no CONNECT
+    assert _get(forward, f"http://127.0.0.2:{http_server.server_port}/n")[0] == "HTTP/1.1 403 Forbidden"  # fence
+    site = started(start_nginx, "site")
+    status, _, _ = _get(site, f"http://127.0.0.1:{http_server.server_port}/n")
+    assert status == "HTTP/1.1 404 Not Found"  # served from its own root, not fetched
+    assert http_server.requests == [("127.0.0.1", "/n")]  # type: ignore[attr-defined]
+    assert target.peers == []
+
+
+# --- Privoxy ---------------------------------------------------------------------------------------------------
+
+def test_privoxy_open_and_restricted(started, target: Target, http_server) -> None:
+    privoxy = started(start_privoxy, "open")
+    conn, status, _ = _connect(privoxy, "127.0.0.1", target.port)  # a high port: no limit-connect applies
+    with conn:
+        assert status == "HTTP/1.1 200 Connection established"
+        _tunnel_works(conn)
+    status, _, body = _get(privoxy, f"http://127.0.0.1:{http_server.server_port}/p")
+    assert status == "HTTP/1.1 200 OK" and body == b"hello from /p\n"
+    conn, status, _ = _connect(privoxy, "127.0.0.2", target.port)  # the fence
+    conn.close()
+    assert status == "HTTP/1.1 403 Request blocked by Privoxy"
+    restricted = started(start_privoxy, "restricted")
+    with Conn(restricted.port) as conn:
+        assert conn.closed_by_peer() and conn.buffer == b""
+    assert len(target.peers) == 1
+    assert "dropped due to ACL" in _wait_log(restricted, "dropped due to ACL")
+
+
+# --- HAProxy ---------------------------------------------------------------------------------------------------
+
+def test_haproxy_sends_everything_to_its_backend(started, target: Target, http_server) -> None:
+    site = started(start_nginx, "site")
+    haproxy = started(start_haproxy, site.port)
+    status, headers, _ = _get(haproxy, f"http://127.0.0.1:{http_server.server_port}/h")
+    assert status == "HTTP/1.1 404 Not Found" and headers["server"].startswith("nginx/")  # the backend answered
+    conn, status, _ = _connect(haproxy, "127.0.0.1", target.port)
+    conn.close()
+    assert status == "HTTP/1.1 400 Bad Request"  # nginx's answer to the CONNECT HAProxy passed on
+    assert http_server.requests == [] and target.peers == []  # type: ignore[attr-defined]
+    assert "web/web1" in _wait_log(haproxy, "web/web1")
+
+
 # --- all of them at once ---------------------------------------------------------------------------------------
 
 def test_all_kinds_side_by_side(tmp_path: Path, target: Target, target2: Target) -> None:
@@ -641,7 +745,7 @@ def test_available_explains_what_is_missing(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         start_dante(tmp_path, fence="0.0.0.0/0")  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []
-    for binary in ("squid", "danted", "microsocks", "tinyproxy"):
+    for binary in ("squid", "danted", "microsocks", "tinyproxy", "apache2", "nginx", "privoxy", "haproxy"):
         _require(binary)
 
 
