@@ -45,7 +45,7 @@ SCOPE: dict[str, list[str]] = {
                           "xǁCanaryǁseen_from", "xǁSmtpCanaryǁ_handle", "xǁHttpCanaryǁ_handle"],
     # proxy proof: each runner's token check, OPEN only when a runner returned, confirmed only when OPEN
     "app.probes.proxy": ["x__smtp_through", "x_http_get", "x_http_post", "x_connect_tls", "x__run_check",
-                         "x__token_returned", "x__row"],
+                         "x__token_returned", "x__reached_but_not_returned", "x__row"],
     # the one mapping of connection failures to verdicts, and the row every probe emits
     "app.probes.base": ["x_connect_failure", "x_check_result"],
     "app.probes.sink": ["*"],
