@@ -25,7 +25,6 @@ import atexit
 import ipaddress
 import itertools
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -91,7 +90,7 @@ def _used_networks() -> list[ipaddress.IPv4Network]:
 
 _counter = itertools.count(1)
 _lock = threading.Lock()
-_made: dict[str, "Netns"] = {}
+_made: dict[str, Netns] = {}
 
 
 @dataclass(eq=False)
@@ -102,7 +101,7 @@ class Netns:
     _deleted: bool = False
 
     @classmethod
-    def create(cls) -> "Netns":
+    def create(cls) -> Netns:
         """A new namespace with a veth pair to it; raises NetnsUnavailable when that cannot be done here."""
         available()
         pid = os.getpid()
@@ -162,7 +161,7 @@ class Netns:
         return self.name in _ip("netns", "list").stdout.split() or bool(
             _ip("link", "show", self.host_link, check=False).returncode == 0)
 
-    def __enter__(self) -> "Netns":
+    def __enter__(self) -> Netns:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -177,10 +176,6 @@ def _free_subnet(pid: int, n: int) -> ipaddress.IPv4Network:
         if not any(subnet.overlaps(other) for other in used):
             return subnet
     raise RuntimeError("no free /30 in 198.18.0.0/15 for a test namespace")
-
-
-def have_ip() -> bool:
-    return shutil.which(IP) is not None
 
 
 @atexit.register
