@@ -74,20 +74,21 @@ class ServedSite:
     """The real site in its own process (`secure-your-server serve`), as an operator runs it."""
 
     def __init__(self, tmp_path: Path, env: dict[str, str], port: int | None = None,
-                 open_files: int | None = None) -> None:
-        """`open_files`: the process's RLIMIT_NOFILE (as `ulimit -n`), to show what a small one does."""
+                 open_files: int | None = None, host: str = "127.0.0.1") -> None:
+        """`open_files`: the process's RLIMIT_NOFILE (as `ulimit -n`), to show what a small one does; `host`: the
+        address it serves on (a test's own namespace's peer address, servers/netns.py), loopback by default."""
         import subprocess
         import sys
 
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.db = tmp_path / "site.db"
         self.log = tmp_path / "site.log"
         full_env = {**os.environ, "SECURE_DATABASE_URL": f"sqlite:///{self.db}", "SECURE_PUBLIC_URL": self.url,
                     **env}
         self._log_file = open(self.log, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "app.cli", "serve", "--host", host, "--port", str(self.port)],
             cwd=ROOT, env=full_env, stdout=self._log_file, stderr=subprocess.STDOUT,
             preexec_fn=None if open_files is None else lambda: _limit_files(open_files))
         self._wait_ready()
