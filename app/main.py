@@ -22,7 +22,7 @@ from app.guides import GuideLibrary
 from app.listeners import start_listeners
 from app.store import Store
 from app.web import api, pages
-from app.web.common import AppState
+from app.web.deps import AppState, StoreDep
 from app.web.docs import install_docs
 from app.web.hygiene import BodyLimitMiddleware, CrossSiteApiMiddleware, StreamSlots
 from app.web.security import SecurityHeadersMiddleware, security_headers
@@ -90,8 +90,7 @@ def create_app(settings: Settings | None = None, listeners: Sequence[Listener] =
     install_docs(app, title="Secure Your Server API")
 
     @app.get("/healthz", include_in_schema=False)
-    async def healthz(request: Request) -> dict[str, object]:
-        store: Store = request.app.state.sys.store
+    async def healthz(store: StoreDep) -> dict[str, object]:
         return {"status": "ok", "version": __version__, "schema": await store.schema_version()}
 
     def wants_json(request: Request) -> bool:

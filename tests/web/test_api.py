@@ -65,6 +65,19 @@ async def test_trusted_proxy_forwards_the_client(settings):
         assert data["hosts"] == ["127.0.0.5"]  # the right-most untrusted hop, not the left-most claim
 
 
+async def test_an_unreadable_forwarded_address_is_a_400_only_where_the_address_matters(settings):
+    """The requester is worked out when a handler first needs it: a trusted proxy's junk header does not hide
+    the answer a request gets for other reasons."""
+    settings.trusted_proxies = ["10.0.0.0/8"]
+    async with running_app(settings, peer="10.9.9.9") as client:
+        junk = {"X-Forwarded-For": "not-an-address"}
+        response = await client.post("/api/v1/audits/self", headers=junk)
+        assert response.status_code == 400 and "not-an-address" in response.json()["detail"]
+        response = await client.post("/api/v1/audits", json={"target": "corp.test"}, headers=junk)
+        assert response.status_code == 403 and "prove that you control it" in response.json()["detail"]
+        assert (await client.get("/api/v1/reasons", headers=junk)).status_code == 200
+
+
 BAD_BODIES = [
     (b"{", "application/json"), (b"[]", "application/json"), (b'"self"', "application/json"),
     (b'{"target": ""}', "application/json"), (b'{"target": 5}', "application/json"),
