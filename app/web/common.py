@@ -32,6 +32,7 @@ def absolute_url(settings: Settings, path: str) -> str:
 def check_json(result: CheckResult, guides: GuideLibrary, settings: Settings) -> dict[str, Any]:
     """A check as the API and the event stream show it: what it tries, and the guides that match."""
     data = result.to_dict()
+    del data["tag"]  # internal: how our sink recognises the check's relayed message
     data["description"] = describe_check(result.name)
     data["guides"] = [{"slug": g.slug, "title": g.title,
                        "url": absolute_url(settings, guide_url(g, FIX_ANCHOR if g.service != "general" else ""))}

@@ -145,6 +145,27 @@ async def test_events_replay_then_done(client):
     assert replay.count("event: check") == 23 and replay.count("event: done") == 1
 
 
+async def test_the_sink_tag_stays_out_of_the_api_and_the_event_stream(client):
+    """A relayed message's proof tag is how our sink recognises it: internal, so neither the audit's JSON nor its
+    live events show it, while the store keeps it for the sink's confirmation."""
+    from app.verdicts import CheckResult, TranscriptLine, Verdict
+
+    tag = "k7tag0sinkproof"
+    audit_id = (await client.post("/api/v1/audits/self")).json()["id"]
+    await wait_done(client, audit_id)
+    store = client.app.state.sys.store
+    await store.add_check(audit_id, 99, CheckResult(
+        "relay", "127.0.0.1", 25, "relay.v1", Verdict.OPEN, "accepted_unconfirmed",
+        transcript=[TranscriptLine(0.0, "in", "250 2.1.5 Ok")], tag=tag))
+    response = await client.get(f"/api/v1/audits/{audit_id}")
+    assert any(c["reason"] == "accepted_unconfirmed" for c in response.json()["checks"])
+    assert all("tag" not in check for check in response.json()["checks"]) and tag not in response.text
+    async with client.stream("GET", f"/api/v1/audits/{audit_id}/events") as stream:
+        events = (await stream.aread()).decode()
+    assert events.count("event: check") == 24 and '"accepted_unconfirmed"' in events and tag not in events
+    assert (await store.find_check_by_tag(tag))[0] == audit_id
+
+
 async def test_retest_links_to_the_previous_audit(client):
     first = (await client.post("/api/v1/audits/self")).json()["id"]
     await wait_done(client, first)
