@@ -88,6 +88,7 @@ def create_app(settings: Settings | None = None, listeners: Sequence[Listener] =
     app.include_router(api.router)
     app.include_router(pages.router)
     install_docs(app, title="Secure Your Server API")
+    api.document_event_stream(app)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz(store: StoreDep) -> dict[str, object]:

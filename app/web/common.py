@@ -30,7 +30,7 @@ def absolute_url(settings: Settings, path: str) -> str:
 
 
 def check_json(result: CheckResult, guides: GuideLibrary, settings: Settings) -> dict[str, Any]:
-    """A check as the API and the event stream show it: what it tries, and the guides that match."""
+    """A check as the API and the event stream show it (schemas.Check): what it tries, and the guides that match."""
     data = result.to_dict()
     del data["tag"]  # internal: how our sink recognises the check's relayed message
     data["description"] = describe_check(result.name)
@@ -42,7 +42,7 @@ def check_json(result: CheckResult, guides: GuideLibrary, settings: Settings) ->
 
 def audit_json(audit: Audit, guides: GuideLibrary, settings: Settings,
                queue_position: int | None = None) -> dict[str, Any]:
-    """An audit as GET /api/v1/audits/{id} shows it."""
+    """An audit as GET /api/v1/audits/{id} shows it (schemas.Audit)."""
     cooldown = settings.target_cooldown
     return {
         "id": audit.id,
