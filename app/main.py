@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,16 +19,17 @@ from app.access.targets import Listener
 from app.audits import Auditor
 from app.config import Settings, get_settings
 from app.guides import GuideLibrary
-from app.listeners import start_listeners
+from app.listeners import Listeners, start_listeners
 from app.store import Store
 from app.web import api, pages
-from app.web.common import AppState
+from app.web.deps import AppState, StoreDep
 from app.web.docs import install_docs
 from app.web.hygiene import BodyLimitMiddleware, CrossSiteApiMiddleware, StreamSlots
 from app.web.security import SecurityHeadersMiddleware, security_headers
 
 ROOT = PROJECT_ROOT
 log = logs.get_logger("app")
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 
 async def _purge_old_audits(store: Store, days: int, every: float = 3600.0) -> None:
@@ -40,85 +41,112 @@ async def _purge_old_audits(store: Store, days: int, every: float = 3600.0) -> N
         await asyncio.sleep(every)
 
 
-def create_app(settings: Settings | None = None, listeners: Sequence[Listener] = ()) -> FastAPI:
-    """Build the site. `listeners` are the site's own listening sockets, which are never tested."""
-    settings = settings or get_settings()
-    if not settings.public_url:
-        settings = settings.model_copy(update={"public_url": "http://127.0.0.1:8000"})
-    logs.configure(settings.log_level)
+async def _open_site(settings: Settings, listeners: Sequence[Listener]) -> tuple[AppState, Listeners]:
+    """The store, the sink and canaries, and the auditor (which recovers what a crash left unfinished)."""
+    store = Store(settings.sqlite_path)
+    await store.open()
+    secret = settings.secret_key or await store.secret()
+    own = await start_listeners(settings, secret, list(listeners))
+    auditor = Auditor(settings, store, own.own, sink=own.sink, canary=own.targets, own_addresses=own.addresses)
+    if own.sink is not None:
+        own.sink.on_delivery = auditor.delivered
+    await auditor.recover()
+    return AppState(settings=settings, store=store, auditor=auditor, guides=GuideLibrary(ROOT / "guides"),
+                    secret=secret, canary=own.canary), own
 
+
+def _lifespan(settings: Settings, listeners: Sequence[Listener]) -> Lifespan:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = Store(settings.sqlite_path)
-        await store.open()
-        secret = settings.secret_key or await store.secret()
-        own = await start_listeners(settings, secret, list(listeners))
-        auditor = Auditor(settings, store, own.own, sink=own.sink, canary=own.targets, own_addresses=own.addresses)
-        if own.sink is not None:
-            own.sink.on_delivery = auditor.delivered
-        await auditor.recover()
-        app.state.sys = AppState(settings=settings, store=store, auditor=auditor,
-                                 guides=GuideLibrary(ROOT / "guides"), secret=secret, canary=own.canary)
+        site, own = await _open_site(settings, listeners)
+        app.state.sys = site
         log.info("app.started", extra={"version": __version__, "database": settings.sqlite_path})
-        retention = asyncio.create_task(_purge_old_audits(store, settings.retention_days), name="retention")
+        retention = asyncio.create_task(_purge_old_audits(site.store, settings.retention_days), name="retention")
         try:
             yield
         finally:
             retention.cancel()
             await asyncio.gather(retention, return_exceptions=True)
-            await auditor.shutdown()
+            await site.auditor.shutdown()
             await own.stop()
-            await store.close()
+            await site.store.close()
             log.info("app.stopped")
+    return lifespan
 
-    app = FastAPI(title="Secure Your Server", version=__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None,
-                  description="Test whether your own server is an open mail relay or an open proxy.")
+
+def _add_limits_and_middleware(app: FastAPI, settings: Settings) -> None:
     # slowapi's limiter holds the per-requester counters (memory by default, Redis with a redis:// URI)
     app.state.limiter = Limiter(key_func=lambda request: request.client.host if request.client else "",
                                 storage_uri=settings.limits_storage, strategy="moving-window")
+    app.state.event_streams = StreamSlots(settings.max_event_streams, settings.max_event_streams_per_requester)
     # outermost last: the security headers also go on the hygiene middleware's own 403 and 413 answers
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(CrossSiteApiMiddleware,
                        own_origins=(settings.public_url, settings.ipv4_url, settings.ipv6_url))
-    app.state.event_streams = StreamSlots(settings.max_event_streams, settings.max_event_streams_per_requester)
     app.add_middleware(SecurityHeadersMiddleware, public_https=settings.public_url.startswith("https://"),
                        connect=tuple(url for url in (settings.ipv4_url, settings.ipv6_url) if url))
+
+
+async def healthz(store: StoreDep) -> dict[str, object]:
+    return {"status": "ok", "version": __version__, "schema": await store.schema_version()}
+
+
+def _add_routes(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
     app.include_router(api.router)
     app.include_router(pages.router)
+    app.add_api_route("/healthz", healthz, methods=["GET"], include_in_schema=False)
     install_docs(app, title="Secure Your Server API")
+    api.document_event_stream(app)
 
-    @app.get("/healthz", include_in_schema=False)
-    async def healthz(request: Request) -> dict[str, object]:
-        store: Store = request.app.state.sys.store
-        return {"status": "ok", "version": __version__, "schema": await store.schema_version()}
 
-    def wants_json(request: Request) -> bool:
-        return request.url.path.startswith("/api/") or request.url.path == "/healthz"
+def _wants_json(request: Request) -> bool:
+    """The API, and any request before the site has started (no state for the HTML error page yet)."""
+    path = request.url.path
+    return path.startswith("/api/") or path == "/healthz" or not hasattr(request.app.state, "sys")
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if wants_json(request) or not hasattr(request.app.state, "sys"):
-            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-        return pages.error_page(request, exc.status_code, str(exc.detail), exc.headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in exc.errors()]
-        return JSONResponse({"detail": errors}, status_code=422)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    if _wants_json(request):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    return pages.error_page(request, exc.status_code, str(exc.detail), exc.headers)
 
-    @app.exception_handler(Exception)
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+              for e in exc.errors()]
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
+    app.exception_handler(StarletteHTTPException)(_http_error)
+    app.exception_handler(RequestValidationError)(_validation_error)
+    https = settings.public_url.startswith("https://")
+
     async def server_error(request: Request, exc: Exception) -> Response:
         log.exception("request.failed", extra={"path": request.url.path})
         # this handler runs outside the middleware stack, so it adds the security headers itself
-        headers = security_headers(settings.public_url.startswith("https://"))
-        if wants_json(request) or not hasattr(request.app.state, "sys"):
+        headers = security_headers(https)
+        if _wants_json(request):
             return JSONResponse({"detail": "Internal error; it has been logged."}, status_code=500,
                                 headers=headers)
         response = pages.error_page(request, 500, "Something went wrong on our side; it has been logged.")
         response.headers.update(headers)
         return response
 
+    app.exception_handler(Exception)(server_error)
+
+
+def create_app(settings: Settings | None = None, listeners: Sequence[Listener] = ()) -> FastAPI:
+    """Build the site. `listeners` are the site's own listening sockets, which are never tested."""
+    settings = settings or get_settings()
+    if not settings.public_url:
+        settings = settings.model_copy(update={"public_url": "http://127.0.0.1:8000"})
+    logs.configure(settings.log_level)
+    app = FastAPI(title="Secure Your Server", version=__version__, lifespan=_lifespan(settings, listeners),
+                  docs_url=None, redoc_url=None,
+                  description="Test whether your own server is an open mail relay or an open proxy.")
+    _add_limits_and_middleware(app, settings)
+    _add_routes(app)
+    _add_error_handlers(app, settings)
     return app

@@ -11,10 +11,14 @@ import tracemalloc
 from fakes import smtp as fakes
 from support import relay_port, running_app
 
+from app import PROJECT_ROOT
 from app.audits import CUT_NOTE, EVIDENCE_BUDGET, Auditor, EvidenceBudget
+from app.config import Settings
+from app.guides import GuideLibrary
 from app.probes.smtp import VARIANTS_PER_SESSION
 from app.store import Store
 from app.verdicts import CheckResult, Opening, TranscriptLine, Verdict
+from app.web.common import check_json
 
 MIB = 1024 * 1024
 NOTE_ROOM = 256  # bytes a row may add beyond the budget: the cut marker, or our sink's delivery note
@@ -109,9 +113,10 @@ async def test_the_store_keeps_an_opening_once_and_rebuilds_every_row(settings, 
         assert [(s.result.name, s.result.verdict) for s in bare.checks] == \
             [(s.result.name, s.result.verdict) for s in loaded.checks]
         assert all(s.result.transcript == [] and s.result.opening is None for s in bare.checks)
-        public = loaded.checks[0].result.to_dict()
+        public = check_json(loaded.checks[0].result, GuideLibrary(PROJECT_ROOT / "guides"), Settings())
         assert set(public) == {"service", "host", "port", "name", "verdict", "reason", "confirmed", "fingerprint",
-                               "transcript", "detail", "tag"}  # as the README's API says: no `opening`
+                               "transcript", "detail", "description", "guides"}  # as the README's API says: no
+        # internal `opening` (nor the sink `tag`)
         assert [line["text"] for line in public["transcript"]] == texts_of(loaded.checks[0].result)
         assert all(set(line) == {"t", "dir", "text"} for line in public["transcript"])
     finally:

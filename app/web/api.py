@@ -7,25 +7,27 @@ from collections.abc import AsyncIterator, Callable
 from ipaddress import ip_address
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi import APIRouter, Body, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from app.access.domains import DomainError, normalise_domain
 from app.audits import Event
-from app.guides import guide_url
+from app.config import Settings
+from app.guides import GuideLibrary, guide_url
 from app.verdicts import REASONS, CheckResult
-from app.web import verifications
-from app.web.common import AUDIT_ID, absolute_url, audit_json, check_json, load_audit, requester, state
-from app.web.hygiene import StreamSlots
+from app.web import schemas
+from app.web.common import AUDIT_ID, absolute_url, audit_json, check_json, load_audit
+from app.web.deps import AuditorDep, GuidesDep, RequesterDep, SettingsDep, StoreDep, StreamSlotsDep
 from app.web.report import changes_since, check_key
-from app.web.starts import Started, begin, plan_domain, plan_self, the_requester_key
-from app.web.starts import retest as retest_audit
+from app.web.starts import Started, StarterDep
+from app.web.verifications import VerifierDep
 
 router = APIRouter(prefix="/api/v1", tags=["audits"])
 
 Service = Literal["relay", "proxy"]
 STREAM_RETRY_AFTER = 10  # seconds; a browser's EventSource retries on its own anyway
+ANY_JSON: TypeAdapter[Any] = TypeAdapter(Any)  # plain dicts and lists to JSON bytes, as FastAPI writes them
 
 
 class SelfAuditRequest(BaseModel):
@@ -66,111 +68,121 @@ class VerificationRequest(BaseModel):
             raise ValueError(str(exc)) from None
 
 
-class Accepted(BaseModel):
-    id: str
-    status: str
-    url: str
+Responses = dict[int | str, dict[str, Any]]  # what a route documents besides its success answer
 
 
-def _answer(started: Started, request: Request) -> JSONResponse:
-    settings = state(request).settings
+def _problem(description: str) -> dict[str, Any]:
+    return {"model": schemas.Problem, "description": description}
+
+
+INVALID_INPUT: Responses = {422: {"model": schemas.InvalidInput, "description": "bad input"}}
+NO_AUDIT: Responses = {404: _problem("unknown or malformed audit id"), **INVALID_INPUT}
+LIMITED: Responses = {429: _problem("a limit was reached; Retry-After says when to come back")}
+CACHED: Responses = {200: {"model": schemas.LatestAudit,
+                           "description": "inside the target's cooldown: the latest audit of the same target"}}
+
+
+def _answer(started: Started, settings: Settings) -> JSONResponse:
+    """202 with the new audit, or 200 with the latest one inside the target's cooldown; Location: its page."""
     audit = started.audit
     url = absolute_url(settings, f"/audits/{audit.id}")
-    body: dict[str, Any] = {"id": audit.id, "status": audit.status, "url": url,
-                            "api_url": absolute_url(settings, f"/api/v1/audits/{audit.id}")}
+    api_url = absolute_url(settings, f"/api/v1/audits/{audit.id}")
     if started.cached:  # inside the target's cooldown: the latest audit, and when a new one is possible
-        body["retest_after"] = started.retest_after
-        return JSONResponse(body, status_code=200, headers={"Location": url})
-    return JSONResponse(body, status_code=202, headers={"Location": url})
+        latest = schemas.LatestAudit.model_validate({"id": audit.id, "status": audit.status, "url": url,
+                                                     "api_url": api_url, "retest_after": started.retest_after})
+        return JSONResponse(latest.model_dump(), status_code=200, headers={"Location": url})
+    body = schemas.AuditStarted.model_validate({"id": audit.id, "status": audit.status, "url": url,
+                                                "api_url": api_url})
+    return JSONResponse(body.model_dump(), status_code=202, headers={"Location": url})
 
 
-@router.post("/audits", status_code=202, response_model=Accepted,
-             responses={200: {"description": "inside the target's cooldown: the latest audit, with retest_after"},
-                        403: {"description": "not yours to test"}, 422: {"description": "bad input"},
-                        429: {"description": "a limit was reached (Retry-After)"}})
-async def create_audit(request: Request, body: AuditRequest) -> JSONResponse:
+@router.post("/audits", status_code=202, response_model=schemas.AuditStarted,
+             responses={**CACHED, 403: _problem("not yours to test"), **INVALID_INPUT, **LIMITED,
+                        503: _problem("DNS failed, or the site is busy (Retry-After)")})
+async def create_audit(body: AuditRequest, starter: StarterDep, settings: SettingsDep) -> JSONResponse:
     if body.target == "self":
         if body.verification is not None:
             raise HTTPException(422, 'A "self" audit takes no verification.')
-        plan = plan_self(request, body.checks)
+        plan = starter.plan_self(body.checks)
     else:
-        plan = await plan_domain(request, body.target, body.verification, body.checks)
-    return _answer(await begin(request, plan), request)
+        plan = await starter.plan_domain(body.target, body.verification, body.checks)
+    return _answer(await starter.begin(plan), settings)
 
 
-@router.post("/audits/self", status_code=202, response_model=Accepted,
-             responses={200: {"description": "inside the cooldown"}, 403: {"description": "not yours to test"}})
-async def create_self_audit(request: Request,
+@router.post("/audits/self", status_code=202, response_model=schemas.AuditStarted,
+             responses={**CACHED, 403: _problem("not yours to test"), **INVALID_INPUT, **LIMITED})
+async def create_self_audit(starter: StarterDep, settings: SettingsDep,
                             body: Annotated[SelfAuditRequest | None, Body()] = None) -> JSONResponse:
-    plan = plan_self(request, (body or SelfAuditRequest()).checks)
-    return _answer(await begin(request, plan), request)
+    plan = starter.plan_self((body or SelfAuditRequest()).checks)
+    return _answer(await starter.begin(plan), settings)
 
 
-@router.get("/audits/{audit_id}", responses={404: {"description": "unknown audit"}})
-async def get_audit(request: Request, audit_id: str) -> dict[str, Any]:
-    audit = await load_audit(request, audit_id)
-    store = state(request).store
-    position = state(request).auditor.queue.position(audit.id) if audit.status == "queued" else None
-    data = audit_json(audit, state(request), position)
+@router.get("/audits/{audit_id}", response_model=schemas.Audit, responses=NO_AUDIT)
+async def get_audit(audit_id: str, store: StoreDep, auditor: AuditorDep, guides: GuidesDep,
+                    settings: SettingsDep) -> Response:
+    audit = await load_audit(store, audit_id)
+    position = auditor.queue.position(audit.id) if audit.status == "queued" else None
+    data = audit_json(audit, guides, settings, position)
     if audit.previous_id:  # per check: fixed, still_open or newly_open against the audit it repeats
         changes = changes_since(await store.get_audit(audit.previous_id, transcripts=False), audit)
         for check, stored in zip(data["checks"], audit.checks, strict=True):
             check["change"] = changes.get(check_key(stored.result))
-    # FastAPI (0.165) writes the dict to JSON bytes in one pass (pydantic-core): measured 7 MiB peak for a 2.3 MiB
-    # answer, against 12 MiB through json.dumps and a JSONResponse (a str of the whole answer, then its bytes)
-    return data
+    # Written as it is, not through the response model: validating 45 checks' transcripts into models made this
+    # answer about a fifth slower, and the tests hold the real answers to the model's schema. pydantic-core writes
+    # the dicts to JSON bytes in one pass: 7 MiB peak for a 2.3 MiB answer, against 12 MiB through json.dumps.
+    return Response(ANY_JSON.dump_json(data), media_type="application/json")
 
 
-@router.post("/audits/{audit_id}/retest", status_code=202, response_model=Accepted,
-             responses={403: {"description": "not yours"}, 404: {"description": "unknown audit"},
-                        409: {"description": "still running"}, 429: {"description": "inside the cooldown"}})
-async def retest(request: Request, audit_id: str,
+@router.post("/audits/{audit_id}/retest", status_code=202, response_model=schemas.AuditStarted,
+             responses={403: _problem("not yours to re-test"), **NO_AUDIT, 409: _problem("still running"),
+                        429: _problem("inside the cooldown, or a limit was reached (Retry-After)")})
+async def retest(audit_id: str, starter: StarterDep, settings: SettingsDep,
                  body: Annotated[RetestRequest | None, Body()] = None) -> JSONResponse:
-    return _answer(await retest_audit(request, audit_id, (body or RetestRequest()).verification), request)
+    return _answer(await starter.retest(audit_id, (body or RetestRequest()).verification), settings)
 
 
 # --- verifications ----------------------------------------------------------------------------------------
-@router.post("/verifications", status_code=201, tags=["verifications"],
-             responses={422: {"description": "not a domain"}, 429: {"description": "too many verifications"}})
-async def create_verification(request: Request, body: VerificationRequest) -> JSONResponse:
-    return JSONResponse(await verifications.create(request, body.domain), status_code=201)
+@router.post("/verifications", status_code=201, tags=["verifications"], response_model=schemas.Verification,
+             responses={**INVALID_INPUT, 429: _problem("too many verifications (Retry-After)")})
+async def create_verification(body: VerificationRequest, verifier: VerifierDep) -> JSONResponse:
+    return JSONResponse(await verifier.create(body.domain), status_code=201)
 
 
 @router.post("/verifications/{verification_id}/check", tags=["verifications"],
-             responses={404: {"description": "unknown verification"}})
-async def check_verification(request: Request, verification_id: str) -> dict[str, Any]:
-    return await verifications.check(request, verification_id)
+             response_model=schemas.VerificationStatus,
+             responses={404: _problem("unknown verification"), **INVALID_INPUT,
+                        429: _problem("checked too often (Retry-After)")})
+async def check_verification(verification_id: str, verifier: VerifierDep) -> dict[str, Any]:
+    return await verifier.check(verification_id)
 
 
-@router.get("/whoami", tags=["audits"])
-async def whoami(request: Request) -> JSONResponse:
+@router.get("/whoami", tags=["audits"], response_model=schemas.WhoAmI)
+async def whoami(request: Request, requester: RequesterDep, settings: SettingsDep) -> JSONResponse:
     """The address this request comes from: the start page asks the site's IPv4-only and IPv6-only names, so
     that a dual-stack visitor learns the other address the letter may have named."""
-    address = requester(request)
+    address = requester.address
     response = JSONResponse({"address": address, "family": f"IPv{ip_address(address).version}"},
                             headers={"Cache-Control": "no-store", "Vary": "Origin"})
     origin = request.headers.get("origin", "")
-    if origin and origin == state(request).settings.public_url:  # only the site itself may read it cross-origin
+    if origin and origin == settings.public_url:  # only the site itself may read it cross-origin
         response.headers["Access-Control-Allow-Origin"] = origin
     return response
 
 
 # --- guides -----------------------------------------------------------------------------------------------
-@router.get("/guides", tags=["guides"])
-async def list_guides(request: Request, q: Annotated[str, Query(max_length=100)] = "",
+@router.get("/guides", tags=["guides"], response_model=list[schemas.GuideSummary], responses=INVALID_INPUT)
+async def list_guides(guides: GuidesDep, settings: SettingsDep, q: Annotated[str, Query(max_length=100)] = "",
                       service: Literal["relay", "proxy", "general"] | None = None) -> list[dict[str, Any]]:
     """Every guide (or those matching `q` and `service`): metadata and the absolute address of its page."""
-    settings = state(request).settings
-    return [{**g.summary(), "url": absolute_url(settings, guide_url(g))}
-            for g in state(request).guides.search(q, service or "")]
+    return [{**g.summary(), "url": absolute_url(settings, guide_url(g))} for g in guides.search(q, service or "")]
 
 
-@router.get("/guides/{slug}", tags=["guides"], responses={404: {"description": "unknown guide"}})
-async def get_guide(request: Request, slug: str) -> dict[str, Any]:
-    guide = state(request).guides.get(slug)
+@router.get("/guides/{slug}", tags=["guides"], response_model=schemas.Guide,
+            responses={404: _problem("unknown guide"), **INVALID_INPUT})
+async def get_guide(slug: str, guides: GuidesDep, settings: SettingsDep) -> dict[str, Any]:
+    guide = guides.get(slug)
     if guide is None:
         raise HTTPException(404, "No guide with this name.")
-    settings = state(request).settings
     return {**guide.summary(), "url": absolute_url(settings, guide_url(guide)),
             "toc": [{"level": level, "anchor": anchor, "title": text} for level, anchor, text in guide.toc],
             "html": guide.html}
@@ -183,27 +195,28 @@ def _sse(event: str, data: Any) -> str:
 
 
 @router.get("/audits/{audit_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}, 404: {"description": "unknown audit"}})
-async def audit_events(request: Request, audit_id: str) -> StreamingResponse:
+            responses={200: {"description": "server-sent events: `check` (CheckEvent) per finished check, then "
+                                            "`done` (DoneEvent)"},
+                       **NO_AUDIT, 429: _problem("too many open event streams (Retry-After)")})
+async def audit_events(request: Request, audit_id: str, store: StoreDep, auditor: AuditorDep, guides: GuidesDep,
+                       settings: SettingsDep, requester: RequesterDep, slots: StreamSlotsDep) -> StreamingResponse:
     if not AUDIT_ID.match(audit_id):
         raise HTTPException(404, "No audit with this id.")
-    await load_audit(request, audit_id)
-    app_state = state(request)
-    slots: StreamSlots = request.app.state.event_streams
-    key = the_requester_key(request)  # an IPv6 /64 is one requester
+    await load_audit(store, audit_id)
+    key = requester.key  # an IPv6 /64 is one requester
     if not slots.acquire(key):
         raise HTTPException(429, "Too many open event streams; close one, or poll GET /api/v1/audits/{id}.",
                             headers={"Retry-After": str(STREAM_RETRY_AFTER)})
 
     async def stream() -> AsyncIterator[str]:
         yield "retry: 3000\n\n"
-        async for event in app_state.auditor.follow(audit_id):
+        async for event in auditor.follow(audit_id):
             if event is None:
                 if await request.is_disconnected():
                     return
                 yield ": keep-alive\n\n"
             elif event.kind == "check":
-                yield _sse("check", _check_event(event, app_state))
+                yield _sse("check", _check_event(event, guides, settings))
             else:
                 yield _sse("done", event.data)
                 return
@@ -226,15 +239,28 @@ class CountedStream(StreamingResponse):
             self.release()
 
 
-def _check_event(event: Event, app_state: Any) -> dict[str, Any]:
+def _check_event(event: Event, guides: GuideLibrary, settings: Settings) -> dict[str, Any]:
+    """The payload of `event: check` (schemas.CheckEvent)."""
     result: CheckResult = event.data
-    data = check_json(result, app_state.guides, app_state.settings)
+    data = check_json(result, guides, settings)
     data["seq"] = event.seq
     return data
 
 
-@router.get("/reasons", tags=["vocabulary"])
+@router.get("/reasons", tags=["vocabulary"], response_model=schemas.Reasons)
 async def reasons() -> dict[str, Any]:
     """Every reason code with its plain-language explanation and next step (one table for pages, API, CLI)."""
     return {code: {"services": list(r.services), "explanation": r.explanation, "next_step": r.next_step}
             for code, r in REASONS.items()}
+
+
+def document_event_stream(app: FastAPI) -> None:
+    """Add the event stream's payloads (schemas.CheckEvent, schemas.DoneEvent) to the app's OpenAPI schema."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schemas.add_event_schemas(build())  # build() keeps what it returns as app.openapi_schema
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]

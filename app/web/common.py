@@ -1,52 +1,25 @@
-"""What the pages and the API share: app state access, the requester, starting audits, audit serialisation."""
+"""What the pages and the API share: an audit by its id, absolute links, an audit's public JSON."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
-from fastapi import HTTPException, Request
+from fastapi import HTTPException
 
-from app.access.requester import RequesterError, requester_address
-from app.audits import Auditor
 from app.config import Settings
 from app.guides import FIX_ANCHOR, GuideLibrary, guide_url
 from app.probes import describe_check
-from app.probes.canary import Canary
 from app.store import Audit, Store
 from app.verdicts import CheckResult
 
 AUDIT_ID = re.compile(r"^[A-Za-z0-9_-]{22}$")
 
 
-@dataclass
-class AppState:
-    settings: Settings
-    store: Store
-    auditor: Auditor
-    guides: GuideLibrary
-    secret: str
-    canary: Canary
-
-
-def state(request: Request) -> AppState:
-    app_state: AppState = request.app.state.sys
-    return app_state
-
-
-def requester(request: Request) -> str:
-    settings = state(request).settings
-    try:
-        return str(requester_address(request, settings.trusted_proxy_networks, settings.forwarded_header))
-    except RequesterError as exc:
-        raise HTTPException(400, f"Cannot tell where this request comes from: {exc}") from None
-
-
-async def load_audit(request: Request, audit_id: str) -> Audit:
+async def load_audit(store: Store, audit_id: str) -> Audit:
     if not AUDIT_ID.match(audit_id):
         raise HTTPException(404, "No audit with this id.")
-    audit = await state(request).store.get_audit(audit_id)
+    audit = await store.get_audit(audit_id)
     if audit is None:
         raise HTTPException(404, "No audit with this id.")
     return audit
@@ -57,7 +30,9 @@ def absolute_url(settings: Settings, path: str) -> str:
 
 
 def check_json(result: CheckResult, guides: GuideLibrary, settings: Settings) -> dict[str, Any]:
+    """A check as the API and the event stream show it (schemas.Check): what it tries, and the guides that match."""
     data = result.to_dict()
+    del data["tag"]  # internal: how our sink recognises the check's relayed message
     data["description"] = describe_check(result.name)
     data["guides"] = [{"slug": g.slug, "title": g.title,
                        "url": absolute_url(settings, guide_url(g, FIX_ANCHOR if g.service != "general" else ""))}
@@ -65,8 +40,10 @@ def check_json(result: CheckResult, guides: GuideLibrary, settings: Settings) ->
     return data
 
 
-def audit_json(audit: Audit, app_state: AppState, queue_position: int | None = None) -> dict[str, Any]:
-    cooldown = app_state.settings.target_cooldown
+def audit_json(audit: Audit, guides: GuideLibrary, settings: Settings,
+               queue_position: int | None = None) -> dict[str, Any]:
+    """An audit as GET /api/v1/audits/{id} shows it (schemas.Audit)."""
+    cooldown = settings.target_cooldown
     return {
         "id": audit.id,
         "status": audit.status,
@@ -81,7 +58,7 @@ def audit_json(audit: Audit, app_state: AppState, queue_position: int | None = N
         "queue_position": queue_position,
         "retest_after": audit.created_at + cooldown if cooldown > 0 else None,
         "error": audit.error,
-        "url": absolute_url(app_state.settings, f"/audits/{audit.id}"),
+        "url": absolute_url(settings, f"/audits/{audit.id}"),
         "summary": audit.summary or {"relay": None, "proxy": None},
-        "checks": [check_json(c.result, app_state.guides, app_state.settings) for c in audit.checks],
+        "checks": [check_json(c.result, guides, settings) for c in audit.checks],
     }

@@ -159,6 +159,16 @@ def install_docs(app: fastapi.FastAPI, *, title: str) -> None:
     FastAPI does not register its own CDN-based ``/docs``. The OpenAPI schema
     is read from ``app.openapi_url`` (``/openapi.json`` by default).
     """
+    openapi_url = _openapi_url(app)
+    dist = _swagger_ui_dist()
+    major = _swagger_ui_major(dist)
+    app.mount(ASSETS_PATH, StaticFiles(directory=dist), name=ASSETS_NAME)
+    _add_page(app, title, openapi_url)
+    _add_init_js(app, openapi_url, needs_oas31_compat=major is not None and major < 5)
+
+
+def _openapi_url(app: fastapi.FastAPI) -> str:
+    """Where the app serves its schema, once it is sure FastAPI serves no docs of its own."""
     if app.docs_url is not None:
         raise ValueError(
             "install_docs() replaces FastAPI's built-in docs; "
@@ -166,18 +176,10 @@ def install_docs(app: fastapi.FastAPI, *, title: str) -> None:
         )
     if not app.openapi_url:
         raise ValueError("install_docs() needs the OpenAPI schema (openapi_url)")
-    openapi_url = app.openapi_url
+    return app.openapi_url
 
-    dist = _swagger_ui_dist()
-    major = _swagger_ui_major(dist)
-    needs_oas31_compat = major is not None and major < 5
 
-    app.mount(
-        ASSETS_PATH,
-        StaticFiles(directory=dist),
-        name=ASSETS_NAME,
-    )
-
+def _add_page(app: fastapi.FastAPI, title: str, openapi_url: str) -> None:
     @app.get(DOCS_PATH, include_in_schema=False, response_class=HTMLResponse)
     async def swagger_ui_page(request: fastapi.Request) -> HTMLResponse:
         return HTMLResponse(
@@ -187,17 +189,22 @@ def install_docs(app: fastapi.FastAPI, *, title: str) -> None:
             headers={"Cache-Control": "no-cache"},
         )
 
+
+def _render_init_js(openapi_url: str, *, needs_oas31_compat: bool) -> str:
+    # json.dumps yields a valid JS string literal; escape "<" for good measure.
+    literal = json.dumps(openapi_url).replace("<", "\\u003c")
+    return _INIT_JS_TEMPLATE % {
+        "openapi_url": literal,
+        "compat": _OAS31_COMPAT_JS if needs_oas31_compat else "",
+        "extra": _OAS31_COMPAT_OPTION if needs_oas31_compat else "",
+    }
+
+
+def _add_init_js(app: fastapi.FastAPI, openapi_url: str, *, needs_oas31_compat: bool) -> None:
     @app.get(INIT_JS_PATH, include_in_schema=False)
     async def swagger_ui_init(request: fastapi.Request) -> Response:
-        # json.dumps yields a valid JS string literal; escape "<" for good measure.
-        literal = json.dumps(_root_path(request) + openapi_url).replace("<", "\\u003c")
         return Response(
-            _INIT_JS_TEMPLATE
-            % {
-                "openapi_url": literal,
-                "compat": _OAS31_COMPAT_JS if needs_oas31_compat else "",
-                "extra": _OAS31_COMPAT_OPTION if needs_oas31_compat else "",
-            },
+            _render_init_js(_root_path(request) + openapi_url, needs_oas31_compat=needs_oas31_compat),
             media_type="application/javascript",
             headers={"Cache-Control": "no-cache"},
         )

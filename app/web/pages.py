@@ -18,15 +18,18 @@ from markupsafe import Markup
 
 from app import ENGINE_VERSION, PROJECT_ROOT, i18n
 from app.access.domains import DomainError, normalise_domain
+from app.config import Settings
 from app.guides import FIX_ANCHOR, PRODUCT_SECTIONS, guide_url
 from app.i18n import N_
 from app.probes.canary import CHECK_ID
 from app.verdicts import REASONS, SERVICES
 from app.web import verifications
-from app.web.common import AUDIT_ID, load_audit, requester, state
+from app.web.common import AUDIT_ID, load_audit
+from app.web.deps import AuditorDep, CanaryDep, GuidesDep, Requester, RequesterDep, SettingsDep, StoreDep, get_app_state
 from app.web.report import build_report
 from app.web.security import CSRF_COOKIE, csrf_token, csrf_valid, new_csrf_cookie
-from app.web.starts import begin, in_cooldown, plan_domain, plan_self, retest
+from app.web.starts import StarterDep, in_cooldown
+from app.web.verifications import VerifierDep
 
 ROOT = PROJECT_ROOT
 templates = Jinja2Templates(directory=ROOT / "templates")
@@ -91,7 +94,7 @@ def local_path(path: str) -> str:
 
 def render(request: Request, name: str, context: Mapping[str, Any] | None = None, status_code: int = 200,
            headers: Mapping[str, str] | None = None) -> HTMLResponse:
-    app_state = state(request)
+    app_state = get_app_state(request)  # also for the error pages, which no handler's dependencies reach
     cookie = request.cookies.get(CSRF_COOKIE) or new_csrf_cookie()
     chosen = request.query_params.get("lang")
     language = use_language(request)
@@ -130,31 +133,31 @@ def error_page(request: Request, status_code: int, message: str,
 
 
 def _check_csrf(request: Request, token: str | None) -> None:
+    app_state = get_app_state(request)
     origin = request.headers.get("origin")
     if origin and origin != "null":
-        expected = state(request).settings.public_url.rstrip("/")
+        expected = app_state.settings.public_url.rstrip("/")
         own = f"{request.url.scheme}://{request.url.netloc}"
         if origin not in (expected, own):
             raise HTTPException(403, "This form was sent from another site. Open the page again and retry.")
-    if not csrf_valid(state(request).secret, request.cookies.get(CSRF_COOKIE), token):
+    if not csrf_valid(app_state.secret, request.cookies.get(CSRF_COOKIE), token):
         raise HTTPException(403, "The form expired or cookies are blocked. Reload the page and try again.")
 
 
 @router.get("/", response_class=HTMLResponse)
-async def home(request: Request) -> HTMLResponse:
-    return render(request, "home.html", {"partners": load_partners(state(request).settings.partners_file)})
+async def home(request: Request, settings: SettingsDep) -> HTMLResponse:
+    return render(request, "home.html", {"partners": load_partners(settings.partners_file)})
 
 
 @router.get("/start", response_class=HTMLResponse)
-async def start_page(request: Request) -> HTMLResponse:
-    return render(request, "start.html", start_context(request, None))
+async def start_page(request: Request, requester: RequesterDep, settings: SettingsDep) -> HTMLResponse:
+    return render(request, "start.html", start_context(requester, settings, None))
 
 
-def start_context(request: Request, error: str | None) -> dict[str, Any]:
+def start_context(requester: Requester, settings: Settings, error: str | None) -> dict[str, Any]:
     """The start page: the visitor's address, and the site's IPv4-only / IPv6-only addresses, so that a dual-stack
     visitor can test the address the letter named."""
-    address = requester(request)
-    settings = state(request).settings
+    address = requester.address
     version = ip_address(address).version
     other = settings.ipv6_url if version == 4 else settings.ipv4_url
     return {"address": address, "error": error, "family": f"IPv{version}",
@@ -162,29 +165,29 @@ def start_context(request: Request, error: str | None) -> dict[str, Any]:
 
 
 @router.post("/start")
-async def start_submit(request: Request, csrf: str = Form(""), checks: list[str] = Form([])) -> Response:
+async def start_submit(request: Request, starter: StarterDep, csrf: str = Form(""),
+                       checks: list[str] = Form([])) -> Response:
     _check_csrf(request, csrf)
     services = [s for s in SERVICES if s in checks] or list(SERVICES)
     try:
-        plan = plan_self(request, services)
+        plan = starter.plan_self(services)
     except HTTPException as exc:
-        return render(request, "start.html", start_context(request, exc.detail), status_code=exc.status_code)
-    started = await begin(request, plan)
+        return render(request, "start.html", start_context(starter.requester, starter.settings, exc.detail),
+                      status_code=exc.status_code)
+    started = await starter.begin(plan)
     return RedirectResponse(f"/audits/{started.audit.id}", status_code=303)
 
 
 @router.get("/audits/{audit_id}", response_class=HTMLResponse)
-async def audit_page(request: Request, audit_id: str) -> HTMLResponse:
+async def audit_page(request: Request, audit_id: str, store: StoreDep, auditor: AuditorDep, guides: GuidesDep,
+                     settings: SettingsDep) -> HTMLResponse:
     use_language(request)  # the report's sentences are translated as they are built
-    audit = await load_audit(request, audit_id)
-    app_state = state(request)
-    chain = await app_state.store.retest_chain(audit.id, limit=20)
-    previous = (await app_state.store.get_audit(audit.previous_id, transcripts=False)
-                if audit.previous_id else None)
-    latest = await in_cooldown(request, audit)
-    report = build_report(audit, app_state.guides, previous, app_state.settings.target_cooldown,
-                          latest.created_at if latest else None)
-    position = app_state.auditor.queue.position(audit.id) if audit.status == "queued" else None
+    audit = await load_audit(store, audit_id)
+    chain = await store.retest_chain(audit.id, limit=20)
+    previous = await store.get_audit(audit.previous_id, transcripts=False) if audit.previous_id else None
+    latest = await in_cooldown(settings, store, audit)
+    report = build_report(audit, guides, previous, settings.target_cooldown, latest.created_at if latest else None)
+    position = auditor.queue.position(audit.id) if audit.status == "queued" else None
     return render(request, "audit.html", {
         "eta": time_left(audit),
         "audit": audit, "report": report, "rows": report.rows, "sentences": report.sentences, "why": report.why,
@@ -203,29 +206,29 @@ def time_left(audit: Any) -> int | None:
 
 
 @router.post("/audits/{audit_id}/retest")
-async def retest_submit(request: Request, audit_id: str, csrf: str = Form("")) -> Response:
+async def retest_submit(request: Request, audit_id: str, starter: StarterDep, csrf: str = Form("")) -> Response:
     _check_csrf(request, csrf)
-    started = await retest(request, audit_id)
+    started = await starter.retest(audit_id)
     return RedirectResponse(f"/audits/{started.audit.id}", status_code=303)
 
 
 @router.get("/guides", response_class=HTMLResponse)
-async def guides_index(request: Request, q: str = "", service: str = "") -> HTMLResponse:
+async def guides_index(request: Request, guides: GuidesDep, q: str = "", service: str = "") -> HTMLResponse:
     """Grouped by service and product; the filter is a plain GET form, so it works without JavaScript."""
     query = q.strip()[:100]
     service = service if service in ("relay", "proxy", "general") else ""
-    found = state(request).guides.search(query, service)
+    found = guides.search(query, service)
     return render(request, "guides.html", {"guides": found, "q": query, "service": service})
 
 
 @router.get("/guides/{slug}", response_class=HTMLResponse)
-async def guide_page(request: Request, slug: str, audit: str = "") -> HTMLResponse:
-    library = state(request).guides
+async def guide_page(request: Request, slug: str, library: GuidesDep, store: StoreDep,
+                     audit: str = "") -> HTMLResponse:
     guide = library.get(slug)
     if guide is None:
         raise HTTPException(404, "No guide with this name.")
     # opened from a test result: offer the way back to it (re-testing stays a button there, a POST)
-    back = audit if AUDIT_ID.match(audit) and await state(request).store.get_audit(audit, with_checks=False) else None
+    back = audit if AUDIT_ID.match(audit) and await store.get_audit(audit, with_checks=False) else None
     use_language(request)
     body = library.render(guide)
     for section in PRODUCT_SECTIONS:  # the bodies stay English; the section headings speak the visitor's language
@@ -240,19 +243,20 @@ async def verify_start(request: Request) -> HTMLResponse:
 
 
 @router.post("/verify")
-async def verify_create(request: Request, csrf: str = Form(""), domain: str = Form("", max_length=300)) -> Response:
+async def verify_create(request: Request, verifier: VerifierDep, csrf: str = Form(""),
+                        domain: str = Form("", max_length=300)) -> Response:
     _check_csrf(request, csrf)
     try:
         name = normalise_domain(domain)
     except DomainError as exc:
         return render(request, "verify_start.html", {"error": str(exc), "domain": domain[:253]}, status_code=422)
-    created = await verifications.create(request, name)
+    created = await verifier.create(name)
     return RedirectResponse(f"/verify/{created['id']}", status_code=303)
 
 
 @router.get("/verify/{verification_id}", response_class=HTMLResponse)
-async def verify_page(request: Request, verification_id: str, result: str = "") -> HTMLResponse:
-    record = await verifications.load(request, verification_id)
+async def verify_page(request: Request, verification_id: str, store: StoreDep, result: str = "") -> HTMLResponse:
+    record = await verifications.load(store, verification_id)
     return render(request, "verify.html", {
         "vid": verification_id, "domain": record["domain"], "status": verifications.status_of(record),
         "method": record["method"], "expires_at": record["expires_at"],
@@ -261,10 +265,11 @@ async def verify_page(request: Request, verification_id: str, result: str = "") 
 
 
 @router.post("/verify/{verification_id}/check")
-async def verify_check(request: Request, verification_id: str, csrf: str = Form("")) -> Response:
+async def verify_check(request: Request, verification_id: str, verifier: VerifierDep,
+                       csrf: str = Form("")) -> Response:
     _check_csrf(request, csrf)
     try:
-        result = await verifications.check(request, verification_id)
+        result = await verifier.check(verification_id)
     except HTTPException as exc:
         if exc.status_code != 429:
             raise
@@ -275,13 +280,13 @@ async def verify_check(request: Request, verification_id: str, csrf: str = Form(
 
 
 @router.post("/verify/{verification_id}/audit")
-async def verify_audit(request: Request, verification_id: str, csrf: str = Form(""),
+async def verify_audit(request: Request, verification_id: str, starter: StarterDep, csrf: str = Form(""),
                        checks: list[str] = Form([])) -> Response:
     _check_csrf(request, csrf)
-    record = await verifications.load(request, verification_id)
+    record = await verifications.load(starter.store, verification_id)
     services = [s for s in SERVICES if s in checks] or list(SERVICES)
-    plan = await plan_domain(request, str(record["domain"]), verification_id, services)
-    started = await begin(request, plan)
+    plan = await starter.plan_domain(str(record["domain"]), verification_id, services)
+    started = await starter.begin(plan)
     return RedirectResponse(f"/audits/{started.audit.id}", status_code=303)
 
 
@@ -300,12 +305,11 @@ async def privacy(request: Request) -> HTMLResponse:
 
 
 @router.get("/canary/{check_id}", response_class=PlainTextResponse)
-async def canary(request: Request, check_id: str) -> PlainTextResponse:
+async def canary(check_id: str, canary: CanaryDep, requester: RequesterDep) -> PlainTextResponse:
     """The HTTP canary on the site itself: proxies under test are asked to fetch this page."""
     if not CHECK_ID.match(check_id):
         raise HTTPException(404, "No such canary.")
-    app_state = state(request)
-    source = requester(request)
-    app_state.canary.connected(source, "http")
-    app_state.canary.record(check_id, source, "http")
-    return PlainTextResponse(app_state.canary.token(check_id) + "\n", headers={"Cache-Control": "no-store"})
+    source = requester.address
+    canary.connected(source, "http")
+    canary.record(check_id, source, "http")
+    return PlainTextResponse(canary.token(check_id) + "\n", headers={"Cache-Control": "no-store"})

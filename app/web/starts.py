@@ -12,18 +12,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import ip_address
+from typing import Annotated
 
-from fastapi import HTTPException, Request
+from fastapi import Depends, HTTPException
 
-from app.access.addresses import budget_key, normalise, requester_key, unique
+from app.access.addresses import budget_key, normalise, unique
 from app.access.domains import hash_id
 from app.access.resolver import ResolveError, Resolver
 from app.access.targets import ForbiddenTarget, guard, resolve_guarded
 from app.admission import Decision, Limits, decide
-from app.audits import Forbidden
-from app.store import Audit
+from app.audits import Auditor, Forbidden
+from app.config import Settings
+from app.store import Audit, Store
 from app.verdicts import SERVICES
-from app.web.common import load_audit, requester, state
+from app.web.common import load_audit
+from app.web.deps import AuditorDep, Requester, RequesterDep, SettingsDep, StoreDep
 
 
 @dataclass
@@ -49,33 +52,17 @@ class Started:
     retest_after: float | None = None
 
 
-def the_requester_key(request: Request) -> str:
-    """Who the per-requester limits count: the address, or its IPv6 network (SECURE_IPV6_REQUESTER_PREFIX)."""
-    return requester_key(requester(request), state(request).settings.ipv6_requester_prefix)
-
-
 def _order(services: Sequence[str]) -> list[str]:
     return [s for s in SERVICES if s in services]
 
 
-def plan_self(request: Request, services: Sequence[str]) -> Plan:
-    address = requester(request)
-    try:
-        guard(ip_address(address), state(request).settings.allowed_networks)
-    except ForbiddenTarget as exc:
-        raise HTTPException(403, str(exc)) from None
-    ordered = _order(services)
-    address = normalise(address)
-    return Plan("self", address, the_requester_key(request), ordered, {s: [address] for s in ordered})
-
-
-async def verified_domain(request: Request, domain: str, verification_id: str | None) -> str:
+async def verified_domain(store: Store, domain: str, verification_id: str | None) -> str:
     """The hash of a verification that proves control of `domain` now, or 403 saying what is missing."""
     if not verification_id:
         raise HTTPException(403, f"We test {domain} only after you prove that you control it: start a "
                                  "verification (POST /api/v1/verifications) and pass its id as \"verification\".")
     id_hash = hash_id(verification_id)
-    record = await state(request).store.get_verification(id_hash)
+    record = await store.get_verification(id_hash)
     if record is None or record["domain"] != domain:
         raise HTTPException(403, f"This verification does not belong to {domain}.")
     if float(record["expires_at"]) < time.time():  # type: ignore[arg-type]
@@ -86,16 +73,15 @@ async def verified_domain(request: Request, domain: str, verification_id: str | 
     return id_hash
 
 
-def resolver_for(request: Request) -> Resolver:
-    settings = state(request).settings
+def resolver_for(settings: Settings) -> Resolver:
     return Resolver(settings.dns_servers or None)
 
 
-async def plan_domain(request: Request, domain: str, verification_id: str | None, services: Sequence[str]) -> Plan:
-    id_hash = await verified_domain(request, domain, verification_id)
-    settings = state(request).settings
-    resolver = resolver_for(request)
-    ordered = _order(services)
+async def resolve_domain(settings: Settings, domain: str,
+                         ordered: Sequence[str]) -> tuple[dict[str, list[str]], list[Forbidden]]:
+    """The guarded addresses of each service (relay: the MX hosts'; proxy: the domain's), and a row for each
+    address the guard refused; 503 when DNS fails, 403 when nothing is left to test."""
+    resolver = resolver_for(settings)
     candidates: dict[str, list[str]] = {}
     forbidden: list[Forbidden] = []
     try:
@@ -121,9 +107,7 @@ async def plan_domain(request: Request, domain: str, verification_id: str | None
     if not any(candidates.values()):
         why = "; ".join(f.why for f in forbidden) or f"{domain} has no address for the requested checks"
         raise HTTPException(403, f"Nothing of {domain} can be tested: {why}.")
-    hosts, skipped = cap_hosts(candidates, settings.max_hosts_per_audit)
-    forbidden.extend(skipped)
-    return Plan(domain, requester(request), the_requester_key(request), ordered, hosts, forbidden, id_hash, domain)
+    return candidates, forbidden
 
 
 def cap_hosts(candidates: dict[str, list[str]], cap: int) -> tuple[dict[str, list[str]], list[Forbidden]]:
@@ -145,14 +129,13 @@ def cap_hosts(candidates: dict[str, list[str]], cap: int) -> tuple[dict[str, lis
     return hosts, skipped
 
 
-async def in_cooldown(request: Request, audit: Audit) -> Audit | None:
+async def in_cooldown(settings: Settings, store: Store, audit: Audit) -> Audit | None:
     """The latest servable audit of any of the audit's addresses, when it is younger than SECURE_TARGET_COOLDOWN
     (None when the cooldown is off)."""
-    app_state = state(request)
-    cooldown = app_state.settings.target_cooldown
+    cooldown = settings.target_cooldown
     if cooldown <= 0:
         return None
-    return await app_state.store.latest_covering(audit.id, time.time() - cooldown)
+    return await store.latest_covering(audit.id, time.time() - cooldown)
 
 
 def refusal(decision: Decision) -> HTTPException:
@@ -174,36 +157,67 @@ def refusal(decision: Decision) -> HTTPException:
     return HTTPException(status, messages[decision.code], headers={"Retry-After": str(wait)})
 
 
-async def begin(request: Request, plan: Plan, previous_id: str | None = None) -> Started:
-    app_state = state(request)
-    settings = app_state.settings
-    judge = functools.partial(decide, limits=Limits.from_settings(settings), target=plan.target,
-                              hosts=plan.tested, services=plan.services, retest=previous_id is not None)
-    decision, audit = await app_state.auditor.admit(
-        target=plan.target, requester=plan.requester, requester_key=plan.requester_key, hosts=plan.hosts,
-        services=plan.services, decide=judge, previous_id=previous_id, verification_id=plan.verification_hash,
-        audited_domain=plan.audited_domain, forbidden=plan.forbidden)
-    if decision.outcome == "cached" and decision.latest is not None:
-        latest = decision.latest
-        return Started(latest, cached=True, retest_after=latest.created_at + settings.target_cooldown)
-    if audit is None:
-        raise refusal(decision)
-    return Started(audit)
+@dataclass
+class Starter:
+    """Plans and admits the audits one request asks for, from the API or a form."""
+
+    settings: Settings
+    store: Store
+    auditor: Auditor
+    requester: Requester
+
+    def plan_self(self, services: Sequence[str]) -> Plan:
+        address = self.requester.address
+        try:
+            guard(ip_address(address), self.settings.allowed_networks)
+        except ForbiddenTarget as exc:
+            raise HTTPException(403, str(exc)) from None
+        ordered = _order(services)
+        address = normalise(address)
+        return Plan("self", address, self.requester.key, ordered, {s: [address] for s in ordered})
+
+    async def plan_domain(self, domain: str, verification_id: str | None, services: Sequence[str]) -> Plan:
+        id_hash = await verified_domain(self.store, domain, verification_id)
+        ordered = _order(services)
+        candidates, forbidden = await resolve_domain(self.settings, domain, ordered)
+        hosts, skipped = cap_hosts(candidates, self.settings.max_hosts_per_audit)
+        return Plan(domain, self.requester.address, self.requester.key, ordered, hosts, [*forbidden, *skipped],
+                    id_hash, domain)
+
+    async def begin(self, plan: Plan, previous_id: str | None = None) -> Started:
+        judge = functools.partial(decide, limits=Limits.from_settings(self.settings), target=plan.target,
+                                  hosts=plan.tested, services=plan.services, retest=previous_id is not None)
+        decision, audit = await self.auditor.admit(
+            target=plan.target, requester=plan.requester, requester_key=plan.requester_key, hosts=plan.hosts,
+            services=plan.services, decide=judge, previous_id=previous_id, verification_id=plan.verification_hash,
+            audited_domain=plan.audited_domain, forbidden=plan.forbidden)
+        if decision.outcome == "cached" and decision.latest is not None:
+            latest = decision.latest
+            return Started(latest, cached=True, retest_after=latest.created_at + self.settings.target_cooldown)
+        if audit is None:
+            raise refusal(decision)
+        return Started(audit)
+
+    async def retest(self, audit_id: str, verification_id: str | None = None) -> Started:
+        """A new audit of the same target, linked to the previous one; only its requester or verification holder."""
+        previous = await load_audit(self.store, audit_id)
+        if not previous.finished:
+            raise HTTPException(409, "This test is still running; re-test when it has finished.")
+        if previous.target == "self":
+            plan = self.plan_self(previous.services)
+            if plan.requester != previous.requester:
+                raise HTTPException(403, "A re-test must come from the same address as the test it repeats "
+                                         f"({previous.requester}); you are visiting from {plan.requester}.")
+        else:
+            if not verification_id or hash_id(verification_id) != previous.verification_id:
+                raise HTTPException(403, "Only the holder of the domain's verification can re-test it: pass its "
+                                         "id as \"verification\".")
+            plan = await self.plan_domain(previous.target, verification_id, previous.services)
+        return await self.begin(plan, previous_id=previous.id)
 
 
-async def retest(request: Request, audit_id: str, verification_id: str | None = None) -> Started:
-    """A new audit of the same target, linked to the previous one; only its requester or verification holder."""
-    previous = await load_audit(request, audit_id)
-    if not previous.finished:
-        raise HTTPException(409, "This test is still running; re-test when it has finished.")
-    if previous.target == "self":
-        plan = plan_self(request, previous.services)
-        if plan.requester != previous.requester:
-            raise HTTPException(403, "A re-test must come from the same address as the test it repeats "
-                                     f"({previous.requester}); you are visiting from {plan.requester}.")
-    else:
-        if not verification_id or hash_id(verification_id) != previous.verification_id:
-            raise HTTPException(403, "Only the holder of the domain's verification can re-test it: pass its id "
-                                     "as \"verification\".")
-        plan = await plan_domain(request, previous.target, verification_id, previous.services)
-    return await begin(request, plan, previous_id=previous.id)
+async def get_starter(settings: SettingsDep, store: StoreDep, auditor: AuditorDep, requester: RequesterDep) -> Starter:
+    return Starter(settings, store, auditor, requester)
+
+
+StarterDep = Annotated[Starter, Depends(get_starter)]

@@ -65,6 +65,19 @@ async def test_trusted_proxy_forwards_the_client(settings):
         assert data["hosts"] == ["127.0.0.5"]  # the right-most untrusted hop, not the left-most claim
 
 
+async def test_an_unreadable_forwarded_address_is_a_400_only_where_the_address_matters(settings):
+    """The requester is worked out when a handler first needs it: a trusted proxy's junk header does not hide
+    the answer a request gets for other reasons."""
+    settings.trusted_proxies = ["10.0.0.0/8"]
+    async with running_app(settings, peer="10.9.9.9") as client:
+        junk = {"X-Forwarded-For": "not-an-address"}
+        response = await client.post("/api/v1/audits/self", headers=junk)
+        assert response.status_code == 400 and "not-an-address" in response.json()["detail"]
+        response = await client.post("/api/v1/audits", json={"target": "corp.test"}, headers=junk)
+        assert response.status_code == 403 and "prove that you control it" in response.json()["detail"]
+        assert (await client.get("/api/v1/reasons", headers=junk)).status_code == 200
+
+
 BAD_BODIES = [
     (b"{", "application/json"), (b"[]", "application/json"), (b'"self"', "application/json"),
     (b'{"target": ""}', "application/json"), (b'{"target": 5}', "application/json"),
@@ -130,6 +143,27 @@ async def test_events_replay_then_done(client):
     async with client.stream("GET", f"/api/v1/audits/{audit_id}/events") as response:
         replay = (await response.aread()).decode()
     assert replay.count("event: check") == 23 and replay.count("event: done") == 1
+
+
+async def test_the_sink_tag_stays_out_of_the_api_and_the_event_stream(client):
+    """A relayed message's proof tag is how our sink recognises it: internal, so neither the audit's JSON nor its
+    live events show it, while the store keeps it for the sink's confirmation."""
+    from app.verdicts import CheckResult, TranscriptLine, Verdict
+
+    tag = "k7tag0sinkproof"
+    audit_id = (await client.post("/api/v1/audits/self")).json()["id"]
+    await wait_done(client, audit_id)
+    store = client.app.state.sys.store
+    await store.add_check(audit_id, 99, CheckResult(
+        "relay", "127.0.0.1", 25, "relay.v1", Verdict.OPEN, "accepted_unconfirmed",
+        transcript=[TranscriptLine(0.0, "in", "250 2.1.5 Ok")], tag=tag))
+    response = await client.get(f"/api/v1/audits/{audit_id}")
+    assert any(c["reason"] == "accepted_unconfirmed" for c in response.json()["checks"])
+    assert all("tag" not in check for check in response.json()["checks"]) and tag not in response.text
+    async with client.stream("GET", f"/api/v1/audits/{audit_id}/events") as stream:
+        events = (await stream.aread()).decode()
+    assert events.count("event: check") == 24 and '"accepted_unconfirmed"' in events and tag not in events
+    assert (await store.find_check_by_tag(tag))[0] == audit_id
 
 
 async def test_retest_links_to_the_previous_audit(client):
