@@ -40,9 +40,10 @@ test: install-test | var ## Install test deps and Debian packages, then run pyte
 	else echo "npm is missing: the accessibility tests need axe-core from the npm registry (install Node.js)"; fi
 	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
 
-lint: install-lint ## ruff and mypy --strict over app/ (configured in pyproject.toml); both must report nothing
+lint: install-lint ## ruff, mypy --strict and function sizes over app/ (pyproject.toml); all must report nothing
 	$(VENV)/bin/ruff check app
 	$(VENV)/bin/mypy
+	$(VENV_PYTHON) scripts/function_sizes.py --check
 
 bench: install-test ## Benchmarks against real servers, with nmap as the baseline (as root)
 	bash scripts/install-debian-packages.sh

@@ -174,8 +174,9 @@ class CheckResult:
         return self.transcript[len(self.opening.lines):] if self.opening is not None else self.transcript
 
     def to_dict(self) -> dict[str, Any]:
-        """The public form (README's API: DESIGN.md's contract plus `detail` and `tag`); `opening` stays out. A
-        shared opening's line objects are the same in every row that shows it: no copy per row."""
+        """The stored and streamed form: the public fields (README's API) plus the internal `tag`, which the web
+        layer drops from every public answer; `opening` stays out. A shared opening's line objects are the same in
+        every row that shows it: no copy per row."""
         opening = self.opening.dicts() if self.opening is not None else []
         return {
             "service": self.service, "host": self.host, "port": self.port, "name": self.name,
