@@ -30,6 +30,7 @@ from app.probes import PLANNERS, PlannedCheck, Planner, ProbeOptions
 from app.probes.base import SlotFactory
 from app.probes.proxy import CanaryTargets
 from app.probes.sink import Sink
+from app.probes.smtp import TAGGED_REASONS
 from app.store import Audit, Store, new_id
 from app.verdicts import CheckResult, TranscriptLine, Verdict, summarize_audit
 
@@ -365,12 +366,18 @@ class Auditor:
         return list(run.results.values())
 
     async def _await_deliveries(self, audit_id: str, results: dict[int, CheckResult]) -> None:
-        """Give relayed probes up to SECURE_SINK_WAIT seconds to reach our sink (delivered() records them)."""
+        """Give relayed probes up to SECURE_SINK_WAIT seconds to reach our sink, and messages accepted for an address
+        at the server itself up to SECURE_LOCAL_FORM_WAIT (from the same start); delivered() records arrivals."""
         waiting = {r.tag for r in results.values() if r.reason == "accepted_unconfirmed" and r.tag}
-        if not waiting or self.sink is None:
+        local = {r.tag for r in results.values() if r.reason == "accepted_as_local" and r.tag}
+        if not (waiting or local) or self.sink is None:
             return
-        arrived = await self.sink.wait_for(waiting, self.settings.sink_wait)
-        log.info("audit.deliveries", extra={"audit": audit_id, "expected": len(waiting), "arrived": len(arrived)})
+        started = time.monotonic()
+        arrived = await self.sink.wait_for(waiting, self.settings.sink_wait) if waiting else set()
+        left = max(0.0, self.settings.local_form_wait - (time.monotonic() - started))
+        arrived |= await self.sink.wait_for(local, left) if local else set()
+        log.info("audit.deliveries", extra={"audit": audit_id, "expected": len(waiting), "local": len(local),
+                                            "arrived": len(arrived)})
         for seq, result in list(results.items()):
             if result.tag in arrived:
                 # the message may have arrived before its row was stored: record it now (delivered() is idempotent)
@@ -383,7 +390,7 @@ class Auditor:
         if found is None:
             return
         audit_id, stored = found
-        if stored.result.reason != "accepted_unconfirmed":
+        if stored.result.reason not in TAGGED_REASONS:
             return
         result = confirmed(stored.result)
         await self.store.update_check(audit_id, stored.seq, result)
