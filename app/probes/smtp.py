@@ -171,6 +171,9 @@ _SENDER = re.compile(r"sender (?:address )?(?:rejected|refused|denied|unknown|in
                      r"bad sender|sender not", re.IGNORECASE)
 _RELAY = re.compile(r"relay|relaying|access denied|not permitted|unauthori[sz]ed|not allowed|"
                     r"not local|we do not relay|no such (?:user|domain) here|not accepted here", re.IGNORECASE)
+# the words of a refusal on relay policy, without a 5.7.x code (Exim's "550 relay not permitted"); narrower than
+# _RELAY, whose "not allowed" also covers refusals of the address itself ("domain literals not allowed")
+_RELAY_POLICY = re.compile(r"relay|access denied|not permitted|unauthori[sz]ed", re.IGNORECASE)
 _GREYLIST_DELAY = re.compile(r"(\d{1,5}(?:\.\d{1,3})?)\s*(seconds?|secs?|s\b|minutes?|mins?|m\b)", re.IGNORECASE)
 
 
@@ -184,9 +187,14 @@ def prose(text: str) -> str:
     return " ".join(_ECHOED.sub(" ", text).split())
 
 
-def classify_refusal(reply: Reply, stage: str) -> Finding:
+def classify_refusal(reply: Reply, stage: str, mechanisms: tuple[str, ...] = ()) -> Finding:
     """A negative reply at MAIL, RCPT, DATA or end of data -> its verdict, from the reply code, the enhanced status
-    code and the reply's own words (never from echoed addresses or names). Order matters: the most specific first."""
+    code, the reply's own words (never from echoed addresses or names) and the AUTH mechanisms the server offered."""
+    return with_login_offer(_refusal(reply, stage), reply, mechanisms)
+
+
+def _refusal(reply: Reply, stage: str) -> Finding:
+    """Order matters: the most specific first."""
     text, enhanced = prose(reply.text), reply.enhanced or ""
     where = {"mail": "MAIL FROM", "rcpt": "RCPT TO", "data": "DATA", "end": "the end of the message"}[stage]
     note = f"{where} answered {reply.code}{' ' + enhanced if enhanced else ''}"
@@ -223,15 +231,19 @@ def auth_mechanisms(ehlo: Reply | None) -> tuple[str, ...]:
     return tuple(found[:MAX_AUTH_MECHANISMS])
 
 
-def with_login_offer(finding: Finding, mechanisms: tuple[str, ...]) -> Finding:
+def with_login_offer(finding: Finding, reply: Reply, mechanisms: tuple[str, ...]) -> Finding:
     """A relay refused to a stranger by a server that offers AUTH relays only for users who log in: say so, with the
-    mechanisms it offered. Without an AUTH line a refusal stays what it is."""
+    mechanisms it offered. Only a refusal on policy counts (an enhanced code 5.7.x/4.7.x, or none and words of a
+    relay refusal), not one about the address itself (`550 5.1.1 User unknown`, `553 5.1.3 Invalid route address`).
+    Without an AUTH line a refusal stays what it is."""
     if not mechanisms:
         return finding
     offer = "AUTH " + " ".join(mechanisms)
     if finding.reason == "auth_required_for_relay":
         return replace(finding, note=f"{finding.note} (the server offers {offer})")
-    if finding.reason == "relay_denied":
+    enhanced = reply.enhanced
+    policy = enhanced[2:4] == "7." if enhanced else bool(_RELAY_POLICY.search(prose(reply.text)))
+    if finding.reason == "relay_denied" and policy:
         return Finding(Verdict.AUTH_REQUIRED, "auth_required_for_relay",
                        f"{finding.note}; the server offers {offer}: it relays only for users who log in")
     return finding
@@ -370,7 +382,7 @@ class RelaySession:
         self.conn.transcript = transcript
         addresses = addresses_for(variant, tag=tag, probe_domain=self.options.probe_domain, host=self.host,
                                   name=self.greeting.name, audited_domain=self.options.audited_domain)
-        return with_login_offer(await self._attempt(variant, addresses), self.mechanisms), transcript
+        return await self._attempt(variant, addresses), transcript
 
     async def upgrade(self) -> bool:
         """STARTTLS although EHLO did not offer it (the server just said it requires it); False if refused."""
@@ -415,10 +427,10 @@ class RelaySession:
         reply = await self._checked(f"MAIL FROM:{addresses.mail_from}")
         if not reply.positive:
             self.needs_rset = False  # a refused MAIL opens no transaction (RFC 5321 4.1.1.2): nothing to reset
-            return _sender_or_not(_with_reply(classify_refusal(reply, "mail"), reply), reply)
+            return _sender_or_not(_with_reply(classify_refusal(reply, "mail", self.mechanisms), reply), reply)
         reply = await self._checked(f"RCPT TO:{addresses.rcpt_to}")
         if reply.code // 100 != 2:
-            return _sender_or_not(_refused_or_odd(reply, "rcpt", "RCPT TO"), reply)
+            return _sender_or_not(_refused_or_odd(reply, "rcpt", "RCPT TO", self.mechanisms), reply)
         if until_rcpt:
             return Finding(Verdict.INCONCLUSIVE, "protocol_error", "stopped after RCPT TO"), None
         reply = await self._checked("DATA")
@@ -466,10 +478,10 @@ def _end_of_data(variant: Variant, addresses: Addresses, reply: Reply) -> Findin
     return Finding(Verdict.INCONCLUSIVE, "protocol_error", f"the end of the message answered {reply.code}")
 
 
-def _refused_or_odd(reply: Reply, stage: str, command: str) -> Finding:
+def _refused_or_odd(reply: Reply, stage: str, command: str, mechanisms: tuple[str, ...] = ()) -> Finding:
     """A refusal at RCPT or DATA is classified; a positive code where none belongs is a protocol error."""
     if reply.code >= 400:
-        return _with_reply(classify_refusal(reply, stage), reply)
+        return _with_reply(classify_refusal(reply, stage, mechanisms), reply)
     return _with_reply(Finding(Verdict.INCONCLUSIVE, "protocol_error", f"{command} answered {reply.code}"), reply)
 
 

@@ -379,3 +379,25 @@ def test_auth_mechanisms_from_the_ehlo_reply():
     assert smtp.auth_mechanisms(None) == ()
     assert smtp.auth_mechanisms(Reply(250, ("mx.example", "AUTH " + " ".join(f"M{i}" for i in range(40))))) == \
         tuple(f"M{i}" for i in range(12))
+
+
+@pytest.mark.parametrize("code,text,expected", [
+    (550, "relay not permitted", ("auth_required", "auth_required_for_relay")),  # Exim
+    (554, "5.7.1 <sys1@sink.example>: Recipient address rejected: Access denied", ("auth_required",
+                                                                                   "auth_required_for_relay")),
+    (454, "4.7.1 <sys1@sink.example>: Relay access denied", ("auth_required", "auth_required_for_relay")),
+    # refusals of the address itself stay what they are, AUTH or not (Sendmail offers AUTH by default)
+    (550, "5.1.1 <sys1@sink.example>... User unknown", ("closed", "relay_denied")),
+    (553, "5.1.3 <a@b@[192.0.2.1]>... Invalid route address", ("closed", "relay_denied")),
+    (550, "Invalid recipient: <sys1%sink.example@[192.0.2.1]>", ("closed", "relay_denied")),
+    (501, "<sys1%sink.example@[192.0.2.1]>: domain literals not allowed", ("closed", "relay_denied")),  # Exim
+    (550, "Restricted characters in address", ("closed", "relay_denied")),
+    (530, "5.7.0 Authentication required", ("auth_required", "auth_required_for_relay")),
+])
+def test_a_refusal_from_a_server_that_offers_auth(code, text, expected):
+    outcome = smtp.classify_refusal(Reply(code, (text,)), "rcpt", ("PLAIN", "LOGIN"))
+    assert (outcome.verdict.value, outcome.reason) == expected
+    if expected[0] == "auth_required":
+        assert "the server offers AUTH PLAIN LOGIN" in outcome.note
+    without = smtp.classify_refusal(Reply(code, (text,)), "rcpt")
+    assert "offers" not in without.note
