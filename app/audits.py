@@ -396,6 +396,18 @@ class Auditor:
         await self.store.update_check(audit_id, stored.seq, result)
         log.info("check.delivered", extra={"audit": audit_id, "check": result.name, "port": result.port})
         self.events.publish(audit_id, Event("check", stored.seq, result))
+        if stored.result.verdict is not Verdict.OPEN:  # accepted_as_local: the row was closed, now it is open
+            await self._resummarize(audit_id)
+
+    async def _resummarize(self, audit_id: str) -> None:
+        """A finished audit's summary again, from its stored rows (a running audit sums up when it ends)."""
+        audit = await self.store.get_audit(audit_id, transcripts=False)
+        if audit is None or audit.status != "done":
+            return
+        summary = summarize_audit(((c.result.service, c.result.verdict, c.result.reason) for c in audit.checks),
+                                  audit.services)
+        await self.store.set_summary(audit_id, summary)
+        log.info("audit.resummarized", extra={"audit": audit_id, "summary": summary})
 
     async def follow(self, audit_id: str, keepalive: float = 15.0) -> AsyncIterator[Event | None]:
         """Every event of an audit: the stored checks first, then the live ones, then `done`.

@@ -195,6 +195,24 @@ async def test_a_server_that_keeps_mail_for_itself_is_closed_without_the_whole_s
     assert audit.summary["relay"] == "closed"
 
 
+async def test_a_late_arrival_of_a_local_form_makes_the_row_and_the_summary_open(settings, store, sink):
+    """A message accepted for the server itself that reaches our sink after SECURE_LOCAL_FORM_WAIT: the server did
+    relay it after all. The stored row becomes open/delivered and the finished audit's summary open."""
+    settings.local_form_wait = 0.2
+    async with fakes.FakeSmtpServer(KeepsLocalForms()) as server:
+        _, audit = await audit_relay(settings, store, sink, server.port)
+    assert audit.summary["relay"] == "closed"
+    late = next(c for c in audit.checks if c.result.name == "relay.v19")
+    await aiosmtplib.send(b"Subject: late\r\n\r\nlate\r\n", sender="x@relay.example",
+                          recipients=[f"{late.result.tag}@{PROBE_DOMAIN}"], hostname="127.0.0.1", port=sink.port,
+                          timeout=5)
+    again = await store.get_audit(audit.id)
+    by_name = {c.result.name: c.result for c in again.checks}
+    assert (by_name["relay.v19"].verdict, by_name["relay.v19"].reason) == ("open", "delivered")
+    assert by_name["relay.v11"].reason == "accepted_as_local"
+    assert again.summary["relay"] == "open"
+
+
 class KeepsLocalForms(fakes.Policy):
     """Accepts three recipient forms without a foreign domain for local delivery (as OpenSMTPD does), relays nothing."""
 
