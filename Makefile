@@ -34,7 +34,7 @@ run: install | var ## Serve the site on HOST:PORT (creates .venv and ./var if ne
 
 test: install-test | var ## Install test deps and Debian packages, then run pytest (PYTEST_ARGS='...')
 	bash scripts/install-debian-packages.sh
-	bash scripts/install-exim.sh
+	bash scripts/install-mta.sh
 	$(VENV)/bin/pybabel compile -d locales
 	@if command -v npm >/dev/null; then npm ci --no-audit --no-fund --loglevel=error; \
 	else echo "npm is missing: the accessibility tests need axe-core from the npm registry (install Node.js)"; fi

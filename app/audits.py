@@ -30,6 +30,7 @@ from app.probes import PLANNERS, PlannedCheck, Planner, ProbeOptions
 from app.probes.base import SlotFactory
 from app.probes.proxy import CanaryTargets
 from app.probes.sink import Sink
+from app.probes.smtp import TAGGED_REASONS
 from app.store import Audit, Store, new_id
 from app.verdicts import CheckResult, TranscriptLine, Verdict, summarize_audit
 
@@ -365,12 +366,18 @@ class Auditor:
         return list(run.results.values())
 
     async def _await_deliveries(self, audit_id: str, results: dict[int, CheckResult]) -> None:
-        """Give relayed probes up to SECURE_SINK_WAIT seconds to reach our sink (delivered() records them)."""
+        """Give relayed probes up to SECURE_SINK_WAIT seconds to reach our sink, and messages accepted for an address
+        at the server itself up to SECURE_LOCAL_FORM_WAIT (from the same start); delivered() records arrivals."""
         waiting = {r.tag for r in results.values() if r.reason == "accepted_unconfirmed" and r.tag}
-        if not waiting or self.sink is None:
+        local = {r.tag for r in results.values() if r.reason == "accepted_as_local" and r.tag}
+        if not (waiting or local) or self.sink is None:
             return
-        arrived = await self.sink.wait_for(waiting, self.settings.sink_wait)
-        log.info("audit.deliveries", extra={"audit": audit_id, "expected": len(waiting), "arrived": len(arrived)})
+        started = time.monotonic()
+        arrived = await self.sink.wait_for(waiting, self.settings.sink_wait) if waiting else set()
+        left = max(0.0, self.settings.local_form_wait - (time.monotonic() - started))
+        arrived |= await self.sink.wait_for(local, left) if local else set()
+        log.info("audit.deliveries", extra={"audit": audit_id, "expected": len(waiting), "local": len(local),
+                                            "arrived": len(arrived)})
         for seq, result in list(results.items()):
             if result.tag in arrived:
                 # the message may have arrived before its row was stored: record it now (delivered() is idempotent)
@@ -383,12 +390,24 @@ class Auditor:
         if found is None:
             return
         audit_id, stored = found
-        if stored.result.reason != "accepted_unconfirmed":
+        if stored.result.reason not in TAGGED_REASONS:
             return
         result = confirmed(stored.result)
         await self.store.update_check(audit_id, stored.seq, result)
         log.info("check.delivered", extra={"audit": audit_id, "check": result.name, "port": result.port})
         self.events.publish(audit_id, Event("check", stored.seq, result))
+        if stored.result.verdict is not Verdict.OPEN:  # accepted_as_local: the row was closed, now it is open
+            await self._resummarize(audit_id)
+
+    async def _resummarize(self, audit_id: str) -> None:
+        """A finished audit's summary again, from its stored rows (a running audit sums up when it ends)."""
+        audit = await self.store.get_audit(audit_id, transcripts=False)
+        if audit is None or audit.status != "done":
+            return
+        summary = summarize_audit(((c.result.service, c.result.verdict, c.result.reason) for c in audit.checks),
+                                  audit.services)
+        await self.store.set_summary(audit_id, summary)
+        log.info("audit.resummarized", extra={"audit": audit_id, "summary": summary})
 
     async def follow(self, audit_id: str, keepalive: float = 15.0) -> AsyncIterator[Event | None]:
         """Every event of an audit: the stored checks first, then the live ones, then `done`.

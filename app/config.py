@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     probe_helo: str = "probe.invalid"
     sink_listen: str = ""
     sink_wait: float = 20.0
+    # how long an audit waits for messages a server accepted for an address at itself (accepted_as_local): a relay
+    # that rewrites such an address (the percent hack) delivers at once; a server that kept it never does
+    local_form_wait: float = 5.0
     canary_http_listen: str = ""
     canary_smtp_listen: str = ""
     canary_tls_listen: str = ""

@@ -341,6 +341,11 @@ class Store:
             "UPDATE audits SET status=?, summary=?, error=?, finished_at=? WHERE id=?",
             (status, json.dumps(summary) if summary is not None else None, error, time.time(), audit_id)))
 
+    async def set_summary(self, audit_id: str, summary: dict[str, str | None]) -> None:
+        """A finished audit's summary after a later finding changed one of its checks (a late delivery)."""
+        await self._run(lambda c: c.execute("UPDATE audits SET summary=? WHERE id=? AND status='done'",
+                                            (json.dumps(summary), audit_id)))
+
     async def add_check(self, audit_id: str, seq: int, result: CheckResult) -> float:
         """The row with its own lines; its shared opening goes to `openings` with the first row that uses it."""
         finished_at = time.time()

@@ -56,6 +56,15 @@ _REASONS = [
     Reason("sender_rejected", ("relay",),
            N_("Your server refused our sender address, so this variant could not be tried."),
            N_("Nothing to do for this variant; the other variants still test relaying.")),
+    Reason("accepted_as_local", ("relay",),
+           N_("Your server accepted a message for an address at the server itself (its own name or address, or no "
+           "domain at all), and it did not reach us: the server kept it for local delivery instead of relaying it."),
+           N_("Nothing to do: this is not relaying. If you do not want odd addresses accepted, refuse unknown local "
+           "users.")),
+    Reason("sender_form_refused", ("relay",),
+           N_("Your server refused the sender address of this variant, while it accepts our ordinary sender: it does "
+           "not relay mail sent with this kind of sender."),
+           N_("Nothing to do: refusing such senders is what a careful server does.")),
     Reason("client_blocked", ("relay",), N_("Your server refused to talk to our test address at all."),
            N_("If you block us on purpose, no verdict is possible: allow our address for one test, or test from "
            "another address.")),

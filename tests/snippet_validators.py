@@ -75,7 +75,7 @@ begin transports
 
 
 def exim(snippet: str, folder: Path) -> None:
-    require_binary(EXIM, "exim4-daemon-light (extracted by scripts/install-exim.sh)")
+    require_binary(EXIM, "exim4-daemon-light (extracted by scripts/install-mta.sh)")
     config = snippet if "begin acl" in snippet or "begin routers" in snippet else snippet + "\n" + EXIM_MINIMAL
     path = folder / "exim.conf"
     path.write_text(config)

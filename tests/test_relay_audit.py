@@ -39,7 +39,7 @@ async def test_a_late_arrival_still_confirms_the_stored_check(settings, store, s
     async with fakes.FakeSmtpServer(fakes.AcceptAndDiscard()) as server:
         _, audit = await audit_relay(settings, store, sink, server.port)
     assert audit.status == "done" and audit.summary["relay"] == "open"
-    assert {c.result.reason for c in audit.checks} == {"accepted_unconfirmed"}
+    assert {c.result.reason for c in audit.checks} == {"accepted_unconfirmed", "accepted_as_local"}
     late = next(c for c in audit.checks if c.result.name == "relay.v2")
     await aiosmtplib.send(b"Subject: late\r\n\r\nlate\r\n", sender="x@relay.example",
                           recipients=[f"{late.result.tag}@{PROBE_DOMAIN}"], hostname="127.0.0.1", port=sink.port,
@@ -84,7 +84,8 @@ async def test_a_tagged_message_for_another_domain_never_confirms_a_check(settin
     async with fakes.FakeSmtpServer(policy) as server:
         _, audit = await audit_relay(settings, store, sink, server.port)
     assert len(audit.checks) == 22
-    assert {(c.result.reason, c.result.confirmed) for c in audit.checks} == {("accepted_unconfirmed", False)}
+    assert {(c.result.reason, c.result.confirmed) for c in audit.checks} == {("accepted_unconfirmed", False),
+                                                                            ("accepted_as_local", False)}
     assert policy.refused == 22 * len(DeliversToAnotherDomain.DOMAINS)  # every delivery was tried, and refused
     assert not sink.arrivals
 
@@ -159,4 +160,64 @@ async def test_a_live_follower_sees_every_row_confirmed_before_done(settings, st
     states = {}
     for event in checks:
         states.setdefault(event.seq, []).append((event.data.reason, event.data.confirmed))
-    assert {tuple(s) for s in states.values()} == {(("accepted_unconfirmed", False), ("delivered", True))}
+    assert {tuple(s) for s in states.values()} == {(("accepted_unconfirmed", False), ("delivered", True)),
+                                                   (("accepted_as_local", False), ("delivered", True))}
+
+
+async def test_a_percent_hack_relay_is_open_once_our_sink_receives_its_messages(settings, store, sink):
+    """Accepted for an address at the server itself is local delivery, until our sink receives the message: then
+    the row is open/delivered like any relayed probe, and so is the summary."""
+    settings.local_form_wait = 5.0
+    policy = fakes.PercentHackRelay()
+    policy.sink = ("127.0.0.1", sink.port, PROBE_DOMAIN)
+    async with fakes.FakeSmtpServer(policy) as server:
+        _, audit = await audit_relay(settings, store, sink, server.port)
+    by_name = {c.result.name: c.result for c in audit.checks}
+    assert {n for n, r in by_name.items() if r.verdict == "open"} == {"relay.v11", "relay.v12", "relay.v13"}
+    assert all((by_name[n].reason, by_name[n].confirmed) == ("delivered", True)
+               for n in ("relay.v11", "relay.v12", "relay.v13"))
+    assert audit.summary["relay"] == "open"
+
+
+async def test_a_server_that_keeps_mail_for_itself_is_closed_without_the_whole_sink_wait(settings, store, sink):
+    """Issue 13 (OpenSMTPD): forms addressed to the server itself were `open` although nothing reached our sink,
+    and the audit then waited the whole SECURE_SINK_WAIT for them."""
+    settings.sink_wait = 30.0
+    settings.local_form_wait = 0.5
+    async with fakes.FakeSmtpServer(KeepsLocalForms()) as server:
+        started = asyncio.get_running_loop().time()
+        _, audit = await audit_relay(settings, store, sink, server.port)
+        elapsed = asyncio.get_running_loop().time() - started
+    assert elapsed < 10, elapsed
+    local = {c.result.name for c in audit.checks if c.result.reason == "accepted_as_local"}
+    assert local == {"relay.v11", "relay.v19", "relay.v22"}
+    assert {c.result.verdict for c in audit.checks} == {"closed"}
+    assert audit.summary["relay"] == "closed"
+
+
+async def test_a_late_arrival_of_a_local_form_makes_the_row_and_the_summary_open(settings, store, sink):
+    """A message accepted for the server itself that reaches our sink after SECURE_LOCAL_FORM_WAIT: the server did
+    relay it after all. The stored row becomes open/delivered and the finished audit's summary open."""
+    settings.local_form_wait = 0.2
+    async with fakes.FakeSmtpServer(KeepsLocalForms()) as server:
+        _, audit = await audit_relay(settings, store, sink, server.port)
+    assert audit.summary["relay"] == "closed"
+    late = next(c for c in audit.checks if c.result.name == "relay.v19")
+    await aiosmtplib.send(b"Subject: late\r\n\r\nlate\r\n", sender="x@relay.example",
+                          recipients=[f"{late.result.tag}@{PROBE_DOMAIN}"], hostname="127.0.0.1", port=sink.port,
+                          timeout=5)
+    again = await store.get_audit(audit.id)
+    by_name = {c.result.name: c.result for c in again.checks}
+    assert (by_name["relay.v19"].verdict, by_name["relay.v19"].reason) == ("open", "delivered")
+    assert by_name["relay.v11"].reason == "accepted_as_local"
+    assert again.summary["relay"] == "open"
+
+
+class KeepsLocalForms(fakes.Policy):
+    """Accepts three recipient forms without a foreign domain for local delivery (as OpenSMTPD does), relays nothing."""
+
+    def rcpt(self, conn, arg):
+        if arg.startswith(('<"', "<sink.test.example!")) and "%" in arg or arg.endswith("@>") or (
+                arg.startswith("<sink.test.example!") and "@" not in arg):
+            return b"250 2.1.5 Destination address valid: Recipient ok\r\n"
+        return super().rcpt(conn, arg)

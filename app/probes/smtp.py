@@ -31,7 +31,11 @@ MAX_RECONNECTS = 3  # per session, after the server dropped us
 
 REASONS = ("delivered", "accepted_unconfirmed", "accepts_then_rejects", "relay_denied", "greylisted",
            "auth_required_for_relay", "starttls_required", "sender_rejected", "client_blocked", "timeout",
-           "refused", "filtered", "not_smtp", "protocol_error", "dropped", "internal_error")
+           "refused", "filtered", "not_smtp", "protocol_error", "dropped", "internal_error", "accepted_as_local",
+           "sender_form_refused")
+# rows that carry their tag: our sink may still receive their message (and turn them open/delivered)
+TAGGED_REASONS = frozenset({"accepted_unconfirmed", "accepted_as_local"})
+MAX_AUTH_MECHANISMS = 12
 
 
 class VariantId(StrEnum):
@@ -67,6 +71,17 @@ class Variant:
     mail_from: str  # templates: {s} sender local part, {t} tag, {T} probe domain, {H} target name,
     rcpt_to: str  # {lit} the target's address literal (1.2.3.4 or IPv6:...), {D} the local-looking domain
     explanation: str
+    # The recipient form's domain is the target itself (its name or address literal) or missing (a quoted or bang
+    # local part, an empty domain): accepting it is local delivery, not relaying, unless the message reaches us.
+    to_target: bool = False
+
+    @property
+    def tests_sender(self) -> bool:
+        """The variant asks about a sender form (its recipient is the plain foreign address)."""
+        return self.rcpt_to == PLAIN_RECIPIENT
+
+
+PLAIN_RECIPIENT = "<{t}@{T}>"
 
 
 # The relay table (nmap's 16 smtp-open-relay tests, abuse.net's, DSBL's and mailradar's extra forms).
@@ -83,20 +98,25 @@ VARIANTS: tuple[Variant, ...] = (
             "A sender in your own domain: servers that trust local senders relay."),
     Variant(VariantId.V8, "<{H}!{s}>", "<{t}@{T}>", "An old UUCP bang-path sender."),
     Variant(VariantId.V9, "<{s}@[{lit}]>", "{t}@{T}", "The recipient without angle brackets."),
-    Variant(VariantId.V10, "<{s}@[{lit}]>", "<\"{t}@{T}\">", "The recipient address in quotes."),
-    Variant(VariantId.V11, "<{s}@[{lit}]>", "<\"{t}%{T}\">", "A quoted percent-hack recipient."),
-    Variant(VariantId.V12, "<{s}@[{lit}]>", "<{t}%{T}@[{lit}]>", "The percent hack via your address literal."),
-    Variant(VariantId.V13, "<{s}@[{lit}]>", "<{t}%{T}@{H}>", "The percent hack via your server's name."),
-    Variant(VariantId.V14, "<{s}@[{lit}]>", "<{t}@{T}@[{lit}]>", "A doubled @ ending in your address literal."),
+    Variant(VariantId.V10, "<{s}@[{lit}]>", "<\"{t}@{T}\">", "The recipient address in quotes.", to_target=True),
+    Variant(VariantId.V11, "<{s}@[{lit}]>", "<\"{t}%{T}\">", "A quoted percent-hack recipient.", to_target=True),
+    Variant(VariantId.V12, "<{s}@[{lit}]>", "<{t}%{T}@[{lit}]>",
+            "The percent hack via your address literal.", to_target=True),
+    Variant(VariantId.V13, "<{s}@[{lit}]>", "<{t}%{T}@{H}>",
+            "The percent hack via your server's name.", to_target=True),
+    Variant(VariantId.V14, "<{s}@[{lit}]>", "<{t}@{T}@[{lit}]>",
+            "A doubled @ ending in your address literal.", to_target=True),
     Variant(VariantId.V15, "<{s}@[{lit}]>", "<\"{t}@{T}\"@[{lit}]>",
-            "A quoted foreign address at your address literal."),
-    Variant(VariantId.V16, "<{s}@[{lit}]>", "<{t}@{T}@{H}>", "A doubled @ ending in your server's name."),
+            "A quoted foreign address at your address literal.", to_target=True),
+    Variant(VariantId.V16, "<{s}@[{lit}]>", "<{t}@{T}@{H}>",
+            "A doubled @ ending in your server's name.", to_target=True),
     Variant(VariantId.V17, "<{s}@[{lit}]>", "<@[{lit}]:{t}@{T}>", "A source route through your address literal."),
     Variant(VariantId.V18, "<{s}@[{lit}]>", "<@{H}:{t}@{T}>", "A source route through your server's name."),
-    Variant(VariantId.V19, "<{s}@[{lit}]>", "<{T}!{t}>", "A bang-path recipient."),
-    Variant(VariantId.V20, "<{s}@[{lit}]>", "<{T}!{t}@[{lit}]>", "A bang path at your address literal."),
-    Variant(VariantId.V21, "<{s}@[{lit}]>", "<{T}!{t}@{H}>", "A bang path at your server's name."),
-    Variant(VariantId.V22, "<{s}@[{lit}]>", "<{t}@{T}@>", "A recipient with an empty trailing domain."),
+    Variant(VariantId.V19, "<{s}@[{lit}]>", "<{T}!{t}>", "A bang-path recipient.", to_target=True),
+    Variant(VariantId.V20, "<{s}@[{lit}]>", "<{T}!{t}@[{lit}]>",
+            "A bang path at your address literal.", to_target=True),
+    Variant(VariantId.V21, "<{s}@[{lit}]>", "<{T}!{t}@{H}>", "A bang path at your server's name.", to_target=True),
+    Variant(VariantId.V22, "<{s}@[{lit}]>", "<{t}@{T}@>", "A recipient with an empty trailing domain.", to_target=True),
 )
 
 _HOSTNAME = re.compile(r"^(?=.{4,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -151,12 +171,31 @@ _SENDER = re.compile(r"sender (?:address )?(?:rejected|refused|denied|unknown|in
                      r"bad sender|sender not", re.IGNORECASE)
 _RELAY = re.compile(r"relay|relaying|access denied|not permitted|unauthori[sz]ed|not allowed|"
                     r"not local|we do not relay|no such (?:user|domain) here|not accepted here", re.IGNORECASE)
+# the words of a refusal on relay policy, without a 5.7.x code (Exim's "550 relay not permitted"); narrower than
+# _RELAY, whose "not allowed" also covers refusals of the address itself ("domain literals not allowed")
+_RELAY_POLICY = re.compile(r"relay|access denied|not permitted|unauthori[sz]ed", re.IGNORECASE)
 _GREYLIST_DELAY = re.compile(r"(\d{1,5}(?:\.\d{1,3})?)\s*(seconds?|secs?|s\b|minutes?|mins?|m\b)", re.IGNORECASE)
 
 
-def classify_refusal(reply: Reply, stage: str) -> Finding:
-    """A negative reply at MAIL, RCPT, DATA or end of data -> its verdict. Order matters: the most specific first."""
-    text, enhanced = reply.text, reply.enhanced or ""
+# Echoed addresses, bang paths, address literals and host names: a reply's words are read without them, so that a
+# name such as smtp-auth.example.com or <exim-auth.zoo.test!probe> can never decide a verdict.
+_ECHOED = re.compile(r"<[^>]*>|\[[^\]]*\]|\S*[@!%]\S*|\S*\w\.\w\S*")
+
+
+def prose(text: str) -> str:
+    """The reply's own words: what the server echoed of addresses and names taken out."""
+    return " ".join(_ECHOED.sub(" ", text).split())
+
+
+def classify_refusal(reply: Reply, stage: str, mechanisms: tuple[str, ...] = ()) -> Finding:
+    """A negative reply at MAIL, RCPT, DATA or end of data -> its verdict, from the reply code, the enhanced status
+    code, the reply's own words (never from echoed addresses or names) and the AUTH mechanisms the server offered."""
+    return with_login_offer(_refusal(reply, stage), reply, mechanisms)
+
+
+def _refusal(reply: Reply, stage: str) -> Finding:
+    """Order matters: the most specific first."""
+    text, enhanced = prose(reply.text), reply.enhanced or ""
     where = {"mail": "MAIL FROM", "rcpt": "RCPT TO", "data": "DATA", "end": "the end of the message"}[stage]
     note = f"{where} answered {reply.code}{' ' + enhanced if enhanced else ''}"
     if (enhanced == "5.7.0" and _STARTTLS.search(text)) or (reply.code == 530 and _STARTTLS.search(text)):
@@ -175,6 +214,39 @@ def classify_refusal(reply: Reply, stage: str) -> Finding:
     if stage == "rcpt":
         return Finding(Verdict.CLOSED, "relay_denied", note + ": recipient refused")
     return Finding(Verdict.CLOSED, "accepts_then_rejects", note + ": the message was refused after the recipient")
+
+
+_MECHANISM = re.compile(r"^[A-Z0-9][A-Z0-9_-]{0,19}$")
+
+
+def auth_mechanisms(ehlo: Reply | None) -> tuple[str, ...]:
+    """The SASL mechanisms of the EHLO reply's AUTH line (`AUTH PLAIN LOGIN`, old `AUTH=PLAIN`), plain names only."""
+    if ehlo is None:
+        return ()
+    found: list[str] = []
+    for line in ehlo.lines[1:]:
+        words = line.strip().upper().replace("=", " ", 1).split()
+        if words[:1] == ["AUTH"]:
+            found += [w for w in words[1:] if _MECHANISM.match(w) and w not in found]
+    return tuple(found[:MAX_AUTH_MECHANISMS])
+
+
+def with_login_offer(finding: Finding, reply: Reply, mechanisms: tuple[str, ...]) -> Finding:
+    """A relay refused to a stranger by a server that offers AUTH relays only for users who log in: say so, with the
+    mechanisms it offered. Only a refusal on policy counts (an enhanced code 5.7.x/4.7.x, or none and words of a
+    relay refusal), not one about the address itself (`550 5.1.1 User unknown`, `553 5.1.3 Invalid route address`).
+    Without an AUTH line a refusal stays what it is."""
+    if not mechanisms:
+        return finding
+    offer = "AUTH " + " ".join(mechanisms)
+    if finding.reason == "auth_required_for_relay":
+        return replace(finding, note=f"{finding.note} (the server offers {offer})")
+    enhanced = reply.enhanced
+    policy = enhanced[2:4] == "7." if enhanced else bool(_RELAY_POLICY.search(prose(reply.text)))
+    if finding.reason == "relay_denied" and policy:
+        return Finding(Verdict.AUTH_REQUIRED, "auth_required_for_relay",
+                       f"{finding.note}; the server offers {offer}: it relays only for users who log in")
+    return finding
 
 
 def greylist_delay(reply: Reply) -> float | None:
@@ -249,6 +321,7 @@ class RelaySession:
         self.greeting: Greeting | None = None
         self.starttls_offered = False
         self.needs_rset = False
+        self.mechanisms: tuple[str, ...] = ()  # AUTH mechanisms of the latest EHLO reply
 
     async def open(self) -> Greeting:
         """Connect, greet, upgrade to TLS when offered. Ended: nothing can be tested on this connection."""
@@ -286,6 +359,7 @@ class RelaySession:
         """EHLO, HELO as the fallback; None when only HELO worked."""
         reply = await self.conn.command(f"EHLO {self.options.probe_helo}")
         if reply.code == 250:
+            self.mechanisms = auth_mechanisms(reply)
             return reply
         if reply.code == 421:
             raise Dropped("421 at EHLO")
@@ -322,36 +396,53 @@ class RelaySession:
     async def _reset(self) -> None:
         if self.needs_rset:
             reply = await self.conn.command("RSET")
-            if reply.code == 421:
-                raise Dropped("421 at RSET")
-            if not reply.positive:
-                raise ProtocolError(f"RSET answered {reply.code}")
+            if not reply.positive:  # 421, or Exim's "554 Too many nonmail commands": this session is over
+                raise Dropped(f"{reply.code} at RSET")
             self.needs_rset = False
 
     async def _attempt(self, variant: Variant, addresses: Addresses) -> Finding:
+        """The variant's transaction; when the server refuses its sender form for good, the same recipient once
+        more with our plain sender, to tell a refused form from a refused tester."""
+        finding, refusal = await self._transaction(variant, addresses)
+        fallback = replace(addresses, mail_from=f"<{SENDER_LOCAL}@{self.options.probe_domain}>")
+        if refusal is None or refusal.code < 500 or addresses.mail_from == fallback.mail_from:
+            return finding
+        self.conn.transcript.info(f"the sender {addresses.mail_from} was refused: the same recipient once more "
+                                  f"with the sender {fallback.mail_from}")
+        second, again = await self._transaction(variant, fallback, until_rcpt=variant.tests_sender)
+        if again is not None:  # our plain sender is refused too: this variant could not be tried
+            return finding
+        if variant.tests_sender:
+            return Finding(Verdict.CLOSED, "sender_form_refused",
+                           f"{finding.note}; it takes the sender {fallback.mail_from}, so it refuses this sender "
+                           "form, and cannot relay with it")
+        return replace(second, note=f"the sender {addresses.mail_from} was refused ({finding.note}), so the "
+                                    f"recipient form was tried with {fallback.mail_from}: {second.note}")
+
+    async def _transaction(self, variant: Variant, addresses: Addresses,
+                           until_rcpt: bool = False) -> tuple[Finding, Reply | None]:
+        """MAIL, RCPT, DATA, the message: how it ended, and the reply that refused the sender (if one did)."""
         await self._reset()
         self.needs_rset = True
         reply = await self._checked(f"MAIL FROM:{addresses.mail_from}")
         if not reply.positive:
-            return _with_reply(classify_refusal(reply, "mail"), reply)
+            self.needs_rset = False  # a refused MAIL opens no transaction (RFC 5321 4.1.1.2): nothing to reset
+            return _sender_or_not(_with_reply(classify_refusal(reply, "mail", self.mechanisms), reply), reply)
         reply = await self._checked(f"RCPT TO:{addresses.rcpt_to}")
         if reply.code // 100 != 2:
-            return _refused_or_odd(reply, "rcpt", "RCPT TO")
+            return _sender_or_not(_refused_or_odd(reply, "rcpt", "RCPT TO", self.mechanisms), reply)
+        if until_rcpt:
+            return Finding(Verdict.INCONCLUSIVE, "protocol_error", "stopped after RCPT TO"), None
         reply = await self._checked("DATA")
         if reply.code != 354:
-            return _refused_or_odd(reply, "data", "DATA")
+            return _sender_or_not(_refused_or_odd(reply, "data", "DATA"), reply)
         message = probe_message(addresses=addresses, audit_id=self.options.audit_id, site_url=self.options.site_url,
                                 helo=self.options.probe_helo, host=self.host, port=self.port, variant=variant)
         reply = await self.conn.send_message(message)
         if reply.code == 421:
             raise Dropped("421 after the message")
         self.needs_rset = False  # a finished transaction needs no RSET
-        if reply.code // 100 == 2:
-            return Finding(Verdict.OPEN, "accepted_unconfirmed",
-                           f"accepted a message for {addresses.rcpt_to} through the end of data ({reply.code})")
-        if reply.code >= 400:
-            return _with_reply(classify_refusal(reply, "end"), reply)
-        return Finding(Verdict.INCONCLUSIVE, "protocol_error", f"the end of the message answered {reply.code}")
+        return _end_of_data(variant, addresses, reply), None
 
     async def _checked(self, command: str) -> Reply:
         reply = await self.conn.command(command)
@@ -368,10 +459,29 @@ def _with_reply(finding: Finding, reply: Reply) -> Finding:
                    retry_after=greylist_delay(reply) if finding.reason == "greylisted" else None)
 
 
-def _refused_or_odd(reply: Reply, stage: str, command: str) -> Finding:
+def _sender_or_not(finding: Finding, reply: Reply) -> tuple[Finding, Reply | None]:
+    return finding, (reply if finding.reason == "sender_rejected" else None)
+
+
+def _end_of_data(variant: Variant, addresses: Addresses, reply: Reply) -> Finding:
+    """The answer to the message itself. Accepted for a recipient at the server itself (its name, its address
+    literal, or no domain at all) is local delivery: not open unless our sink receives it."""
+    if reply.code // 100 == 2 and variant.to_target:
+        return Finding(Verdict.CLOSED, "accepted_as_local",
+                       f"accepted a message for {addresses.rcpt_to} through the end of data ({reply.code}); that "
+                       "address is at the server itself, so it keeps the message unless it reaches our sink")
+    if reply.code // 100 == 2:
+        return Finding(Verdict.OPEN, "accepted_unconfirmed",
+                       f"accepted a message for {addresses.rcpt_to} through the end of data ({reply.code})")
+    if reply.code >= 400:
+        return _with_reply(classify_refusal(reply, "end"), reply)
+    return Finding(Verdict.INCONCLUSIVE, "protocol_error", f"the end of the message answered {reply.code}")
+
+
+def _refused_or_odd(reply: Reply, stage: str, command: str, mechanisms: tuple[str, ...] = ()) -> Finding:
     """A refusal at RCPT or DATA is classified; a positive code where none belongs is a protocol error."""
     if reply.code >= 400:
-        return _with_reply(classify_refusal(reply, stage), reply)
+        return _with_reply(classify_refusal(reply, stage, mechanisms), reply)
     return _with_reply(Finding(Verdict.INCONCLUSIVE, "protocol_error", f"{command} answered {reply.code}"), reply)
 
 
@@ -398,7 +508,7 @@ class _Port:
         self.done.add(variant.id)
         await self.emit(check_result("relay", self.host, self.port, variant.id, finding, transcript,
                                      fingerprint=self.fingerprint,
-                                     tag=tag if finding.reason == "accepted_unconfirmed" else None))
+                                     tag=tag if finding.reason in TAGGED_REASONS else None))
 
     async def run(self, variants: tuple[Variant, ...]) -> None:
         chunks = [variants[i:i + VARIANTS_PER_SESSION] for i in range(0, len(variants), VARIANTS_PER_SESSION)]

@@ -130,7 +130,8 @@ def test_open_relay_then_the_guides_fix_applied_then_retest_shows_fixed(tmp_path
         page.get_by_role("button", name="Re-test 127.0.0.1").click()
         page.wait_for_selector("#status:text('done')", timeout=30000)
         assert "We found no open relay" in page.inner_text(".summary")
-        assert "22 fixed" in page.inner_text(".changes")
+        # the 11 forms addressed to the server itself were local deliveries, not open (the fake delivers nothing)
+        assert "11 fixed" in page.inner_text(".changes")
         screenshot(page, "relay-fixed")
     assert [p for p in page.problems if "Content Security Policy" in p] == []
 

@@ -329,3 +329,48 @@ class StarttlsRequiredUnadvertised(Policy):
 
     def mail(self, conn: Connection, arg: str) -> bytes:
         return b"530 5.7.0 Must issue a STARTTLS command first\r\n"
+
+
+class AuthOffered(Policy):
+    """A closed relay that offers AUTH (a submission port, Exim with an authenticator): `550 relay not permitted`."""
+
+    ehlo_lines = ("fake.test.example", "PIPELINING", "AUTH PLAIN LOGIN", "AUTH=LOGIN", "8BITMIME")
+
+    def rcpt(self, conn: Connection, arg: str) -> bytes:
+        return b"550 relay not permitted\r\n"
+
+
+class NamedAuth(Policy):
+    """A closed relay whose name and echoed addresses are full of words like auth, login and TLS."""
+
+    banner = b"220 smtp-auth.login.example ESMTP FakeMail 1.0\r\n"
+    ehlo_lines = ("smtp-auth.login.example", "PIPELINING", "8BITMIME")
+
+    def mail(self, conn: Connection, arg: str) -> bytes:
+        if "!" in arg or "@" not in arg:
+            return b"501 " + arg.encode() + b": sender address must contain a domain\r\n"
+        return b"250 OK\r\n"
+
+    def rcpt(self, conn: Connection, arg: str) -> bytes:
+        return b"550 5.7.1 " + arg.encode() + b": relaying denied for smtp-auth.login.example\r\n"
+
+
+class LiteralSenderRefused(Policy):
+    """Exim's default: a domain-literal sender is refused at MAIL (`501 ... domain literals not allowed`)."""
+
+    def __init__(self, relay: bool = False) -> None:
+        super().__init__()
+        self.open = relay
+
+    def mail(self, conn: Connection, arg: str) -> bytes:
+        if "[" in arg:
+            return b"501 " + arg.encode() + b": domain literals not allowed\r\n"
+        return b"250 OK\r\n"
+
+    def rcpt(self, conn: Connection, arg: str) -> bytes:
+        return b"250 Accepted\r\n" if self.open else b"550 relay not permitted\r\n"
+
+    async def message(self, conn: Connection, body: bytes) -> bytes:
+        if self.open:
+            await self.relay(conn, body)
+        return b"250 OK id=FAKE\r\n"

@@ -10,8 +10,21 @@ from app.probes import smtp
 from app.probes.smtp_wire import MAX_REPLY_BYTES, Reply, check_command
 from app.verdicts import Verdict
 
+# the recipient forms at the target itself: accepted, they are local delivery until our sink receives them
+AT_TARGET = {f"relay.{v.id}" for v in smtp.VARIANTS if v.to_target}
+ACCEPTED_ALL = {("open", "accepted_unconfirmed"), ("closed", "accepted_as_local")}
+
+
 def verdicts(results) -> set[tuple[str, str]]:
     return {(r.verdict.value, r.reason) for r in results.values()}
+
+
+def accepted_split(results) -> None:
+    """Every variant accepted through the end of data: open for a foreign recipient, local for one at the target."""
+    for name, result in results.items():
+        expected = ("closed", "accepted_as_local") if name in AT_TARGET else ("open", "accepted_unconfirmed")
+        assert (result.verdict.value, result.reason) == expected, (name, result.detail)
+        assert result.tag  # both keep their tag: our sink may still receive the message
 
 
 async def serve(policy, sink=None):
@@ -33,8 +46,8 @@ async def test_open_relay_is_open_and_confirmed_through_the_sink(sink):
     policy = fakes.OpenRelay()
     async with await serve(policy, sink) as server:
         results = await relay_port(server.port)
-    accepted = {name for name, r in results.items() if r.reason == "accepted_unconfirmed"}
-    assert accepted == set(results)  # every variant accepted through the end of data
+    accepted_split(results)  # every variant accepted through the end of data
+    assert AT_TARGET == {f"relay.v{i}" for i in (10, 11, 12, 13, 14, 15, 16, 19, 20, 21, 22)}
     tags = {r.tag for r in results.values()}
     assert await sink.wait_for(tags, 5) == tags  # and every tagged message really arrived
     assert len(policy.messages) == 22
@@ -43,20 +56,25 @@ async def test_open_relay_is_open_and_confirmed_through_the_sink(sink):
 
 
 async def test_open_only_via_percent_hack(sink):
+    """The percent hack addresses the server itself: accepted is local delivery until the message reaches our sink
+    (then the audit makes the row open/delivered: tests/test_relay_audit.py)."""
     async with await serve(fakes.PercentHackRelay(), sink) as server:
         results = await relay_port(server.port)
-    open_ = {n for n, r in results.items() if r.verdict is Verdict.OPEN}
-    assert open_ == {"relay.v11", "relay.v12", "relay.v13"}
-    assert all(results[n].reason == "relay_denied" for n in set(results) - open_)
-    await sink.wait_for({results[n].tag for n in open_}, 5)
-    assert {results[n].tag for n in open_} <= set(sink.arrivals)
+    accepted = {n for n, r in results.items() if r.reason == "accepted_as_local"}
+    assert accepted == {"relay.v11", "relay.v12", "relay.v13"}
+    assert all(results[n].verdict is Verdict.CLOSED and results[n].tag for n in accepted)
+    assert all(results[n].reason == "relay_denied" for n in set(results) - accepted)
+    await sink.wait_for({results[n].tag for n in accepted}, 5)
+    assert {results[n].tag for n in accepted} <= set(sink.arrivals)
 
 
 async def test_open_only_via_bang_path(sink):
     async with await serve(fakes.BangPathRelay(), sink) as server:
         results = await relay_port(server.port)
-    open_ = {n for n, r in results.items() if r.verdict is Verdict.OPEN}
-    assert open_ == {"relay.v19", "relay.v20", "relay.v21"}  # the bang-path recipients
+    accepted = {n for n, r in results.items() if r.reason == "accepted_as_local"}
+    assert accepted == {"relay.v19", "relay.v20", "relay.v21"}  # the bang-path recipients, all at the target
+    await sink.wait_for({results[n].tag for n in accepted}, 5)
+    assert {results[n].tag for n in accepted} <= set(sink.arrivals)
 
 
 async def test_greylisting_retries_once_then_is_inconclusive():
@@ -73,7 +91,7 @@ async def test_greylisting_within_the_allowed_wait_gets_through(sink):
     policy = fakes.Greylisting(delay=0.5)
     async with await serve(policy, sink) as server:
         results = await relay_port(server.port, greylist_max_wait=2)
-    assert verdicts(results) == {("open", "accepted_unconfirmed")}
+    accepted_split(results)
 
 
 async def test_accept_then_reject_at_data_is_closed():
@@ -91,7 +109,7 @@ async def test_accept_then_reject_after_the_body_is_closed():
 async def test_accept_and_discard_is_open_but_unconfirmed(sink):
     async with await serve(fakes.AcceptAndDiscard(), sink) as server:
         results = await relay_port(server.port)
-    assert verdicts(results) == {("open", "accepted_unconfirmed")}
+    accepted_split(results)
     assert all(not r.confirmed for r in results.values())
     assert await sink.wait_for({r.tag for r in results.values()}, 0.3) == set()
 
@@ -285,3 +303,101 @@ def test_fingerprints(raw, product, version):
     found = identify(raw)
     assert (found["product"], found["version"]) == (product, version)
     assert found["raw"] == raw
+
+
+# --- issue 13: a login offered, names that look like words, refused sender forms ------------------------------
+async def test_a_refused_relay_on_a_server_that_offers_auth_requires_a_login():
+    async with await serve(fakes.AuthOffered()) as server:
+        results = await relay_port(server.port)
+    assert verdicts(results) == {("auth_required", "auth_required_for_relay")}
+    assert "the server offers AUTH PLAIN LOGIN: it relays only for users who log in" in results["relay.v2"].detail
+    assert "550" in results["relay.v2"].detail
+
+
+async def test_words_inside_echoed_addresses_and_names_decide_nothing():
+    """`<smtp-auth.login.example!sys-probe>` echoed in a 501 once made the row auth_required ("auth" matched)."""
+    async with await serve(fakes.NamedAuth()) as server:
+        results = await relay_port(server.port)
+    assert (results["relay.v8"].verdict, results["relay.v8"].reason) == (Verdict.CLOSED, "sender_form_refused")
+    assert "smtp-auth.login.example!sys-probe" in results["relay.v8"].detail
+    assert (results["relay.v2"].verdict, results["relay.v2"].reason) == (Verdict.CLOSED, "relay_denied")
+    assert {r.verdict for r in results.values()} == {Verdict.CLOSED}
+
+
+async def test_a_refused_sender_form_is_closed_and_recipient_forms_are_tried_with_our_sender():
+    async with await serve(fakes.LiteralSenderRefused()) as server:
+        results = await relay_port(server.port)
+    v4 = results["relay.v4"]  # the variant asks about the literal sender itself
+    assert (v4.verdict, v4.reason) == (Verdict.CLOSED, "sender_form_refused")
+    assert "501" in v4.detail and "it takes the sender <sys-probe@sink.test.example>" in v4.detail
+    sent = [line.text for line in v4.transcript if line.dir == "out"]
+    assert sent[-2] == "MAIL FROM:<sys-probe@sink.test.example>" and sent[-1].startswith("RCPT TO:<sys")
+    assert not any(s.startswith("DATA") for s in sent)  # nothing sent for a sender form: RCPT was enough
+    for i in range(9, 23):  # the recipient forms, tried with our plain sender
+        row = results[f"relay.v{i}"]
+        assert (row.verdict, row.reason) == (Verdict.CLOSED, "relay_denied"), (i, row.detail)
+        assert "so the recipient form was tried with <sys-probe@sink.test.example>" in row.detail
+
+
+async def test_an_open_relay_that_refuses_literal_senders_is_still_open(sink):
+    async with await serve(fakes.LiteralSenderRefused(relay=True), sink) as server:
+        results = await relay_port(server.port)
+    assert (results["relay.v4"].verdict, results["relay.v4"].reason) == (Verdict.CLOSED, "sender_form_refused")
+    for i in (9, 17, 18):  # recipient forms with a foreign domain: relayed with our plain sender
+        assert (results[f"relay.v{i}"].verdict, results[f"relay.v{i}"].reason) == (Verdict.OPEN,
+                                                                                   "accepted_unconfirmed")
+    tags = {r.tag for r in results.values() if r.tag}
+    assert await sink.wait_for(tags, 5) == tags
+
+
+async def test_a_server_that_refuses_every_sender_leaves_the_variants_untested():
+    async with await serve(fakes.SenderRejected()) as server:
+        results = await relay_port(server.port)
+    assert verdicts(results) == {("inconclusive", "sender_rejected")}
+    assert any("once more with the sender" in line.text for line in results["relay.v4"].transcript)
+
+
+@pytest.mark.parametrize("code,text,stage,expected", [
+    (501, "<exim-auth.zoo.test!probe>: sender address must contain a domain", "mail",
+     ("inconclusive", "sender_rejected")),
+    (554, "5.7.1 <sys1@smtp-auth.example.com>: Relay access denied", "rcpt", ("closed", "relay_denied")),
+    (550, "<t@login.example>: relaying denied", "rcpt", ("closed", "relay_denied")),
+    (554, "<sys1@tls.example>: Relay access denied", "rcpt", ("closed", "relay_denied")),
+    (550, "<x@[192.0.2.1]> relay to [login.example] denied", "rcpt", ("closed", "relay_denied")),
+    (550, "Authentication required for relaying", "rcpt", ("auth_required", "auth_required_for_relay")),
+])
+def test_classification_reads_the_servers_own_words_only(code, text, stage, expected):
+    outcome = smtp.classify_refusal(Reply(code, (text,)), stage)
+    assert (outcome.verdict.value, outcome.reason) == expected
+
+
+def test_auth_mechanisms_from_the_ehlo_reply():
+    ehlo = Reply(250, ("mx.example", "PIPELINING", "AUTH PLAIN LOGIN", "AUTH=LOGIN CRAM-MD5", "auth xoauth2",
+                       "AUTH <script> x" + "Y" * 30))
+    assert smtp.auth_mechanisms(ehlo) == ("PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2")  # no markup, no overlong names
+    assert smtp.auth_mechanisms(Reply(250, ("mx.example", "SIZE 1000"))) == ()
+    assert smtp.auth_mechanisms(None) == ()
+    assert smtp.auth_mechanisms(Reply(250, ("mx.example", "AUTH " + " ".join(f"M{i}" for i in range(40))))) == \
+        tuple(f"M{i}" for i in range(12))
+
+
+@pytest.mark.parametrize("code,text,expected", [
+    (550, "relay not permitted", ("auth_required", "auth_required_for_relay")),  # Exim
+    (554, "5.7.1 <sys1@sink.example>: Recipient address rejected: Access denied", ("auth_required",
+                                                                                   "auth_required_for_relay")),
+    (454, "4.7.1 <sys1@sink.example>: Relay access denied", ("auth_required", "auth_required_for_relay")),
+    # refusals of the address itself stay what they are, AUTH or not (Sendmail offers AUTH by default)
+    (550, "5.1.1 <sys1@sink.example>... User unknown", ("closed", "relay_denied")),
+    (553, "5.1.3 <a@b@[192.0.2.1]>... Invalid route address", ("closed", "relay_denied")),
+    (550, "Invalid recipient: <sys1%sink.example@[192.0.2.1]>", ("closed", "relay_denied")),
+    (501, "<sys1%sink.example@[192.0.2.1]>: domain literals not allowed", ("closed", "relay_denied")),  # Exim
+    (550, "Restricted characters in address", ("closed", "relay_denied")),
+    (530, "5.7.0 Authentication required", ("auth_required", "auth_required_for_relay")),
+])
+def test_a_refusal_from_a_server_that_offers_auth(code, text, expected):
+    outcome = smtp.classify_refusal(Reply(code, (text,)), "rcpt", ("PLAIN", "LOGIN"))
+    assert (outcome.verdict.value, outcome.reason) == expected
+    if expected[0] == "auth_required":
+        assert "the server offers AUTH PLAIN LOGIN" in outcome.note
+    without = smtp.classify_refusal(Reply(code, (text,)), "rcpt")
+    assert "offers" not in without.note

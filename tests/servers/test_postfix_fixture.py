@@ -251,3 +251,25 @@ def test_missing_postfix_is_a_clear_error(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(postfix_module, "POSTFIX", str(tmp_path / "no-postfix"))
     with pytest.raises(PostfixUnavailable, match="is missing"):
         start_postfix(tmp_path, "open", sink_port=free_port())
+
+
+def test_submission_wants_starttls_then_a_login(postfix, sink: Sink) -> None:
+    """Debian's stock submission block: encryption first, AUTH only over TLS, nothing for strangers."""
+    instance = postfix("submission")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with _client(instance) as smtp:
+        smtp.ehlo()
+        assert smtp.has_extn("starttls") and not smtp.has_extn("auth")
+        code, text = smtp.mail(SENDER)
+        assert code == 530 and b"STARTTLS" in text
+        assert smtp.starttls(context=context)[0] == 220
+        smtp.ehlo()
+        assert {"PLAIN", "LOGIN"} <= set(smtp.esmtp_features["auth"].upper().split())
+        assert smtp.mail(SENDER)[0] == 250
+        code, text = smtp.rcpt(RCPT)
+    assert code == 554 and b"5.7.1" in text and b"Recipient address rejected: Access denied" in text
+    master = instance.config_dir.joinpath("master.cf").read_text()
+    assert "  -o smtpd_recipient_restrictions=permit_sasl_authenticated,reject\n" in master
+    assert sink.received == []

@@ -3,6 +3,16 @@
 from fakes import smtp as fakes
 from support import running_app, wait_done
 
+from app.probes.smtp import VARIANTS
+
+# The fake accepts every form but delivers nothing (no sink here): the 11 recipient forms addressed to the server
+# itself are closed/accepted_as_local whether it is open or not, so only the other 11 rows change.
+FOREIGN = {f"relay.{v.id}" for v in VARIANTS if not v.to_target}
+
+
+def changed(data) -> dict[str, str | None]:
+    return {c["name"]: c["change"] for c in data["checks"] if c["change"] is not None}
+
 
 class Switchable(fakes.OpenRelay):
     """Relays while `open`; refuses like a closed Postfix afterwards (the owner fixed it)."""
@@ -26,17 +36,17 @@ async def test_a_fixed_relay_shows_fixed_on_the_retest(settings):
             second = (await client.post(f"/api/v1/audits/{first}/retest")).json()["id"]
             data = await wait_done(client, second)
             assert data["summary"]["relay"] == "closed"
-            assert {c["change"] for c in data["checks"]} == {"fixed"}
+            assert changed(data) == dict.fromkeys(FOREIGN, "fixed")
             page = (await client.get(f"/audits/{second}")).text
-            assert "22 fixed" in page and "We found no open relay" in page
+            assert "11 fixed" in page and "We found no open relay" in page
             policy.open = True
             third = (await client.post(f"/api/v1/audits/{second}/retest")).json()["id"]
             data = await wait_done(client, third)
-            assert {c["change"] for c in data["checks"]} == {"newly_open"}
+            assert changed(data) == dict.fromkeys(FOREIGN, "newly_open")
             fourth = (await client.post(f"/api/v1/audits/{third}/retest")).json()["id"]
             data = await wait_done(client, fourth)
-            assert {c["change"] for c in data["checks"]} == {"still_open"}
-            assert "22 still open" in (await client.get(f"/audits/{fourth}")).text
+            assert changed(data) == dict.fromkeys(FOREIGN, "still_open")
+            assert "11 still open" in (await client.get(f"/audits/{fourth}")).text
 
 
 async def test_inside_the_cooldown_the_retest_button_says_when(settings):

@@ -1,0 +1,315 @@
+"""What the Exim, Sendmail and OpenSMTPD fixtures share: a daemon from an extracted Debian package, run in the
+foreground as a child of this process, on a free port of 127.0.0.1, stopped by stop() in every case.
+
+These MTAs conflict with Postfix as Debian packages, so scripts/install-mta.sh extracts each one (apt-get download +
+dpkg -x) under /opt/secure-your-server/<name> and makes the system users it needs; nothing is installed as the
+system's MTA, and no system file is written. Each instance lives in its own folder (`base/NAME-KIND-N/`: config,
+spool, logs, the daemon's captured output) and hands every message it does not keep for itself to our sink on
+`127.0.0.1:sink_port`; mail it keeps is discarded. Nothing leaves the machine.
+
+The daemon runs in its own session (start_new_session), so stop() reaches it and every child it forked (delivery
+processes) through its process group: the stop signal, a bounded wait, then SIGKILL to the group. An instance that
+needs private copies of fixed paths (OpenSMTPD's spool and control socket are compiled in) runs under
+`unshare --mount` with those paths bind-mounted from its own folder: other instances and the system never see them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import threading
+import time
+import weakref
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+LOOPBACK = "127.0.0.1"
+PREFIX = Path(os.environ.get("MTA_ROOT", "/opt/secure-your-server"))
+UNSHARE = "/usr/bin/unshare"
+FOREIGN_NETWORK = "198.51.100.0/24"  # TEST-NET-2: the only clients a closed kind trusts (never our probe)
+START_TIMEOUT = 15.0  # seconds until the 220 banner must answer
+STOP_TIMEOUT = 10.0  # seconds for the daemon to go after its stop signal, before SIGKILL
+PORT_ATTEMPTS = 3  # a free port chosen here may be taken before the daemon binds it
+
+_MOUNT_SCRIPT = ('set -e; while [ "$1" != "--" ]; do mount --bind "$1" "$2"; shift 2; done; shift; '
+                 'exec "$@"')
+
+
+class MtaUnavailable(RuntimeError):
+    """The MTA cannot run here (not extracted, not root, user missing). The calling test decides skip or fail."""
+
+
+class MtaStartError(RuntimeError):
+    """The MTA is there, but this instance did not come up; the message carries its log tail."""
+
+
+@dataclass(eq=False)
+class MtaInstance:
+    name: str  # "exim", "sendmail", "opensmtpd"
+    kind: str
+    port: int
+    directory: Path
+    sink_port: int
+    hostname: str  # the name it announces in its banner
+    version: str = ""
+    log_files: list[Path] = field(default_factory=list)
+    output_file: Path | None = None
+    stop_signal: int = signal.SIGTERM
+    _process: subprocess.Popen | None = field(default=None, repr=False)
+    _out: object | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def host(self) -> str:
+        return LOOPBACK
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def pids(self) -> list[int]:
+        return [] if self._process is None else group_pids(self._process.pid)
+
+    def log(self) -> str:
+        """The daemon's own logs and its captured output, for assertions and debugging."""
+        parts = []
+        for path in [*self.log_files, *([self.output_file] if self.output_file else [])]:
+            try:
+                parts.append(f"==> {path.name} <==\n{path.read_text(errors='replace')}")
+            except OSError:
+                continue
+        return "\n".join(parts)
+
+    def wait_log(self, needle: str, seconds: float = 5.0) -> str:
+        deadline = time.monotonic() + seconds
+        for _ in range(int(seconds / 0.05) + 1):  # bounded in count and time
+            text = self.log()
+            if needle in text or time.monotonic() > deadline:
+                return text
+            time.sleep(0.05)
+        return self.log()
+
+    def stop(self) -> None:
+        """Stop signal, bounded wait, SIGKILL to the process group; idempotent."""
+        with self._lock:
+            process = self._process
+            try:
+                if process is not None:
+                    _stop_group(process, self.stop_signal)
+            finally:
+                _running.discard(self)
+                if self._out is not None:
+                    self._out.close()  # type: ignore[attr-defined]
+                    self._out = None
+
+    def __enter__(self) -> "MtaInstance":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+_running: "weakref.WeakSet[MtaInstance]" = weakref.WeakSet()
+
+
+def _stop_group(process: subprocess.Popen, stop_signal: int) -> None:
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, stop_signal)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+    for _ in range(2):  # bounded: a second round only for a late fork
+        if process.poll() is not None and not group_pids(process.pid):
+            return
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+        _until(lambda: not group_pids(process.pid), seconds=STOP_TIMEOUT)
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (not zombie) processes whose process group is pgid."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _until(condition: Callable[[], bool], *, seconds: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + seconds
+    for _ in range(int(seconds / step) + 1):
+        if condition():
+            return True
+        if time.monotonic() > deadline:
+            break
+        time.sleep(step)
+    return condition()
+
+
+def require_root_and_user(what: str, binary: Path, user: str) -> None:
+    """Raise MtaUnavailable unless `binary` is extracted, we are root and the system `user` exists."""
+    if not os.access(binary, os.X_OK):
+        raise MtaUnavailable(f"{binary} is missing: as root run `bash scripts/install-mta.sh {what}` (make test "
+                             "does it)")
+    if os.geteuid() != 0:
+        raise MtaUnavailable(f"{what} instances need root (the daemon starts as root and drops privileges)")
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        raise MtaUnavailable(f"the system user {user} is missing: run `bash scripts/install-mta.sh {what}`") from None
+
+
+@functools.lru_cache(maxsize=1)
+def mount_namespace_possible() -> bool:
+    """Whether `unshare --mount` with bind mounts works here (root with CAP_SYS_ADMIN)."""
+    if os.geteuid() != 0 or not os.access(UNSHARE, os.X_OK):
+        return False
+    try:
+        result = subprocess.run([UNSHARE, "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+                                 "mount --bind /tmp /mnt && echo ok"], stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0 and result.stdout.strip() == "ok"
+
+
+def with_mounts(argv: list[str], mounts: list[tuple[Path, str]]) -> list[str]:
+    """argv run in a private mount namespace where each (source, target) pair is bind-mounted."""
+    pairs = [str(part) for source, target in mounts for part in (source, target)]
+    return [UNSHARE, "--mount", "--propagation", "private", "--", "/bin/sh", "-c", _MOUNT_SCRIPT, "mounts",
+            *pairs, "--", *argv]
+
+
+def new_directory(base: Path, name: str) -> Path:
+    base = Path(base)
+    base.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):  # bounded
+        directory = base.resolve() / f"{name}-{n}"
+        try:
+            directory.mkdir(mode=0o755)
+            os.chmod(directory, 0o755)
+            return directory
+        except FileExistsError:
+            continue
+    raise MtaStartError(f"no free instance folder for {name} under {base}")
+
+
+def free_port(avoid: int = 0) -> int:
+    for _ in range(10):  # bounded
+        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+            sock.bind((LOOPBACK, 0))
+            port = int(sock.getsockname()[1])
+        if port != avoid:
+            return port
+    raise MtaStartError("no free loopback port")
+
+
+def launch(instance: MtaInstance, argv: list[str], *, env: dict[str, str] | None = None,
+           timeout: float = START_TIMEOUT) -> MtaInstance:
+    """Start argv for `instance` (output captured in its folder) and wait for its 220 banner on its port."""
+    output = instance.directory / f"{instance.name}.out"
+    instance.output_file = output
+    out = open(output, "ab")
+    instance._out = out
+    _running.add(instance)
+    try:
+        instance._process = subprocess.Popen(argv, cwd=instance.directory, stdin=subprocess.DEVNULL, stdout=out,
+                                             stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    except OSError as exc:
+        instance.stop()
+        raise MtaStartError(f"{instance.name}: cannot run {argv[0]}: {exc}") from exc
+    try:
+        _wait_banner(instance, timeout)
+    except BaseException:
+        instance.stop()
+        raise
+    return instance
+
+
+def _wait_banner(instance: MtaInstance, timeout: float) -> None:
+    process = instance._process
+    assert process is not None
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / 0.05) + 1):  # bounded in count and in time
+        if process.poll() is not None:
+            raise MtaStartError(f"{instance.name} {instance.kind} on 127.0.0.1:{instance.port} exited during "
+                                f"start-up (exit {process.returncode}):\n{tail(instance.log())}")
+        if banner(instance.port, instance.hostname) is not None:
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    raise MtaStartError(f"{instance.name} {instance.kind} on 127.0.0.1:{instance.port} gave no 220 banner within "
+                        f"{timeout} s:\n{tail(instance.log())}")
+
+
+def banner(port: int, hostname: str) -> bytes | None:
+    """The 220 greeting on 127.0.0.1:port naming `hostname`, or None if it is not answering (yet)."""
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=2) as sock:
+            sock.settimeout(2)
+            data = b""
+            for _ in range(16):  # bounded: the greeting is short
+                chunk = sock.recv(512)
+                if not chunk:
+                    break
+                data += chunk
+                if data.endswith(b"\n") and b"220 " in data.splitlines()[-1]:
+                    break
+            if data.startswith(b"220") and hostname.encode() in data:
+                sock.sendall(b"QUIT\r\n")
+                return data
+    except OSError:
+        pass
+    return None
+
+
+def start_with_port(start: Callable[[int], MtaInstance], sink_port: int) -> MtaInstance:
+    """start(port) with a free port, chosen again when another process took it first (bounded)."""
+    error: MtaStartError | None = None
+    for _ in range(PORT_ATTEMPTS):
+        try:
+            return start(free_port(avoid=sink_port))
+        except MtaStartError as exc:
+            error = exc
+            if "in use" not in str(exc).lower():
+                raise
+    assert error is not None
+    raise error
+
+
+def tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Safety net: no instance outlives the test process."""
+    for instance in list(_running):
+        try:
+            instance.stop()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
