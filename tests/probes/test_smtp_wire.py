@@ -74,6 +74,24 @@ def seen(conn: SmtpConnection, direction: str) -> list[str]:
     return [line.text for line in conn.transcript.lines if line.dir == direction]
 
 
+async def greeting_fails(script: Script, error: type[Exception], timeout: float = 5.0) -> tuple[SmtpConnection, str]:
+    """Connect to the script's server; its greeting must raise `error`. The connection and the error's words."""
+    async with scripted(script) as (port, _received):
+        conn = SmtpConnection("127.0.0.1", port, Transcript(), timeout)
+        with pytest.raises(error) as info:
+            await conn.open(2.0)
+        await conn.close(quit=False)
+    return conn, str(info.value)
+
+
+def sends(data: bytes) -> Script:
+    """A server that sends `data` and then waits for a word from us."""
+    async def script(reader, writer):
+        writer.write(data)
+        await reader.read(100)
+    return script
+
+
 # --- replies and the evidence -------------------------------------------------------------------------------
 async def test_replies_and_the_transcript_are_exact():
     async def script(reader, writer):
@@ -120,16 +138,8 @@ async def test_the_message_is_dot_stuffed_and_shown_by_its_size():
     (b"-25 negative\r\n", "not an SMTP reply"),
 ])
 async def test_garbage_is_a_protocol_error_and_stays_in_the_evidence(greeting, error):
-    async def script(reader, writer):
-        writer.write(greeting)
-        await reader.read(100)
-
-    async with scripted(script) as (port, _received):
-        conn = SmtpConnection("127.0.0.1", port, Transcript(), 2.0)
-        with pytest.raises(ProtocolError) as info:
-            await conn.open(2.0)
-        await conn.close(quit=False)
-    assert str(info.value).startswith(error)
+    conn, words = await greeting_fails(sends(greeting), ProtocolError)
+    assert words.startswith(error)
     first_line = greeting.split(b"\n")[0].rstrip(b"\r")
     assert seen(conn, "in")[0] == escape_bytes(first_line)  # the evidence shows what came, escaped
 
@@ -142,12 +152,8 @@ async def test_an_endless_multiline_reply_is_cut_at_the_reply_bound():
                 await writer.drain()
         await reader.read(100)
 
-    async with scripted(script) as (port, _received):
-        conn = SmtpConnection("127.0.0.1", port, Transcript(), 5.0)
-        with pytest.raises(ProtocolError) as info:
-            await conn.open(2.0)
-        await conn.close(quit=False)
-    assert "Response too long" in str(info.value)
+    conn, words = await greeting_fails(script, ProtocolError)
+    assert "Response too long" in words
     received = seen(conn, "in")
     assert received[0] == "220-line 0000 of a greeting that never ends, padded to sixty b"
     assert MAX_REPLY_BYTES - 100 <= sum(len(text) + 2 for text in received) <= MAX_REPLY_BYTES
@@ -159,16 +165,8 @@ async def test_an_endless_multiline_reply_is_cut_at_the_reply_bound():
     b"220-" + b"y" * (4 * MAX_LINE),  # a giant line that never ends
 ])
 async def test_a_giant_line_is_a_protocol_error(line):
-    async def script(reader, writer):
-        writer.write(line)
-        await reader.read(100)
-
-    async with scripted(script) as (port, _received):
-        conn = SmtpConnection("127.0.0.1", port, Transcript(), 5.0)
-        with pytest.raises(ProtocolError) as info:
-            await conn.open(2.0)
-        await conn.close(quit=False)
-    assert "Response too long" in str(info.value)
+    conn, words = await greeting_fails(sends(line), ProtocolError)
+    assert "Response too long" in words
     assert sum(len(text) for text in seen(conn, "in")) <= MAX_REPLY_BYTES
 
 
