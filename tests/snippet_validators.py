@@ -116,7 +116,8 @@ def apache(snippet: str, folder: Path) -> None:
     binary = require_binary("/usr/sbin/apache2", "apache2")
     modules = "/usr/lib/apache2/modules"
     loads = "".join(f"LoadModule {name}_module {modules}/mod_{name}.so\n" for name in (
-        "mpm_event", "authz_core", "authz_host", "proxy", "proxy_http", "proxy_connect", "access_compat"))
+        "mpm_event", "authz_core", "authz_host", "proxy", "proxy_http", "proxy_connect", "access_compat",
+        "rewrite"))
     config = (f"ServerRoot /etc/apache2\n{loads}Mutex file:{folder}\nPidFile {folder}/apache.pid\n"
               f"Listen 127.0.0.1:{free_port()}\nErrorLog {folder}/error.log\nServerName test.example\n{snippet}\n")
     path = folder / "apache2.conf"

@@ -18,8 +18,9 @@ time, so a guide whose Fix is rewritten to leave the server open makes the proof
 
 Adding a product is one Product entry: the guide, the start function of its open fixture (with `place=`), the file
 the guide edits, how the guide's commands reach that file (`localize`), what in the Check output shows the cause
-(`reveals`, `cause`), how the Fix block is applied (`apply`: postconf_e, replace_lines, replace_rules or a new
-function of the same shape) and how the Reload is done (`reload`: run_reload or restart_with).
+(`reveals`, `cause`), how the Fix block is applied (`apply`: postconf_e, replace_lines, replace_rules,
+point_proxy_pass, privoxy_apply or a new function of the same shape) and how the Reload is done (`reload`:
+run_reload, run_reload_where or restart_with).
 """
 
 from __future__ import annotations
@@ -167,6 +168,25 @@ def squid_localize(command: str, _fixture: Fixture, config: Path) -> tuple[str, 
     return re.sub(r"\bsquid(?= -k)", f"squid -f {config}", command), {}
 
 
+def apache_localize(command: str, fixture: Fixture, config: Path) -> tuple[str, dict[str, str]]:
+    """grep reads the fixture's file instead of /etc/apache2/ or /etc/httpd/; Debian's apache2ctl (apachectl)
+    runs `apache2 $APACHE_ARGUMENTS ...` and keeps its run and lock folders where APACHE_RUN_DIR and
+    APACHE_LOCK_DIR say (APACHE_CONFDIR, which has no envvars file here, keeps it from reading /etc/apache2)."""
+    command = without_sudo(command)
+    for default in ("/etc/apache2/", "/etc/httpd/"):
+        command = command.replace(default, str(config))
+    run = str(getattr(fixture, "run_dir", config.parent))
+    return command, {"APACHE_CONFDIR": str(config.parent), "APACHE_ARGUMENTS": f"-f {config}",
+                     "APACHE_RUN_DIR": run, "APACHE_LOCK_DIR": run}
+
+
+def nginx_localize(command: str, fixture: Fixture, config: Path) -> tuple[str, dict[str, str]]:
+    """`nginx -T`, `nginx -t`, `nginx -s reload` read the fixture's file (`-c`) under its prefix (`-p`); `sudo`
+    goes wherever it stands (`sudo nginx -t && sudo nginx -s reload`)."""
+    command = re.sub(r"(^|[|&;]\s*)sudo\s+", r"\1", command)
+    return re.sub(r"\bnginx(?= -)", f"nginx -c {config} -p {getattr(fixture, 'run_dir', config.parent)}", command), {}
+
+
 # --- applying a Fix block to a configuration file -------------------------------------------------------------
 
 def postconf_e(config: Path, block: str) -> None:
@@ -218,6 +238,43 @@ def replace_rules(pattern: str) -> Callable[[Path, str], None]:
     return apply
 
 
+def point_proxy_pass(application: str) -> Callable[[Path, str], None]:
+    """nginx: "point `proxy_pass` at the one server it is meant to serve". The Fix block's `proxy_pass` line
+    replaces each `proxy_pass` of the file whose destination comes from the request (a `$` variable). A fixed
+    address in it is the guide's example of the reader's own application, which the reader writes in instead:
+    here the fixture's application, `application`. A destination with variables is kept as the guide says it."""
+    matcher = re.compile(r"^\s*proxy_pass\s")
+
+    def apply(config: Path, block: str) -> None:
+        wanted = [line.strip() for line in block.splitlines() if matcher.match(line)]
+        assert len(wanted) == 1, f"the Fix block has {len(wanted)} proxy_pass lines: {block}"
+        target = re.match(r"proxy_pass\s+([a-z]+://)([^/;]+)", wanted[0])
+        line = wanted[0]
+        if target and "$" not in target.group(0):
+            line = line.replace(target.group(0), f"proxy_pass {target.group(1)}{application}", 1)
+        lines = config.read_text().splitlines()
+        found = [i for i, old in enumerate(lines) if matcher.match(old) and "$" in old]
+        assert found, "the configuration has no proxy_pass built from the request"
+        for i in found:
+            lines[i] = lines[i][:len(lines[i]) - len(lines[i].lstrip())] + line
+        config.write_text("\n".join(lines) + "\n")
+    return apply
+
+
+PRIVOXY_LINES = r"^\s*(listen-address|permit-access|deny-access|enable-remote-toggle|enable-edit-actions)\s"
+
+
+def privoxy_apply(config: Path, block: str) -> None:
+    """Privoxy: the Fix block's lines take the place of the file's lines of the same settings. Its
+    `listen-address` is the guide's example of "the server's LAN address and Privoxy's port", which the reader
+    writes in instead: here the address the fixture listens on now (its only one; the namespace has no other)."""
+    current = re.search(r"^\s*listen-address\s+(\S+)", config.read_text(), re.MULTILINE)
+    assert current, f"{config} has no listen-address"
+    block = re.sub(r"^(\s*listen-address\s+)\S+", lambda m: m.group(1) + current.group(1), block,
+                   flags=re.MULTILINE)
+    replace_lines(PRIVOXY_LINES)(config, block)
+
+
 # --- reloading ------------------------------------------------------------------------------------------------
 
 def _count(path: Path, text: str) -> int:
@@ -250,6 +307,19 @@ def run_reload(log: Callable[[Fixture], Path], done: str) -> Callable[[list[str]
             assert "fatal" not in output.lower() and "error" not in output.lower(), f"{command}: {output}"
         _wait_for(lambda: _count(log(fixture), done) > before, SETTLE_TIMEOUT, f"no {done!r} in the log")
         return fixture
+    return reload
+
+
+def run_reload_where(pattern: str, log: Callable[[Fixture], Path], done: str) -> Callable[
+        [list[str], Fixture, Product, Path], Fixture]:
+    """A Reload section that lists one command per platform (`systemctl reload apache2   # Debian, Ubuntu`, ...):
+    the one matching `pattern` is the one for the fixture (a daemon of its own, no systemd), run as run_reload."""
+    matcher = re.compile(pattern)
+
+    def reload(commands: list[str], fixture: Fixture, product: Product, config: Path) -> Fixture:
+        chosen = [command for command in commands if matcher.search(command)]
+        assert len(chosen) == 1, f"the guide's Reload {commands} has not one command matching {pattern!r}"
+        return run_reload(log, done)(chosen, fixture, product, config)
     return reload
 
 
@@ -302,6 +372,24 @@ def dante_reveals(output: str) -> str | None:
     return None
 
 
+def apache_reveals(output: str) -> str | None:
+    """`ProxyRequests On` (the grep's line `N:ProxyRequests On`), with what the `<Proxy>` block lets in."""
+    on = re.search(r"^\d+[:-]\s*ProxyRequests\s+On\b.*$", output, re.MULTILINE | re.IGNORECASE)
+    if on is None:
+        return None
+    granted = re.search(r"^\d+[:-]\s*Require\s+all\s+granted\b.*$", output, re.MULTILINE | re.IGNORECASE)
+    return on.group(0).strip() + (f"; {granted.group(0).strip()}" if granted else "")
+
+
+def privoxy_reveals(output: str) -> str | None:
+    """"No `permit-access` line": the grep shows where Privoxy listens, and no access list."""
+    lines = output.splitlines()
+    listen = [line for line in lines if re.search(r":\s*listen-address\s", line)]
+    if listen and not any(re.search(r":\s*permit-access\s", line) for line in lines):
+        return "no permit-access line: " + "; ".join(listen)
+    return None
+
+
 # --- the products ------------------------------------------------------------------------------------------------
 
 def start_postfix(base: Path, place: Place, sink_port: int) -> Fixture:
@@ -348,6 +436,21 @@ PRODUCTS: dict[str, Product] = {p.name: p for p in (
             lambda base, place, _sink: proxies.start_dante(base, place=place), proxy_config,
             config_path_replaced("/etc/danted.conf"), dante_reveals, "from: 0.0.0.0/0",
             replace_rules(r"^\s*(client|socks)\s+(pass|block)\b"), restart_with("danted")),
+    Product("Apache", "proxy/apache.md", "proxy",
+            lambda base, place, _sink: proxies.start_apache(base, "open", place=place), proxy_config,
+            apache_localize, apache_reveals, "`ProxyRequests On`", replace_lines(r"^\s*ProxyRequests\s"),
+            run_reload_where(r"\bapachectl graceful\b", lambda f: Path(f.run_dir) / "error.log",
+                             "resuming normal operations")),
+    Product("nginx", "proxy/nginx.md", "proxy",
+            lambda base, place, _sink: proxies.start_nginx(base, "forward", place=place), proxy_config,
+            nginx_localize, line_matching(r"^.*\bproxy_pass\s[^;]*\$(http_host|host|request_uri|request)\b.*$"),
+            "a `proxy_pass` built from request variables", point_proxy_pass(proxies.NGINX_APP),
+            # done once the old worker has exited: until then it may still take a new connection (the old Fix)
+            run_reload(lambda f: Path(f.run_dir) / "error.log", " exited with code ")),
+    Product("Privoxy", "proxy/privoxy.md", "proxy",
+            lambda base, place, _sink: proxies.start_privoxy(base, "open", place=place), proxy_config,
+            config_path_replaced("/etc/privoxy/config"), privoxy_reveals, "No `permit-access` line", privoxy_apply,
+            restart_with("privoxy")),
 )}
 
 

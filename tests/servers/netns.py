@@ -37,6 +37,7 @@ SUBNETS = RANGE.num_addresses // 4  # /30s in the range
 LOOPBACK = "127.0.0.1"
 COMMAND_TIMEOUT = 10.0
 KILL_TIMEOUT = 5.0
+LATE_JOIN_ROUNDS = 6  # scans of /proc, 50 ms apart, for a process that joined the namespace while it was deleted
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class Netns:
     host_link: str  # the veth end on our side
     place: Place
     _deleted: bool = False
+    _inode: int | None = None  # of the namespace (/run/netns/NAME): finds a late joiner once the name is gone
 
     @classmethod
     def create(cls) -> Netns:
@@ -114,6 +116,7 @@ class Netns:
         _ip("netns", "add", name)
         _made[name] = netns
         try:
+            netns._inode = os.stat(f"/run/netns/{name}").st_ino
             _ip("link", "add", host_link, "type", "veth", "peer", "name", ns_link)
             _ip("link", "set", ns_link, "netns", name)
             _ip("addr", "add", f"{peer}/30", "dev", host_link)
@@ -154,8 +157,24 @@ class Netns:
                     time.sleep(0.05)
             _ip("netns", "del", self.name, check=False)
             _ip("link", "del", self.host_link, check=False)  # gone with the namespace; this is for a half-made one
+            self._kill_late_joiners()
         finally:
             _made.pop(self.name, None)
+
+    def _kill_late_joiners(self) -> None:
+        """A process that was entering the namespace (`ip netns exec` opened it, setns() not yet done) when its
+        processes were listed joins it afterwards and would outlive it: found by the namespace's inode in
+        /proc/PID/ns/net and killed, in a few bounded rounds (nothing new can join once the name is deleted)."""
+        if self._inode is None:
+            return
+        for _ in range(LATE_JOIN_ROUNDS):  # bounded
+            late = _pids_in_namespace(self._inode)
+            for pid in late:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
 
     def exists(self) -> bool:
         return self.name in _ip("netns", "list").stdout.split() or bool(
@@ -166,6 +185,19 @@ class Netns:
 
     def __exit__(self, *exc: object) -> None:
         self.delete()
+
+
+def _pids_in_namespace(inode: int) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry.name}/ns/net").st_ino == inode:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def _free_subnet(pid: int, n: int) -> ipaddress.IPv4Network:

@@ -34,6 +34,10 @@ STILL_OPEN = [
     ("Squid", "http_access allow localnet", "http_access allow all", "open"),
     ("tinyproxy", "Allow 192.168.1.0/24", "Allow 0.0.0.0/0", "open"),
     ("Dante", "from: 192.168.1.0/24", "from: 0.0.0.0/0", "open"),
+    # the forward proxy left on: `<Proxy "*"> Require all granted` stays in force
+    ("Apache", "ProxyRequests Off", "ProxyRequests On", "open"),
+    ("nginx", "proxy_pass http://192.168.1.20:8081;", "proxy_pass $scheme://$http_host$request_uri;", "open"),
+    ("Privoxy", "permit-access 192.168.1.0/24", "permit-access 0.0.0.0/0", "open"),
 ]
 
 
@@ -48,7 +52,8 @@ def require(product: str) -> None:
     if product == "Postfix":
         require_postfix()
     else:
-        require_proxy({"Squid": "squid", "tinyproxy": "tinyproxy", "Dante": "danted"}[product])
+        require_proxy({"Squid": "squid", "tinyproxy": "tinyproxy", "Dante": "danted", "Apache": "apache2",
+                       "nginx": "nginx", "Privoxy": "privoxy"}[product])
 
 
 @pytest.mark.parametrize("name", sorted(PRODUCTS))
