@@ -28,14 +28,14 @@ SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 SERVICES = ("relay", "proxy", "general")
 PRODUCT_SECTIONS = (N_("What you see"), N_("Check"), N_("Fix"), N_("Reload"), N_("Verify"), N_("Re-test"))
 VALIDATORS = ("postfix-main", "postfix-master", "squid", "exim", "sendmail-mc", "nginx", "apache", "tinyproxy",
-              "privoxy", "dante", "none")
+              "privoxy", "dante", "opensmtpd", "none")
 # Products (as named in the front matter's `products`) whose configuration a validator here reads: software Debian
 # packages, which the tests install and run (tests/snippet_validators.py). Every configuration block of their guides
 # is validated by one of these; `validate=none` there is only for commands to type, or names why= it cannot be.
 VALIDATED_PRODUCTS: dict[str, tuple[str, ...]] = {
     "Postfix": ("postfix-main", "postfix-master"), "Sendmail": ("sendmail-mc",), "Exim": ("exim",),
     "Squid": ("squid",), "Apache httpd": ("apache",), "nginx": ("nginx",), "tinyproxy": ("tinyproxy",),
-    "Privoxy": ("privoxy",), "Dante": ("dante",),
+    "Privoxy": ("privoxy",), "Dante": ("dante",), "OpenSMTPD": ("opensmtpd",),
 }
 # Products no validator here can check, each with the reason. A product guide names a product of one of the lists.
 UNVALIDATED_PRODUCTS: dict[str, str] = {
@@ -49,7 +49,6 @@ UNVALIDATED_PRODUCTS: dict[str, str] = {
     "HCL/Lotus Domino": "proprietary, configured in the Domino Administrator client",
     "Zimbra": "its own packages, not Debian's; configured with zmprov commands",
     "qmail": "configured by one-line control files and a tcprules database; no checker of them is installed here",
-    "OpenSMTPD": "not installed in the test image yet: no validator here",
     "Apache Traffic Server": "not installed in the test image yet: no validator here",
     "3proxy": "not installed in the test image yet: no validator here",
 }

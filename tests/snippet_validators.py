@@ -7,6 +7,7 @@ started except tinyproxy (it has no test mode) on a free loopback port, for a mo
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 from support import free_port, require_binary
 
 EXIM = os.environ.get("EXIM_ROOT", "/opt/secure-your-server/exim") + "/usr/sbin/exim4"
+SMTPD = os.environ.get("OPENSMTPD_ROOT", "/opt/secure-your-server/opensmtpd") + "/usr/sbin/smtpd"
 
 
 class SnippetRejected(AssertionError):
@@ -98,6 +100,22 @@ def sendmail_mc(snippet: str, folder: Path) -> None:
         _fail("m4 (sendmail-cf)", done, config)
     if "Scheck_rcpt" not in done.stdout and "SParse0" not in done.stdout:
         _fail("m4 (sendmail-cf): no sendmail.cf came out", done, config)
+
+
+def opensmtpd(snippet: str, folder: Path) -> None:
+    """`match` lines (or a whole smtpd.conf): the actions they name and a loopback `listen` are added when the
+    snippet has none, then `smtpd -n -f FILE` ("configuration OK")."""
+    require_binary(SMTPD, "opensmtpd (extracted by scripts/install-mta.sh)")
+    head = "" if "listen on" in snippet else f"listen on 127.0.0.1 port {free_port()}\n"
+    for name, method in (("local", 'mda "cat >/dev/null"'), ("relay", "relay")):
+        if f'"{name}"' in snippet and not re.search(rf'^\s*action\s+"{name}"', snippet, re.MULTILINE):
+            head += f'action "{name}" {method}\n'
+    config = head + snippet + "\n"
+    path = folder / "smtpd.conf"
+    path.write_text(config)
+    done = _run([SMTPD, "-n", "-f", str(path)])
+    if done.returncode or "configuration OK" not in done.stdout + done.stderr:
+        _fail("smtpd -n", done, config)
 
 
 def nginx(snippet: str, folder: Path) -> None:
@@ -200,7 +218,7 @@ def dante(snippet: str, folder: Path) -> None:
 VALIDATORS = {
     "postfix-main": postfix_main, "postfix-master": postfix_master, "squid": squid, "exim": exim,
     "sendmail-mc": sendmail_mc, "nginx": nginx, "apache": apache, "tinyproxy": tinyproxy, "privoxy": privoxy,
-    "dante": dante,
+    "dante": dante, "opensmtpd": opensmtpd,
 }
 
 

@@ -59,6 +59,7 @@ def test_snippet_is_accepted_by_its_software(slug, block):
     ("exim", "hostlist relay_from_hosts = 127.0.0.1\nno_such_option = 1\n"),
     ("sendmail-mc", "FEATURE(`relay_entire_domain'\n"),
     ("tinyproxy", "Allow not-an-address-or-network!\n"),
+    ("opensmtpd", 'match from any fro any action "relay"\n'),
 ])
 def test_validators_catch_a_broken_snippet(validator, bad):
     """Each validator must be able to fail: a typo'd directive is refused."""

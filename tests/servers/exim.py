@@ -24,6 +24,11 @@ mail is thrown away (`:blackhole:`). No DNS lookups (`host_lookup =`), listening
 Exim drops to Debian-exim before it opens its spool and logs, and pytest's folders are 0700 root: each instance
 runs under `unshare --mount` with its own folder bind-mounted at /mnt (the config names /mnt/spool, /mnt/log), so
 the exim user reaches it through a path it may search, and no two instances share one.
+
+With `place=` (servers/netns.py) the instance listens on place.host inside the test's network namespace and routes
+every non-local domain to our sink on place.peer; "open" is then `relay_from_hosts = 0.0.0.0/0` for every client
+there too (the namespace, which routes nowhere but its /30, is the fence). Its pid file is
+/mnt/exim.pid (`pid_file_path`), which `kill -HUP` reads as the guide says.
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ from typing import Literal
 
 from servers.mta import (
     FOREIGN_NETWORK,
-    LOOPBACK,
     PREFIX,
     MtaInstance,
     MtaStartError,
@@ -48,6 +52,7 @@ from servers.mta import (
     start_with_port,
     with_mounts,
 )
+from servers.netns import LOOPBACK_PLACE, Place
 
 Kind = Literal["open", "closed", "auth"]
 KINDS = ("open", "closed", "auth")
@@ -66,7 +71,7 @@ def exim_available() -> None:
         raise MtaUnavailable("Exim instances need a private mount namespace (unshare --mount, CAP_SYS_ADMIN)")
 
 
-def exim_config(kind: Kind, *, directory: Path, port: int, sink_port: int) -> str:
+def exim_config(kind: Kind, *, directory: Path, port: int, sink_port: int, place: Place = LOOPBACK_PLACE) -> str:
     relay_hosts = "0.0.0.0/0" if kind == "open" else FOREIGN_NETWORK
     tls = kind == "auth"
     lines = [
@@ -82,7 +87,7 @@ def exim_config(kind: Kind, *, directory: Path, port: int, sink_port: int) -> st
         f"log_file_path = {directory}/log/%slog",
         f"pid_file_path = {directory}/exim.pid",
         f"daemon_smtp_ports = {port}",
-        f"local_interfaces = {LOOPBACK}",
+        f"local_interfaces = {place.host}",
         "host_lookup =",
         "rfc1413_hosts =",
         "keep_environment =",
@@ -126,7 +131,7 @@ def exim_config(kind: Kind, *, directory: Path, port: int, sink_port: int) -> st
         "  driver = manualroute",
         "  domains = ! +local_domains",
         "  transport = sink_smtp",
-        f"  route_list = * {LOOPBACK} byname",
+        f"  route_list = * {place.peer} byname",
         "  self = send",
         "  no_more",
         "local_users:",
@@ -138,7 +143,7 @@ def exim_config(kind: Kind, *, directory: Path, port: int, sink_port: int) -> st
         "sink_smtp:",
         "  driver = smtp",
         f"  port = {sink_port}",
-        f"  interface = {LOOPBACK}",
+        f"  interface = {place.host}",
         "  allow_localhost",
         "  hosts_avoid_tls = *",
         "",
@@ -181,15 +186,17 @@ def exim_version() -> str:
     return ""
 
 
-def start_exim(base: Path, kind: Kind, *, sink_port: int, timeout: float = 15.0) -> MtaInstance:
-    """A private Exim of `kind` on a free port of 127.0.0.1, relaying what it relays to 127.0.0.1:sink_port."""
+def start_exim(base: Path, kind: Kind, *, sink_port: int, timeout: float = 15.0,
+               place: Place = LOOPBACK_PLACE) -> MtaInstance:
+    """A private Exim of `kind` on a free port of 127.0.0.1 (or of place.host in place's network namespace),
+    relaying what it relays to our sink on 127.0.0.1:sink_port (place.peer)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     exim_available()
-    return start_with_port(lambda port: _start(Path(base), kind, port, sink_port, timeout), sink_port)
+    return start_with_port(lambda port: _start(Path(base), kind, port, sink_port, timeout, place), sink_port)
 
 
-def _start(base: Path, kind: Kind, port: int, sink_port: int, timeout: float) -> MtaInstance:
+def _start(base: Path, kind: Kind, port: int, sink_port: int, timeout: float, place: Place) -> MtaInstance:
     directory = new_directory(base, f"exim-{kind}")
     for sub in ("spool", "log"):
         (directory / sub).mkdir(mode=0o750)
@@ -197,7 +204,7 @@ def _start(base: Path, kind: Kind, port: int, sink_port: int, timeout: float) ->
     if kind == "auth":
         _certificate(directory)
     config = directory / "exim.conf"
-    config.write_text(exim_config(kind, directory=INSIDE, port=port, sink_port=sink_port))
+    config.write_text(exim_config(kind, directory=INSIDE, port=port, sink_port=sink_port, place=place))
     os.chmod(config, 0o644)
     mounts = [(directory, str(INSIDE))]
     inside = str(INSIDE / "exim.conf")
@@ -208,9 +215,11 @@ def _start(base: Path, kind: Kind, port: int, sink_port: int, timeout: float) ->
     instance = MtaInstance(name="exim", kind=kind, port=port, directory=directory, sink_port=sink_port,
                            hostname=HOSTNAME, version=exim_version(),
                            log_files=[directory / "log/mainlog", directory / "log/rejectlog",
-                                      directory / "log/paniclog"])
-    # -bdf: the daemon in the foreground; -odi: deliver each message in the receiving process's child at once
-    return launch(instance, with_mounts([str(EXIM), "-C", inside, "-bdf", "-odi", "-oX", str(port)], mounts),
+                                      directory / "log/paniclog"], place=place, mounts=mounts)
+    # -bdf: the daemon in the foreground; -odi: deliver each message in the receiving process's child at once; the
+    # port and address come from the configuration (daemon_smtp_ports, local_interfaces): with -oX and no -oP the
+    # daemon would write no pid file
+    return launch(instance, with_mounts([str(EXIM), "-C", inside, "-bdf", "-odi"], mounts),
                   timeout=timeout)
 
 

@@ -41,7 +41,7 @@ from markdown_it import MarkdownIt
 from support import running_app, wait_done
 
 from app.config import Settings
-from servers import postfix, proxies
+from servers import exim, mta, opensmtpd, postfix, proxies, sendmail
 from servers.netns import Netns, Place
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -68,6 +68,7 @@ class Block:
     validate: str | None
     content: str
     line: int
+    subsection: str = ""  # the level-3 heading it is under ("" before the section's first)
 
 
 @dataclass
@@ -86,26 +87,35 @@ class GuideSteps:
         tokens = MarkdownIt("commonmark").parse(body)
         lines = body.splitlines()
         starts: list[tuple[str, int]] = []
-        section = ""
+        section = subsection = ""
         for index, token in enumerate(tokens):
             if token.type == "heading_open" and token.tag == "h2":
-                section = tokens[index + 1].content.strip()
+                section, subsection = tokens[index + 1].content.strip(), ""
                 starts.append((section, token.map[0] if token.map else 0))
+            elif token.type == "heading_open" and token.tag == "h3":
+                subsection = tokens[index + 1].content.strip()
             elif token.type == "fence" and section:
                 words = token.info.split()
                 attrs = dict(word.split("=", 1) for word in words if "=" in word)
                 language = words[0] if words and "=" not in words[0] else ""
                 steps.blocks.setdefault(section, []).append(
-                    Block(language, attrs.get("validate"), token.content, (token.map[0] + 1) if token.map else 0))
+                    Block(language, attrs.get("validate"), token.content, (token.map[0] + 1) if token.map else 0,
+                          subsection))
         for number, (name, start) in enumerate(starts):
             end = starts[number + 1][1] if number + 1 < len(starts) else len(lines)
             steps.text[name] = "\n".join(lines[start:end])
         return steps
 
-    def commands(self, section: str) -> list[str]:
+    def section_blocks(self, section: str, elsewhere: tuple[str, ...] = ()) -> list[Block]:
+        """The section's blocks, without those under a level-3 heading that starts with one of `elsewhere` (the
+        guide's subsections for other systems than the fixture's, e.g. "Debian and Ubuntu" beside "Other systems")."""
+        return [block for block in self.blocks.get(section, [])
+                if not (block.subsection and block.subsection.startswith(elsewhere))]
+
+    def commands(self, section: str, elsewhere: tuple[str, ...] = ()) -> list[str]:
         """The commands of the section's `sh` blocks, one per line (a trailing backslash joins lines)."""
         found: list[str] = []
-        for block in self.blocks.get(section, []):
+        for block in self.section_blocks(section, elsewhere):
             if block.language != "sh":
                 continue
             pending = ""
@@ -118,9 +128,9 @@ class GuideSteps:
                     found.append(line)
         return found
 
-    def fix_block(self) -> Block:
+    def fix_block(self, elsewhere: tuple[str, ...] = ()) -> Block:
         """The Fix: the first configuration block of the Fix section (alternatives for other cases follow it)."""
-        for block in self.blocks.get("Fix", []):
+        for block in self.section_blocks("Fix", elsewhere):
             if block.validate and block.validate != "none":
                 return block
         raise AssertionError(f"{self.path}: the Fix section has no configuration block (validate= not none)")
@@ -390,6 +400,76 @@ def privoxy_reveals(output: str) -> str | None:
     return None
 
 
+# --- the mail servers run from extracted packages (servers/mta.py) -----------------------------------------------
+
+def exim_localize(command: str, fixture: Fixture, config: Path) -> tuple[str, dict[str, str]]:
+    """`exim` is the extracted binary reading the fixture's file (`-C`), run as the daemon sees the machine."""
+    inside = exim.INSIDE / config.name
+    command = re.sub(r"(?<![\w/.-])exim(?=\s)", f"{exim.EXIM} -C {inside}", without_sudo(command))
+    assert isinstance(fixture, mta.MtaInstance)
+    return mta.on_server(fixture, command), {}
+
+
+def sendmail_localize(command: str, fixture: Fixture, _config: Path) -> tuple[str, dict[str, str]]:
+    """/etc/mail/ is the fixture's folder (mounted at /mnt where its daemon runs); `sendmail` and `makemap` (which
+    reads sendmail.cf for its settings) are the extracted ones and read the fixture's cf (`-C`)."""
+    command = without_sudo(command).replace("/etc/mail/", f"{sendmail.INSIDE}/")
+    cf = f"-C {sendmail.INSIDE}/sendmail.cf"
+    command = re.sub(r"(?<![\w/.-])sendmail(?=\s+-)", f"{sendmail.SENDMAIL} {cf}", command)
+    command = re.sub(r"(?<![\w/.-])makemap(?=\s)", f"{sendmail.MAKEMAP} {cf}", command)
+    assert isinstance(fixture, mta.MtaInstance)
+    return mta.on_server(fixture, command), {}
+
+
+def opensmtpd_localize(command: str, fixture: Fixture, config: Path) -> tuple[str, dict[str, str]]:
+    """smtpd.conf (OpenBSD's or Debian's path) is the fixture's file; `smtpd` is the extracted one reading it."""
+    command = without_sudo(command).replace("/etc/mail/smtpd.conf", str(config))
+    command = re.sub(r"(?<![\w/.-])smtpd(?=\s|$)", f"{opensmtpd.SMTPD} -f {config}",
+                     command.replace("/etc/smtpd.conf", str(config)))
+    assert isinstance(fixture, mta.MtaInstance)
+    return mta.on_server(fixture, command), {}
+
+
+def restart_mta(service: str) -> Callable[[list[str], Fixture, Product, Path], Fixture]:
+    """The guide's Reload commands in order: `systemctl restart SERVICE` restarts the fixture (mta.restart: the same
+    command, folder, port and place, as systemd would); every other command (a rebuild, a syntax check) runs on the
+    server and must succeed."""
+    wanted = f"systemctl restart {service}"
+
+    def reload(commands: list[str], fixture: Fixture, product: Product, config: Path) -> Fixture:
+        assert wanted in [without_sudo(c) for c in commands], (
+            f"the guide's Reload is {commands}, without `{wanted}`: say here how that is done to the fixture")
+        for command in commands:
+            if without_sudo(command) == wanted:
+                assert isinstance(fixture, mta.MtaInstance)
+                fixture = mta.restart(fixture)
+                continue
+            local, env = product.localize(command, fixture, config)
+            assert "/etc/" not in local, f"the Reload command {local!r} would touch the machine's own files"
+            done = subprocess.run(fixture_place(fixture).wrap(["/bin/sh", "-c", local]), capture_output=True,
+                                  text=True, timeout=COMMAND_TIMEOUT, env={**os.environ, **env},
+                                  stdin=subprocess.DEVNULL)
+            assert done.returncode == 0, f"{command} (exit {done.returncode}): {done.stdout}{done.stderr}"
+        return fixture
+    return reload
+
+
+def start_exim(base: Path, place: Place, sink_port: int) -> Fixture:
+    return exim.start_exim(base, "open", sink_port=sink_port, place=place)
+
+
+def start_sendmail(base: Path, place: Place, sink_port: int) -> Fixture:
+    return sendmail.start_sendmail(base, "open", sink_port=sink_port, place=place)
+
+
+def start_opensmtpd(base: Path, place: Place, sink_port: int) -> Fixture:
+    return opensmtpd.start_opensmtpd(base, "open", sink_port=sink_port, place=place)
+
+
+def mta_file(name: str) -> Callable[[Any], Path]:
+    return lambda fixture: Path(fixture.directory) / name
+
+
 # --- the products ------------------------------------------------------------------------------------------------
 
 def start_postfix(base: Path, place: Place, sink_port: int) -> Fixture:
@@ -416,6 +496,7 @@ class Product:
     cause: str  # how the guide's Check section names that cause
     apply: Callable[[Path, str], None]  # the Fix block onto the configuration file
     reload: Callable[[list[str], Fixture, Product, Path], Fixture]  # the Reload commands -> the fixture after
+    elsewhere: tuple[str, ...] = ()  # level-3 headings (their start) of the guide's steps for other systems
 
 
 PRODUCTS: dict[str, Product] = {p.name: p for p in (
@@ -451,6 +532,20 @@ PRODUCTS: dict[str, Product] = {p.name: p for p in (
             lambda base, place, _sink: proxies.start_privoxy(base, "open", place=place), proxy_config,
             config_path_replaced("/etc/privoxy/config"), privoxy_reveals, "No `permit-access` line", privoxy_apply,
             restart_with("privoxy")),
+    # the fixture has one configuration file, not Debian's update-exim4.conf: the guide's "Other systems"
+    Product("Exim", "relay/exim.md", "relay", start_exim, mta_file("exim.conf"), exim_localize,
+            line_matching(r"^.*relay_from_hosts = .*\b0\.0\.0\.0/0\b.*$"), "`0.0.0.0/0`",
+            replace_lines(r"^\s*(hostlist\s+relay_from_hosts|domainlist\s+relay_to_domains)\s*="),
+            run_reload(lambda f: Path(f.directory) / "log/mainlog", "daemon started"),
+            elsewhere=("Debian and Ubuntu",)),
+    Product("Sendmail", "relay/sendmail.md", "relay", start_sendmail, mta_file("sendmail.mc"), sendmail_localize,
+            line_matching(r"^.*FEATURE\(`promiscuous_relay'\).*$"), "FEATURE(`promiscuous_relay')",
+            replace_lines(r"^\s*FEATURE\(`(promiscuous_relay|relay_entire_domain|relay_local_from|relay_mail_from|"
+                          r"relay_based_on_MX|loose_relay_check|access_db)'"),
+            restart_mta("sendmail"), elsewhere=("Without a service manager",)),
+    Product("OpenSMTPD", "relay/opensmtpd.md", "relay", start_opensmtpd, mta_file("smtpd.conf"), opensmtpd_localize,
+            line_matching(r'^.*match from any for any action "relay".*$'), '`match from any for any action "relay"`',
+            replace_lines(r"^\s*match\s"), restart_mta("opensmtpd"), elsewhere=("OpenBSD",)),
 )}
 
 
@@ -529,7 +624,7 @@ async def _audit(client: Any, service: str, retest_of: str | None = None) -> dic
 
 def run_check(steps: GuideSteps, product: Product, fixture: Fixture, config: Path) -> str:
     outputs = []
-    commands = steps.commands("Check")
+    commands = steps.commands("Check", product.elsewhere)
     assert commands, f"{steps.path}: no commands in its Check section"
     for command in commands:
         local, env = product.localize(command, fixture, config)
@@ -563,10 +658,11 @@ async def _prove_in(proof: Proof, steps: GuideSteps, product: Product, base: Pat
             config = product.config(fixture)
             proof.check_output = await asyncio.to_thread(run_check, steps, product, fixture, config)
             proof.revealed = product.reveals(proof.check_output)
-            proof.fix = steps.fix_block().content
+            proof.fix = steps.fix_block(product.elsewhere).content
             await asyncio.to_thread(product.apply, config, proof.fix)
             proof.config_after = config.read_text()
-            fixture = await asyncio.to_thread(product.reload, steps.commands("Reload"), fixture, product, config)
+            reload = steps.commands("Reload", product.elsewhere)
+            fixture = await asyncio.to_thread(product.reload, reload, fixture, product, config)
             proof.check_after = product.reveals(await asyncio.to_thread(run_check, steps, product, fixture, config))
             proof.after = await _audit(client, product.service, retest_of=proof.before["id"])
     finally:

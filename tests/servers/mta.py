@@ -11,6 +11,12 @@ The daemon runs in its own session (start_new_session), so stop() reaches it and
 processes) through its process group: the stop signal, a bounded wait, then SIGKILL to the group. An instance that
 needs private copies of fixed paths (OpenSMTPD's spool and control socket are compiled in) runs under
 `unshare --mount` with those paths bind-mounted from its own folder: other instances and the system never see them.
+
+With `place=` (servers/netns.py) an instance runs in a network namespace the test made instead: it listens on
+place.host and hands mail to our sink on place.peer, its daemon started through `place.wrap(argv)`; read 127.0.0.1
+above as those addresses. `on_server(instance, command)` is a shell command that runs `command` as the daemon
+sees the machine (its mount namespace, its folder where its configuration names it), for the guides' commands, and
+`restart()` starts a stopped instance again with the same command, folder, port and place, as a service restart.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import atexit
 import functools
 import os
 import pwd
+import shlex
 import signal
 import socket
 import subprocess
@@ -29,6 +36,8 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from servers.netns import LOOPBACK_PLACE, Place
 
 LOOPBACK = "127.0.0.1"
 PREFIX = Path(os.environ.get("MTA_ROOT", "/opt/secure-your-server"))
@@ -62,13 +71,16 @@ class MtaInstance:
     log_files: list[Path] = field(default_factory=list)
     output_file: Path | None = None
     stop_signal: int = signal.SIGTERM
+    place: Place = LOOPBACK_PLACE  # loopback, or a network namespace (servers/netns.py)
+    argv: list[str] = field(default_factory=list)  # the daemon's command, before place.wrap
+    mounts: list[tuple[Path, str]] = field(default_factory=list)  # its private mounts (with_mounts)
     _process: subprocess.Popen | None = field(default=None, repr=False)
     _out: object | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def host(self) -> str:
-        return LOOPBACK
+        return self.place.host
 
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -229,15 +241,18 @@ def free_port(avoid: int = 0) -> int:
 
 def launch(instance: MtaInstance, argv: list[str], *, env: dict[str, str] | None = None,
            timeout: float = START_TIMEOUT) -> MtaInstance:
-    """Start argv for `instance` (output captured in its folder) and wait for its 220 banner on its port."""
+    """Start argv for `instance` (output captured in its folder; in its place's network namespace) and wait for its
+    220 banner on its port."""
     output = instance.directory / f"{instance.name}.out"
     instance.output_file = output
+    instance.argv = list(argv)
     out = open(output, "ab")
     instance._out = out
     _running.add(instance)
     try:
-        instance._process = subprocess.Popen(argv, cwd=instance.directory, stdin=subprocess.DEVNULL, stdout=out,
-                                             stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        instance._process = subprocess.Popen(instance.place.wrap(argv), cwd=instance.directory,
+                                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                             start_new_session=True, env=env)
     except OSError as exc:
         instance.stop()
         raise MtaStartError(f"{instance.name}: cannot run {argv[0]}: {exc}") from exc
@@ -255,21 +270,44 @@ def _wait_banner(instance: MtaInstance, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     for _ in range(int(timeout / 0.05) + 1):  # bounded in count and in time
         if process.poll() is not None:
-            raise MtaStartError(f"{instance.name} {instance.kind} on 127.0.0.1:{instance.port} exited during "
+            raise MtaStartError(f"{instance.name} {instance.kind} on {instance.host}:{instance.port} exited during "
                                 f"start-up (exit {process.returncode}):\n{tail(instance.log())}")
-        if banner(instance.port, instance.hostname) is not None:
+        if banner(instance.port, instance.hostname, instance.host) is not None:
             return
         if time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    raise MtaStartError(f"{instance.name} {instance.kind} on 127.0.0.1:{instance.port} gave no 220 banner within "
-                        f"{timeout} s:\n{tail(instance.log())}")
+    raise MtaStartError(f"{instance.name} {instance.kind} on {instance.host}:{instance.port} gave no 220 banner "
+                        f"within {timeout} s:\n{tail(instance.log())}")
 
 
-def banner(port: int, hostname: str) -> bytes | None:
-    """The 220 greeting on 127.0.0.1:port naming `hostname`, or None if it is not answering (yet)."""
+def restart(instance: MtaInstance, *, timeout: float = START_TIMEOUT) -> MtaInstance:
+    """Stop the instance and start its daemon again with the same command, folder, port and place, as a service
+    restart does: it reads its (maybe changed) configuration anew. Returns the new instance."""
+    instance.stop()
+    again = MtaInstance(name=instance.name, kind=instance.kind, port=instance.port, directory=instance.directory,
+                        sink_port=instance.sink_port, hostname=instance.hostname, version=instance.version,
+                        log_files=list(instance.log_files), stop_signal=instance.stop_signal, place=instance.place,
+                        mounts=list(instance.mounts))
+    return launch(again, instance.argv, timeout=timeout)
+
+
+def on_server(instance: MtaInstance, command: str) -> str:
+    """A shell command that runs `command` as the instance's daemon sees the machine: in a private mount namespace
+    with the instance's mounts (its folder where its configuration names it; Sendmail's own hosts file). The
+    mounts are in a script in the instance's folder (`on-server`), so the command names no system path itself."""
+    script = instance.directory / "on-server"
+    if not script.exists():
+        script.write_text("#!/bin/sh\n# runs \"$1\" with the mounts its daemon runs with (tests/servers/mta.py)\n"
+                          f"exec {shlex.join(with_mounts(['/bin/sh', '-c'], instance.mounts))} \"$1\"\n")
+        os.chmod(script, 0o700)
+    return f"{shlex.quote(str(script))} {shlex.quote(command)}"
+
+
+def banner(port: int, hostname: str, host: str = LOOPBACK) -> bytes | None:
+    """The 220 greeting on host:port naming `hostname`, or None if it is not answering (yet)."""
     try:
-        with socket.create_connection((LOOPBACK, port), timeout=2) as sock:
+        with socket.create_connection((host, port), timeout=2) as sock:
             sock.settimeout(2)
             data = b""
             for _ in range(16):  # bounded: the greeting is short

@@ -13,8 +13,9 @@ import subprocess
 import pytest
 from support import skip_or_fail
 
-from servers import guide_fix
+from servers import exim, guide_fix, opensmtpd, sendmail
 from servers.guide_fix import GUIDES, PRODUCTS, GuideSteps, mutated_guide, prove_fix
+from servers.mta import MtaUnavailable
 from servers.netns import NetnsUnavailable
 from servers.netns import available as netns_available
 
@@ -38,7 +39,15 @@ STILL_OPEN = [
     ("Apache", "ProxyRequests Off", "ProxyRequests On", "open"),
     ("nginx", "proxy_pass http://192.168.1.20:8081;", "proxy_pass $scheme://$http_host$request_uri;", "open"),
     ("Privoxy", "permit-access 192.168.1.0/24", "permit-access 0.0.0.0/0", "open"),
+    ("Exim", "192.168.1.0/24", "0.0.0.0/0", "open"),
+    ("Exim", "domainlist relay_to_domains =", "domainlist relay_to_domains = *", "open"),
+    ("Sendmail", "FEATURE(`access_db')", "FEATURE(`promiscuous_relay')", "open"),
+    ("OpenSMTPD", "match from src 192.168.1.0/24", "match from src 0.0.0.0/0", "open"),
 ]
+
+
+MTA_AVAILABLE = {"Exim": exim.exim_available, "Sendmail": sendmail.sendmail_available,
+                 "OpenSMTPD": opensmtpd.opensmtpd_available}
 
 
 def require(product: str) -> None:
@@ -51,6 +60,11 @@ def require(product: str) -> None:
         skip_or_fail(str(exc))
     if product == "Postfix":
         require_postfix()
+    elif product in MTA_AVAILABLE:
+        try:
+            MTA_AVAILABLE[product]()
+        except MtaUnavailable as exc:
+            skip_or_fail(str(exc))
     else:
         require_proxy({"Squid": "squid", "tinyproxy": "tinyproxy", "Dante": "danted", "Apache": "apache2",
                        "nginx": "nginx", "Privoxy": "privoxy"}[product])
