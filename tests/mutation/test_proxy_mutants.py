@@ -374,3 +374,22 @@ async def test_the_tls_check_needs_a_connection_of_its_own():
     ex, _peer = exchange()
     with pytest.raises(AssertionError):
         await proxy.connect_tls(ex, TARGETS, CID, TOKEN)
+
+
+async def test_a_check_our_canary_saw_arrive_is_never_could_not_reach():
+    """The runner ends without the token, but our canary recorded the check's id: reached, answer not returned."""
+    from support import Slots
+
+    async def relayed_then_502(ex, targets, check_id, token):
+        await ex.open()
+        for source in ("192.0.2.9", "192.0.2.8"):
+            targets.canary.record(check_id, source, "smtp")
+        raise Ended.of(proxy.http_status_finding(502, {":reason": "Bad Gateway"}, "POST"))
+
+    check = dataclasses.replace(check_named("http_post"), run=relayed_then_502)
+    async with LoopbackPeer(lambda received: (b"", False)) as peer:
+        ran = await proxy._run_check(check, Slots(), "127.0.0.1", peer.port, options())
+    assert (ran.finding.verdict, ran.finding.reason) == (Verdict.INCONCLUSIVE, "answer_not_returned")
+    assert ran.finding.note == ("our canary saw this check arrive from 192.0.2.8, 192.0.2.9: the port passed our "
+                                "request on, but our canary's answer did not come back through it (POST answered "
+                                "HTTP 502)")

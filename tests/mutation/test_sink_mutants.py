@@ -172,3 +172,20 @@ async def test_the_listener_is_bounded_and_named(monkeypatch):
     assert b"250-SIZE 65536\r\n" in ehlo and b"SMTPUTF8" not in ehlo
     assert made[0] == {"hostname": DOMAIN, "data_size_limit": 64 * 1024, "enable_SMTPUTF8": False,
                        "ident": "Secure Your Server sink", "timeout": 30}
+
+
+async def test_the_sink_listens_only_where_it_is_told():
+    """A sink told to listen on 127.0.0.2 is not on 127.0.0.3 (nor on every address: the listener of the
+    site's own address must not answer elsewhere)."""
+    import socket
+
+    sink = Sink("sink.test.example")
+    await sink.start("127.0.0.2", 0)
+    try:
+        port = sink._server.sockets[0].getsockname()[1]
+        assert [s.getsockname()[0] for s in sink._server.sockets] == ["127.0.0.2"]
+        with socket.socket() as other, pytest.raises(ConnectionRefusedError):
+            other.settimeout(2)
+            other.connect(("127.0.0.3", port))
+    finally:
+        await sink.stop()

@@ -231,3 +231,42 @@ async def test_421_anywhere_drops_the_session_with_where_it_happened(where, said
     with pytest.raises(Dropped) as info:
         await attempt(relay)
     assert str(info.value) == said
+
+
+# --- a refused sender form: one more try with our plain sender ---------------------------------------------
+V3 = next(v for v in smtp.VARIANTS if v.id == "v3")  # a sender form under test (the server's own name)
+PLAIN = "MAIL FROM:<sys-probe@sink.test.example>"
+
+
+async def attempt_v3(relay: RelaySession) -> Finding:
+    outcome, _transcript = await relay.run_variant(V3, "sys0123456789abcdef")
+    return outcome
+
+
+async def test_a_temporary_refusal_of_the_sender_is_not_retried_with_another_sender():
+    relay, conn = session(MAIL=[Reply(451, ("4.3.0 try later",))])
+    outcome = await attempt_v3(relay)
+    assert (outcome.verdict, outcome.reason) == (I, "sender_rejected")  # at MAIL: the sender, for now
+    assert [line for line in conn.sent if line.startswith("MAIL")] == ["MAIL FROM:<sys-probe@mx.corp.example>"]
+
+
+@pytest.mark.parametrize("code", [500, 501, 550])
+async def test_a_sender_form_refused_for_good_is_tried_again_with_the_plain_sender_up_to_rcpt(code):
+    relay, conn = session(MAIL=[Reply(code, ("5.1.7 bad sender address syntax",)), OK])
+    outcome = await attempt_v3(relay)
+    assert (outcome.verdict, outcome.reason) == (C, "sender_form_refused")
+    assert outcome.note == (f"MAIL FROM answered {code} 5.1.7: the sender was refused: 5.1.7 bad sender address "
+                            "syntax; it takes the sender <sys-probe@sink.test.example>, so it refuses this sender "
+                            "form, and cannot relay with it")
+    mails = [line for line in conn.sent if line.startswith("MAIL")]
+    assert mails == ["MAIL FROM:<sys-probe@mx.corp.example>", PLAIN]
+    assert conn.sent[-1].startswith("RCPT TO:") and "DATA" not in conn.sent  # the form is answered at RCPT
+
+
+async def test_a_recipient_form_is_answered_with_the_plain_sender_through_the_end_of_data():
+    v9 = next(v for v in smtp.VARIANTS if v.id == "v9")  # a recipient form; its sender is the address literal
+    relay, conn = session(MAIL=[Reply(550, ("5.1.7 domain literals not allowed",)), OK])
+    outcome, _transcript = await relay.run_variant(v9, "sys0123456789abcdef")
+    assert (outcome.verdict, outcome.reason) == (Verdict.OPEN, "accepted_unconfirmed")
+    assert outcome.note.startswith("the sender <sys-probe@[192.0.2.5]> was refused (MAIL FROM answered 550 5.1.7")
+    assert conn.sent[-2:] == ["DATA", "."]
