@@ -7,6 +7,7 @@ fail under CI=true and skip otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 from typing import AsyncIterator, Iterator
@@ -160,3 +161,27 @@ def pytest_sessionstart(session):
                 catalog = read_po(source)
             with mo.open("wb") as target:
                 write_mo(target, catalog)
+
+
+@pytest.fixture
+def mta(tmp_path: Path, sink):
+    """Real Exim, Sendmail or OpenSMTPD (extracted packages, servers/mta.py) on 127.0.0.1, relaying to `sink`:
+    `await mta("exim" | "sendmail" | "opensmtpd", kind)`; each must leave no process behind."""
+    from servers import exim, opensmtpd, sendmail
+    from servers.mta import MtaInstance, MtaUnavailable
+
+    starters = {"exim": exim.start_exim, "sendmail": sendmail.start_sendmail, "opensmtpd": opensmtpd.start_opensmtpd}
+    started: list[MtaInstance] = []
+
+    async def start(name: str, kind: str) -> MtaInstance:
+        try:
+            instance = await asyncio.to_thread(starters[name], tmp_path, kind, sink_port=sink.port)
+        except MtaUnavailable as exc:
+            skip_or_fail(str(exc))
+        started.append(instance)
+        return instance
+
+    yield start
+    for instance in started:
+        instance.stop()
+        assert not instance.pids(), f"{instance.name} {instance.kind} left processes behind"

@@ -10,37 +10,12 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-from support import PROBE_DOMAIN, relay_port, skip_or_fail
+from support import PROBE_DOMAIN, relay_port
 
 from app.audits import Auditor
 from app.probes import smtp
-from servers import exim as exim_module
-from servers import opensmtpd as opensmtpd_module
-from servers import sendmail as sendmail_module
-from servers.mta import MtaInstance, MtaUnavailable
 
 ALL = {f"relay.v{i}" for i in range(1, 23)}
-STARTERS = {"exim": exim_module.start_exim, "opensmtpd": opensmtpd_module.start_opensmtpd,
-            "sendmail": sendmail_module.start_sendmail}
-
-
-@pytest.fixture
-def mta(tmp_path, sink):
-    started: list[MtaInstance] = []
-
-    async def start(name: str, kind: str) -> MtaInstance:
-        try:
-            instance = await asyncio.to_thread(STARTERS[name], tmp_path, kind, sink_port=sink.port)
-        except MtaUnavailable as exc:
-            skip_or_fail(str(exc))
-        started.append(instance)
-        return instance
-
-    yield start
-    for instance in started:
-        instance.stop()
-        assert not instance.pids(), f"{instance.name} {instance.kind} left processes behind"
 
 
 def rows(results, names: set[str]) -> set[tuple[str, str]]:
