@@ -60,7 +60,7 @@ UNVALIDATED_BLOCKS = {
                 "validator",
 }
 REQUIRED = ("slug", "title", "service", "products", "sources", "updated")
-SITE_PATHS = {"/", "/start", "/guides", "/privacy", "/docs"}
+SITE_PATHS = {"/", "/start", "/guides", "/privacy", "/docs", "/about"}
 FIX_ANCHOR = "fix"
 
 
