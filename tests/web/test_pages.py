@@ -142,6 +142,25 @@ async def test_transcripts_are_escaped_on_the_page(settings):
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
 
 
+async def test_a_relay_rows_dialogue_says_whose_greeting_it_is(settings):
+    """A visitor whose provider answers on their address must be able to tell: the relay row's dialogue says the
+    greeting is from the server that answered on their address, and links the guide on which address it saw."""
+    from app.verdicts import CheckResult, TranscriptLine, Verdict
+
+    async with running_app(settings) as client:
+        audit_id = (await client.post("/api/v1/audits/self")).json()["id"]
+        await wait_done(client, audit_id)
+        store = client.app.state.sys.store
+        await store.add_check(audit_id, 99, CheckResult(
+            "relay", "127.0.0.1", 25, "relay.reachable", Verdict.INCONCLUSIVE, "port_open",
+            transcript=[TranscriptLine(0.1, "in", "220 smtp.provider.example ESMTP")]))
+        english = (await client.get(f"/audits/{audit_id}?lang=en")).text
+        spanish = (await client.get(f"/audits/{audit_id}?lang=es")).text
+    assert english.count("the server that answered on your address") == 1
+    assert 'href="/guides/source-address"' in english
+    assert spanish.count("del servidor que respondió en su") == 1 and 'href="/guides/source-address"' in spanish
+
+
 async def test_guides_index_filter_works_without_js(client):
     everything = (await client.get("/guides")).text
     assert "What is an open mail relay?" in everything
