@@ -16,15 +16,18 @@ its own loopback and the /30 (create() checks that), which is the fence for prox
 Names are unique per test process (`sysgf<pid>-<n>`, veth `sgh<pid>n<n>` / `sgn<pid>n<n>`); the /30 is chosen
 from the pid and a counter, and skipped when any address of the host is already in it. `delete()` first kills
 every process still in the namespace (they can only be ours: we made it), then deletes it, which removes the veth
-pair with it. An atexit hook deletes whatever this process made and left.
+pair with it. An atexit hook deletes whatever this process made and left; a process killed before its hook ran
+leaves its namespaces to the next Netns.create(), which sweeps those of dead owners.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ipaddress
 import itertools
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -106,6 +109,7 @@ class Netns:
     def create(cls) -> Netns:
         """A new namespace with a veth pair to it; raises NetnsUnavailable when that cannot be done here."""
         available()
+        _sweep_stale()
         pid = os.getpid()
         with _lock:
             n = next(_counter)
@@ -208,6 +212,34 @@ def _free_subnet(pid: int, n: int) -> ipaddress.IPv4Network:
         if not any(subnet.overlaps(other) for other in used):
             return subnet
     raise RuntimeError("no free /30 in 198.18.0.0/15 for a test namespace")
+
+
+_STALE = re.compile(r"^sysgf(\d+)-\d+$")
+
+
+def _sweep_stale() -> None:
+    """Namespaces of our test processes that died without their atexit hook (SIGKILL): their processes are
+    killed and the namespace deleted (its veth pair goes with it). Only our own prefix, only dead owners."""
+    listed = _ip("netns", "list", check=False).stdout.split("\n")
+    for name in (line.split()[0] for line in listed if line.strip()):
+        owner = _STALE.match(name)
+        if owner is None or _alive(int(owner.group(1))):
+            continue
+        pids = _ip("netns", "pids", name, check=False).stdout.split()
+        for word in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(word), signal.SIGKILL)
+        _ip("netns", "del", name, check=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @atexit.register

@@ -8,7 +8,9 @@ CI=true and skip elsewhere when one is missing.
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
+import time
 
 import pytest
 from support import skip_or_fail
@@ -16,7 +18,7 @@ from support import skip_or_fail
 from servers import exim, guide_fix, opensmtpd, sendmail
 from servers.guide_fix import GUIDES, PRODUCTS, GuideSteps, mutated_guide, prove_fix
 from servers.mta import MtaUnavailable
-from servers.netns import NetnsUnavailable
+from servers.netns import Netns, NetnsUnavailable
 from servers.netns import available as netns_available
 
 # Rewrites of each guide's Fix that leave the server open to strangers: (product, text of the Fix block, what it
@@ -122,6 +124,31 @@ async def test_the_namespace_and_what_ran_in_it_are_gone_when_the_proof_fails(tm
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
     addresses = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True, timeout=10).stdout
     assert place.netns not in namespaces.split() and f" {place.peer}/" not in addresses
+
+
+def test_a_namespace_left_by_a_killed_test_run_is_swept_at_the_next_one():
+    """A test process killed with SIGKILL runs no atexit hook: the next namespace made sweeps its namespaces (and
+    what still runs in them), and never one of a live process."""
+    try:
+        netns_available()
+    except NetnsUnavailable as exc:
+        skip_or_fail(str(exc))
+    dead = subprocess.Popen(["/bin/true"])
+    dead.wait(timeout=10)  # a pid that no process has now
+    stale, live = f"sysgf{dead.pid}-0", f"sysgf{os.getpid()}-999"
+    for name in (stale, live):
+        subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    leftover = subprocess.Popen(["ip", "netns", "exec", stale, "/bin/sleep", "600"])
+    try:
+        time.sleep(0.2)
+        with Netns.create():
+            names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout.split()
+        assert stale not in names and live in names
+        assert leftover.wait(timeout=10) == -9
+    finally:
+        leftover.kill()
+        for name in (stale, live):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
 
 
 def test_the_owner_starts_the_audit_from_inside_the_namespace_over_http(tmp_path):
