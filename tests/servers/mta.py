@@ -325,6 +325,16 @@ def banner(port: int, hostname: str, host: str = LOOPBACK) -> bytes | None:
     return None
 
 
+def start_kind(kind: str, kinds: tuple[str, ...], available: Callable[[], None],
+               start: Callable[[int], MtaInstance], sink_port: int) -> MtaInstance:
+    """What every MTA's start function does: refuse an unknown kind, check the MTA can run here, then start it on a
+    free port (start_with_port)."""
+    if kind not in kinds:
+        raise ValueError(f"kind must be one of {kinds}, not {kind!r}")
+    available()
+    return start_with_port(start, sink_port)
+
+
 def start_with_port(start: Callable[[int], MtaInstance], sink_port: int) -> MtaInstance:
     """start(port) with a free port, chosen again when another process took it first (bounded)."""
     error: MtaStartError | None = None

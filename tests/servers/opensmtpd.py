@@ -40,7 +40,7 @@ from servers.mta import (
     mount_namespace_possible,
     new_directory,
     require_root_and_user,
-    start_with_port,
+    start_kind,
     with_mounts,
 )
 from servers.netns import LOOPBACK_PLACE, Place
@@ -99,10 +99,8 @@ def start_opensmtpd(base: Path, kind: Kind, *, sink_port: int, timeout: float = 
                     place: Place = LOOPBACK_PLACE) -> MtaInstance:
     """A private OpenSMTPD of `kind` on a free port of 127.0.0.1 (or of place.host in place's network namespace),
     relaying what it relays to our sink on 127.0.0.1:sink_port (place.peer)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-    opensmtpd_available()
-    return start_with_port(lambda port: _start(Path(base), kind, port, sink_port, timeout, place), sink_port)
+    return start_kind(kind, KINDS, opensmtpd_available,
+                      lambda port: _start(Path(base), kind, port, sink_port, timeout, place), sink_port)
 
 
 def _start(base: Path, kind: Kind, port: int, sink_port: int, timeout: float, place: Place) -> MtaInstance:

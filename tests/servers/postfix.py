@@ -41,8 +41,8 @@ import atexit
 import grp
 import os
 import pwd
-import shutil
 import select
+import shutil
 import signal
 import socket
 import subprocess
