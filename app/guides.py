@@ -62,6 +62,23 @@ UNVALIDATED_BLOCKS = {
 REQUIRED = ("slug", "title", "service", "products", "sources", "updated")
 SITE_PATHS = {"/", "/start", "/guides", "/privacy", "/docs", "/about"}
 FIX_ANCHOR = "fix"
+CHECK_ANCHOR = "check"
+# Fix subsections every product guide may have that address no cause of their own
+FIX_SECTIONS_WITHOUT_CAUSE = ("what-this-does-not-break",)
+CAUSE_KEYS = ("id", "title", "check", "shows", "fix", "changes")
+
+
+@dataclass(frozen=True)
+class Cause:
+    """One way the product ends up open, as the guide's front matter declares it, tied to where the guide's Check
+    looks for it and where its Fix removes it; check-guides holds the guide to it."""
+
+    id: str
+    title: str
+    check: str  # anchor: the Check section itself, or one of its level-3 subsections
+    shows: str  # text that subsection contains: the command or setting that reveals the cause
+    fix: tuple[str, ...]  # anchors of the Fix subsections that remove it (one per system where the steps differ)
+    changes: str  # text each of those contains: the setting or command that removes it
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,9 @@ class Guide:
     text: str = ""  # plain text, for the search
     missing: list[str] = field(default_factory=list)  # front matter keys check-guides reports
     weight: int = 50  # order among general guides listed for a finding: lower first
+    causes: list[Cause] = field(default_factory=list)
+    fix_notes: list[str] = field(default_factory=list)  # anchors of Fix subsections that address no cause
+    sections: dict[str, tuple[str, str]] = field(default_factory=dict)  # anchor -> (level-2 anchor, its text)
 
     def matches(self, text: str) -> bool:
         return any(p.search(text) for p in self.fingerprints)
@@ -118,7 +138,8 @@ def parse_guide(text: str, path: str = "") -> Guide:
         slug=str(meta["slug"]), title=str(meta["title"]), service=str(meta["service"]), body=body,
         products=[str(p) for p in meta.get("products") or []], versions=str(meta.get("versions") or ""),
         fingerprints=patterns, sources=sources, updated=str(meta.get("updated") or ""), path=path,
-        missing=[key for key in REQUIRED if not meta.get(key)], weight=int(meta.get("weight") or 50))
+        missing=[key for key in REQUIRED if not meta.get(key)], weight=int(meta.get("weight") or 50),
+        causes=_causes(meta, path), fix_notes=[str(a) for a in meta.get("fix_notes") or []])
 
 
 def _front_matter(text: str, path: str) -> tuple[dict[str, Any], str]:
@@ -165,6 +186,21 @@ def _fingerprints(meta: dict[str, Any], path: str) -> list[re.Pattern[str]]:
     return patterns
 
 
+def _causes(meta: dict[str, Any], path: str) -> list[Cause]:
+    """The front matter's causes; one that is not a mapping of CAUSE_KEYS to text stops the load."""
+    causes = []
+    for entry in meta.get("causes") or []:
+        if not isinstance(entry, dict) or set(entry) != set(CAUSE_KEYS):
+            raise GuideError(f"{path}: each cause is a mapping of exactly {list(CAUSE_KEYS)} (found {entry!r})")
+        fix = entry["fix"] if isinstance(entry["fix"], list) else [entry["fix"]]
+        values = [entry[key] for key in CAUSE_KEYS if key != "fix"] + fix
+        if not fix or any(not isinstance(v, str) or not v.strip() for v in values):
+            raise GuideError(f"{path}: cause {entry.get('id')!r}: every field is non-empty text")
+        causes.append(Cause(entry["id"], entry["title"], entry["check"], entry["shows"], tuple(fix),
+                            entry["changes"]))
+    return causes
+
+
 def _fence_info(info: str) -> tuple[str, dict[str, str]]:
     words = info.split()
     language = words[0] if words and "=" not in words[0] else ""
@@ -192,6 +228,31 @@ def _inline_text(token: Token) -> str:
     return "".join(child.content for child in (token.children or []) if child.type in ("text", "code_inline"))
 
 
+class _SectionText:
+    """The text under each heading while a guide's tokens are read: a level-2 section's text holds its
+    subsections' text too."""
+
+    def __init__(self) -> None:
+        self.texts: dict[str, tuple[str, list[str]]] = {}
+        self.open: list[str] = []
+        self.parent = ""
+
+    def enter(self, level: int, anchor: str) -> None:
+        if level == 2:
+            self.parent, self.open = anchor, [anchor]
+        else:
+            self.open = [self.parent, anchor] if self.parent else [anchor]
+        self.texts[anchor] = (self.parent if level == 3 else anchor, [])
+
+    def add(self, text: str) -> str:
+        for anchor in self.open:
+            self.texts[anchor][1].append(text)
+        return text
+
+    def done(self) -> dict[str, tuple[str, str]]:
+        return {anchor: (parent, "\n".join(parts)) for anchor, (parent, parts) in self.texts.items()}
+
+
 class GuideLibrary:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -207,22 +268,24 @@ class GuideLibrary:
     def _render(self, guide: Guide) -> None:
         tokens = self._md.parse(guide.body)
         words: list[str] = [guide.title, " ".join(guide.products)]
+        sections = _SectionText()
         for index, token in enumerate(tokens):
             if token.type == "heading_open" and token.tag in ("h2", "h3"):
                 text = _inline_text(tokens[index + 1])
                 guide.toc.append((int(token.tag[1]), str(token.attrs.get("id", "")), text))
+                sections.enter(int(token.tag[1]), str(token.attrs.get("id", "")))
             elif token.type == "fence":
                 language, attrs = _fence_info(token.info)
                 line = (token.map[0] + 1) if token.map else 0
                 guide.blocks.append(CodeBlock(language, attrs.get("validate"), token.content, line, attrs.get("why")))
-                words.append(token.content)
+                words.append(sections.add(token.content))
             elif token.type == "inline":
-                words.append(_inline_text(token))
-                for child in token.children or []:
-                    if child.type == "link_open":
-                        guide.links.append(str(child.attrs.get("href", "")))
+                words.append(sections.add(_inline_text(token)))
+                guide.links.extend(str(child.attrs.get("href", "")) for child in token.children or []
+                                   if child.type == "link_open")
         guide.html = self._md.renderer.render(tokens, self._md.options, {})
         guide.text = " ".join(words).lower()
+        guide.sections = sections.done()
 
     def get(self, slug: str) -> Guide | None:
         return self.guides.get(slug)
@@ -281,6 +344,7 @@ class GuideLibrary:
                     found.append(f"{where}:{block.line}: code block needs validate= one of {VALIDATORS}"
                                  f" (has {block.validate!r})")
             found.extend(_validation_problems(guide))
+            found.extend(_cause_problems(guide))
             for href in guide.links:
                 problem = self._link_problem(guide, href)
                 if problem:
@@ -329,6 +393,46 @@ def _validation_problems(guide: Guide) -> list[str]:
                      f" needs validate={' or validate='.join(validators)}: validate=none is only for commands to"
                      f" type ({', '.join(COMMAND_LANGUAGES)}) or with why= one of {list(UNVALIDATED_BLOCKS)}"
                      + (f" (has why={block.why!r})" if block.why else ""))
+    return found
+
+
+def _cause_problems(guide: Guide) -> list[str]:
+    """A product guide declares the causes its Fix addresses; each is looked for in Check (where `shows` is found)
+    and removed in Fix (where `changes` is found); every Fix subsection removes a declared cause or is a note."""
+    if guide.service == "general":
+        return []
+    where = guide.path
+    if not guide.causes:
+        return [f"{where}: a product guide declares the causes its Fix addresses (front matter `causes`)"]
+    found = []
+    ids = [cause.id for cause in guide.causes]
+    for cause in guide.causes:
+        if not SLUG.match(cause.id) or ids.count(cause.id) > 1:
+            found.append(f"{where}: cause id {cause.id!r} must be unique, lower case, digits and hyphens")
+        found.extend(_tie_problems(guide, cause, CHECK_ANCHOR, [cause.check], cause.shows))
+        found.extend(_tie_problems(guide, cause, FIX_ANCHOR, list(cause.fix), cause.changes))
+    tied = {anchor for cause in guide.causes for anchor in cause.fix}
+    notes = set(guide.fix_notes) | set(FIX_SECTIONS_WITHOUT_CAUSE)
+    for anchor, (parent, _text) in guide.sections.items():
+        if parent == FIX_ANCHOR and anchor != FIX_ANCHOR and anchor not in tied | notes:
+            found.append(f"{where}: Fix subsection #{anchor} removes no declared cause: declare its cause (and"
+                         " where Check looks for it), or list it in `fix_notes`")
+    return found
+
+
+def _tie_problems(guide: Guide, cause: Cause, section: str, anchors: list[str], text: str) -> list[str]:
+    """Each anchor is the section itself or one of its subsections, and its text contains `text`."""
+    found = []
+    name = "Check" if section == CHECK_ANCHOR else "Fix"
+    for anchor in anchors:
+        parent, body = guide.sections.get(anchor, ("", ""))
+        if parent != section:
+            found.append(f"{guide.path}: cause {cause.id!r}: #{anchor} is not the {name} section nor one of its"
+                         " subsections")
+        elif text.lower() not in body.lower():
+            verb = "shows" if section == CHECK_ANCHOR else "changes"
+            found.append(f"{guide.path}: cause {cause.id!r}: {name} #{anchor} does not contain its `{verb}` text"
+                         f" {text!r}")
     return found
 
 
