@@ -112,6 +112,7 @@ class Guide:
     causes: list[Cause] = field(default_factory=list)
     fix_notes: list[str] = field(default_factory=list)  # anchors of Fix subsections that address no cause
     sections: dict[str, tuple[str, str]] = field(default_factory=dict)  # anchor -> (level-2 anchor, its text)
+    cause_html: dict[str, str] = field(default_factory=dict)  # cause id -> its title rendered (inline Markdown)
 
     def matches(self, text: str) -> bool:
         return any(p.search(text) for p in self.fingerprints)
@@ -286,6 +287,7 @@ class GuideLibrary:
         guide.html = self._md.renderer.render(tokens, self._md.options, {})
         guide.text = " ".join(words).lower()
         guide.sections = sections.done()
+        guide.cause_html = {cause.id: self._md.renderInline(cause.title) for cause in guide.causes}
 
     def get(self, slug: str) -> Guide | None:
         return self.guides.get(slug)

@@ -97,17 +97,43 @@ versions: "3.x"
 fingerprints: ['ESMTP Postfix']
 sources: ['https://www.postfix.org/']
 updated: 2026-11-27
+causes:
+  - id: wide-mynetworks
+    title: mynetworks names networks that are not yours
+    check: check
+    shows: postconf mynetworks
+    fix: [fix]
+    changes: "mynetworks ="
+  - id: permit-all
+    title: the relay restrictions permit everyone
+    check: 2-restrictions
+    shows: smtpd_relay_restrictions
+    fix: restrictions
+    changes: reject_unauth_destination
+fix_notes: [older-releases]
 ---
 ## What you see
 x
 ## Check
 ```sh validate=none
-postconf -n
+postconf mynetworks
+```
+### 2. Restrictions
+```sh validate=none
+postconf smtpd_relay_restrictions
 ```
 ## Fix
 ```ini validate=postfix-main
 mynetworks = 127.0.0.0/8
 ```
+### Restrictions
+```ini validate=postfix-main
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+```
+### Older releases
+x
+### What this does not break
+x
 ## Reload
 x
 ## Verify
@@ -135,7 +161,14 @@ def test_a_correct_guide_has_no_problems_and_renders_anchors_toc_and_highlightin
     assert [t for level, _a, t in guide.toc if level == 2] == ["What you see", "Check", "Fix", "Reload", "Verify",
                                                                 "Re-test"]
     assert 'id="fix"' in guide.html and 'class="language-ini"' in guide.html and "<span" in guide.html
-    assert [(b.language, b.validate) for b in guide.blocks] == [("sh", "none"), ("ini", "postfix-main")]
+    assert [(b.language, b.validate) for b in guide.blocks] == [("sh", "none"), ("sh", "none"),
+                                                                  ("ini", "postfix-main"), ("ini", "postfix-main")]
+    assert [(c.id, c.check, c.fix) for c in guide.causes] == [("wide-mynetworks", "check", ("fix",)),
+                                                              ("permit-all", "2-restrictions", ("restrictions",))]
+    # a section's text holds its subsections' text; a subsection's only its own
+    assert "smtpd_relay_restrictions" in guide.sections["check"][1]
+    assert guide.sections["2-restrictions"][0] == "check"
+    assert "postconf mynetworks" not in guide.sections["2-restrictions"][1]
 
 
 @pytest.mark.parametrize("change,problem", [
@@ -154,6 +187,22 @@ def test_a_correct_guide_has_no_problems_and_renders_anchors_toc_and_highlightin
     (lambda t: t.replace("```ini validate=postfix-main", "```ini validate=none why=later"), "(has why='later')"),
     (lambda t: t.replace("```ini validate=postfix-main", "```validate=none"), "this plain block of Postfix needs"),
     (lambda t: t.replace("products: [Postfix]", "products: [Unknownware]"), "in neither VALIDATED_PRODUCTS"),
+    # causes: each is looked for in Check and removed in Fix, and every Fix subsection removes one (or is a note)
+    (lambda t: t.split("causes:")[0] + "fix_notes:" + t.split("fix_notes:")[1], "declares the causes"),
+    (lambda t: t.replace("postconf smtpd_relay_restrictions\n", "postconf -n\n"),
+     "cause 'permit-all': Check #2-restrictions does not contain its `shows` text 'smtpd_relay_restrictions'"),
+    (lambda t: t.replace("check: 2-restrictions", "check: restrictions"),
+     "cause 'permit-all': #restrictions is not the Check section nor one of its subsections"),
+    (lambda t: t.replace("check: 2-restrictions", "check: nowhere"), "#nowhere is not the Check section"),
+    (lambda t: t.replace("fix: restrictions", "fix: 2-restrictions"), "#2-restrictions is not the Fix section"),
+    (lambda t: t.replace("fix: [fix]", "fix: [fix, restrictions]"),
+     "cause 'wide-mynetworks': Fix #restrictions does not contain its `changes` text 'mynetworks ='"),
+    (lambda t: t.replace("fix_notes: [older-releases]", "fix_notes: []"),
+     "Fix subsection #older-releases removes no declared cause"),
+    (lambda t: t.replace("### Older releases", "### Older releases\n### Another way in"),
+     "Fix subsection #another-way-in removes no declared cause"),
+    (lambda t: t.replace("id: permit-all", "id: wide-mynetworks"), "cause id 'wide-mynetworks' must be unique"),
+    (lambda t: t.replace("id: permit-all", "id: Permit All"), "cause id 'Permit All' must be unique, lower case"),
 ])
 def test_check_guides_finds_each_problem(tmp_path, change, problem):
     library = library_of(tmp_path, demo=change(PRODUCT), other=OTHER)
@@ -170,6 +219,24 @@ def test_check_guides_finds_each_problem(tmp_path, change, problem):
 def test_what_may_stay_unvalidated(tmp_path, change):
     library = library_of(tmp_path, demo=change(PRODUCT), other=OTHER)
     assert library.problems() == []
+
+
+@pytest.mark.parametrize("causes", [
+    "causes: [just-a-name]",
+    "causes:\n  - {id: x, title: X, check: check, shows: s, fix: fix}",  # `changes` missing
+    "causes:\n  - {id: x, title: X, check: check, shows: s, fix: fix, changes: c, more: m}",
+    "causes:\n  - {id: x, title: X, check: check, shows: '', fix: fix, changes: c}",
+    "causes:\n  - {id: x, title: X, check: check, shows: s, fix: [], changes: c}",
+    "causes:\n  - {id: x, title: X, check: check, shows: 3, fix: fix, changes: c}",
+])
+def test_a_malformed_cause_stops_loading(causes):
+    with pytest.raises(GuideError, match="cause"):
+        parse_guide(_with_causes(causes), "t.md")
+
+
+def _with_causes(causes: str) -> str:
+    head, rest = PRODUCT.split("causes:\n", 1)
+    return head + causes + "\nfix_notes:" + rest.split("fix_notes:", 1)[1]
 
 
 def test_a_bad_fingerprint_or_duplicate_slug_stops_loading(tmp_path):

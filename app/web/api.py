@@ -185,6 +185,7 @@ async def get_guide(slug: str, guides: GuidesDep, settings: SettingsDep) -> dict
         raise HTTPException(404, "No guide with this name.")
     return {**guide.summary(), "url": absolute_url(settings, guide_url(guide)),
             "toc": [{"level": level, "anchor": anchor, "title": text} for level, anchor, text in guide.toc],
+            "causes": [{"id": c.id, "title": c.title, "check": c.check, "fix": list(c.fix)} for c in guide.causes],
             "html": guide.html}
 
 

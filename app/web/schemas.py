@@ -140,8 +140,17 @@ class TocEntry(BaseModel):
     title: str
 
 
+class Cause(BaseModel):
+    id: str
+    title: str = Field(description="inline Markdown")
+    check: str = Field(description="the anchor of the Check subsection that looks for it")
+    fix: list[str] = Field(description="the anchors of the Fix subsections that remove it")
+
+
 class Guide(GuideSummary):
     toc: list[TocEntry]
+    causes: list[Cause] = Field(description="product guides: every way the product ends up open that the guide "
+                                            "covers; empty for general guides")
     html: str
 
 

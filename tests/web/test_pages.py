@@ -183,6 +183,31 @@ async def test_guides_api(client):
     assert (await client.get("/api/v1/guides", params={"service": "mail"})).status_code == 422
 
 
+async def test_a_guide_page_lists_its_causes_with_links_to_where_check_and_fix_deal_with_them(client):
+    page = (await client.get("/guides/exchange")).text
+    covered = page.split('id="causes-title"')[1].split("</section>")[0]
+    assert "An accepted domain <code>*</code> makes Exchange accept mail for every domain" in covered
+    links = re.findall(r'href="#([^"]+)"', covered)
+    assert "3-list-the-accepted-domains" in links and "an-accepted-domain-" in links
+    assert all(f'id="{anchor}"' in page for anchor in links), links  # every link lands on a heading of the page
+    spanish = (await client.get("/guides/exchange", headers={"Accept-Language": "es"})).text
+    assert "Qué cubre esta guía" in spanish
+    one = (await client.get("/api/v1/guides/exchange")).json()
+    assert {"id": "accepted-domain-star", "title": "An accepted domain `*` makes Exchange accept mail for every domain",
+            "check": "3-list-the-accepted-domains", "fix": ["an-accepted-domain-"]} in one["causes"]
+    assert (await client.get("/api/v1/guides/infected-computer")).json()["causes"] == []
+
+
+def test_a_cause_title_cannot_inject_markup(tmp_path):
+    from app.guides import GuideLibrary
+    (tmp_path / "relay").mkdir()
+    (tmp_path / "relay" / "x.md").write_text(
+        "---\nslug: x\ntitle: X\nservice: relay\ncauses:\n  - {id: a, title: '<script>alert(1)</script> `x`',"
+        " check: check, shows: s, fix: fix, changes: c}\n---\n## Check\ns\n## Fix\nc\n")
+    html = GuideLibrary(tmp_path).get("x").cause_html["a"]
+    assert "<script>" not in html and "&lt;script&gt;" in html and "<code>x</code>" in html
+
+
 async def test_a_guide_opened_from_an_audit_offers_the_way_back(client):
     audit_id = (await client.post("/api/v1/audits/self")).json()["id"]
     page = (await client.get(f"/guides/squid?audit={audit_id}")).text
