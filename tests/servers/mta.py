@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 from servers.netns import LOOPBACK_PLACE, Place
+from servers.processes import group_pids, stop_group
 
 LOOPBACK = "127.0.0.1"
 PREFIX = Path(os.environ.get("MTA_ROOT", "/opt/secure-your-server"))
@@ -113,7 +114,7 @@ class MtaInstance:
             process = self._process
             try:
                 if process is not None:
-                    _stop_group(process, self.stop_signal)
+                    stop_group(process, self.stop_signal, timeout=STOP_TIMEOUT)
             finally:
                 _running.discard(self)
                 if self._out is not None:
@@ -128,57 +129,6 @@ class MtaInstance:
 
 
 _running: "weakref.WeakSet[MtaInstance]" = weakref.WeakSet()
-
-
-def _stop_group(process: subprocess.Popen, stop_signal: int) -> None:
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, stop_signal)
-        except ProcessLookupError:
-            pass
-        try:
-            process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pass
-    for _ in range(2):  # bounded: a second round only for a late fork
-        if process.poll() is not None and not group_pids(process.pid):
-            return
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pass
-        _until(lambda: not group_pids(process.pid), seconds=STOP_TIMEOUT)
-
-
-def group_pids(pgid: int) -> list[int]:
-    """Live (not zombie) processes whose process group is pgid."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry.name}/stat").read_text(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-            pids.append(int(entry.name))
-    return pids
-
-
-def _until(condition: Callable[[], bool], *, seconds: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + seconds
-    for _ in range(int(seconds / step) + 1):
-        if condition():
-            return True
-        if time.monotonic() > deadline:
-            break
-        time.sleep(step)
-    return condition()
 
 
 def require_root_and_user(what: str, binary: Path, user: str) -> None:

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Literal
 
 from servers.netns import LOOPBACK_PLACE, Place
+from servers.processes import wait_until
 
 Kind = Literal["open", "closed", "starttls", "submission"]
 KINDS: tuple[str, ...] = ("open", "closed", "starttls", "submission")
@@ -396,11 +397,7 @@ def _instance_pids(queue_dir: Path) -> list[int]:
 
 
 def _wait_gone(queue_dir: Path, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    for _ in range(int(seconds / 0.05) + 1):
-        if not _instance_pids(queue_dir) or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    wait_until(lambda: not _instance_pids(queue_dir), seconds=seconds, step=0.05)
     for pid in _instance_pids(queue_dir):  # stragglers of this instance only
         try:
             os.kill(pid, signal.SIGKILL)

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal, Sequence
 
 from servers.netns import LOOPBACK_PLACE, Place
+from servers.processes import group_pids, kill_group, wait_until
 
 LOOPBACK = "127.0.0.1"
 SQUID = "/usr/sbin/squid"
@@ -162,7 +163,7 @@ class ProxyInstance:
         """Live (not zombie) processes of this instance: its process group."""
         if self._process is None:
             return []
-        return _group_pids(self._process.pid)
+        return group_pids(self._process.pid)
 
     def sockets(self) -> list[tuple[str, str, int, str]]:
         """(proto, local address, local port, state) of every TCP/UDP socket the instance's processes hold."""
@@ -217,19 +218,7 @@ class ProxyInstance:
                 process.wait(timeout=STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 pass
-        # the group: the process itself if it hung, and children it left behind (none seen so far)
-        for _ in range(2):  # bounded: SIGKILL cannot be ignored; a second round only for a late fork
-            if process.poll() is not None and not _group_pids(process.pid):
-                break
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                process.wait(timeout=KILL_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass
-            _wait(lambda: not _group_pids(process.pid), seconds=KILL_TIMEOUT)
+        kill_group(process, timeout=KILL_TIMEOUT)  # the process itself if it hung, and children it left
 
     def _finish_files(self, keep_run_dir: bool = False) -> None:
         if self._out is not None:
@@ -249,9 +238,9 @@ class ProxyInstance:
     def _check_port_free(self) -> None:
         leftovers = self.pids()
         if self.place.namespaced:  # the host's /proc/net does not show the namespace's sockets: ask the port
-            listening = _wait(lambda: not _accepts(self.host, self.port), seconds=KILL_TIMEOUT)
+            listening = wait_until(lambda: not _accepts(self.host, self.port), seconds=KILL_TIMEOUT)
         else:
-            listening = _wait(lambda: not _listening_on(self.port), seconds=KILL_TIMEOUT)
+            listening = wait_until(lambda: not _listening_on(self.port), seconds=KILL_TIMEOUT)
         if leftovers or not listening:
             raise ProxyStopError(f"{self.name} on {self.host}:{self.port}: still running after stop() "
                                  f"(pids {leftovers}, port listening: {not listening})")
@@ -1124,23 +1113,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _group_pids(pgid: int) -> list[int]:
-    """Live (not zombie) processes whose process group is pgid."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-            pids.append(int(entry.name))
-    return pids
-
-
 def _children(pid: int) -> list[int]:
     try:
         return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -1220,17 +1192,6 @@ def _accepts(host: str, port: int) -> bool:
 def _sockets_of(pids: Iterable[int]) -> list[tuple[str, str, int, str]]:
     mine = _socket_inodes(pids)
     return [(proto, address, port, state) for proto, address, port, state, inode in _proc_net() if inode in mine]
-
-
-def _wait(condition: Callable[[], bool], *, seconds: float, step: float = 0.02) -> bool:
-    deadline = time.monotonic() + seconds
-    for _ in range(int(seconds / step) + 1):  # bounded in count and in time
-        if condition():
-            return True
-        if time.monotonic() > deadline:
-            break
-        time.sleep(step)
-    return condition()
 
 
 def _tail(text: str, lines: int = 40) -> str:
