@@ -226,7 +226,10 @@ def _markdown() -> MarkdownIt:
 
 
 def _inline_text(token: Token) -> str:
-    return "".join(child.content for child in (token.children or []) if child.type in ("text", "code_inline"))
+    """The words of an inline token; a line break inside a paragraph is a space (else two words would join)."""
+    return "".join(" " if child.type in ("softbreak", "hardbreak") else child.content
+                   for child in (token.children or []) if child.type in ("text", "code_inline", "softbreak",
+                                                                         "hardbreak"))
 
 
 class _SectionText:

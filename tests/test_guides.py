@@ -258,6 +258,14 @@ def test_ranking_product_first_then_fingerprint_then_general(tmp_path):
     assert library.for_check(closed) == []
 
 
+def test_a_line_break_inside_a_paragraph_separates_words(tmp_path):
+    library = library_of(tmp_path, demo=PRODUCT.replace("## What you see\nx\n", "## What you see\nLocal to external\ne-mail\n"),
+                         other=OTHER)
+    guide = library.get("demo")
+    assert "external e-mail" in guide.text and "externale-mail" not in guide.text
+    assert "external e-mail" in guide.sections["what-you-see"][1]
+
+
 def test_search_and_filter(tmp_path):
     library = library_of(tmp_path, demo=PRODUCT, other=OTHER)
     assert [g.slug for g in library.search("exim")] == ["other"]
