@@ -71,7 +71,7 @@ if (( EUID != 0 )); then
     warn "  sudo bash scripts/install-debian-packages.sh"
     warn "or by hand:"
     warn "  sudo apt-get install --no-install-recommends ${missing[*]}"
-    warn "  (then stop any daemon they started, e.g. sudo systemctl disable --now postfix squid tinyproxy danted)"
+    warn "  (then stop any daemon they started, e.g. sudo systemctl disable --now postfix squid tinyproxy danted postgresql redis-server)"
     warn "continuing: tests that need them skip locally and fail under CI=true"
     exit 0
 fi
@@ -194,13 +194,15 @@ apt_update() {
     updated=1
 }
 
-# Daemons these packages ship, by process name (postfix's is "master").
-daemons=(master squid tinyproxy danted microsocks haproxy nginx apache2 privoxy)
+# Daemons these packages ship, by process name (postfix's is "master"; PostgreSQL's server is "postgres").
+daemons=(master squid tinyproxy danted microsocks haproxy nginx apache2 privoxy postgres redis-server)
 
 running_pids() {
+    # Only daemons of the system's init (parent pid 1): an instance a test started meanwhile (tests/servers/*.py)
+    # is a child of its test process and is none of this script's business.
     local d
     for d in "${daemons[@]}"; do
-        pgrep -x "$d" 2>/dev/null || true
+        pgrep -x -P 1 "$d" 2>/dev/null || true
     done | sort -n
 }
 
