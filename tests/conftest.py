@@ -185,3 +185,36 @@ def mta(tmp_path: Path, sink):
     for instance in started:
         instance.stop()
         assert not instance.pids(), f"{instance.name} {instance.kind} left processes behind"
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """Debian's PostgreSQL on 127.0.0.1 (servers/postgres.py), one cluster for the session in a temporary folder of
+    its own: `.dsn` (postgresql://app:PASSWORD@127.0.0.1:PORT/app), `.new_database()` for a fresh database,
+    `.admin_dsn`. A missing package (or, as root, a missing postgres user) fails under CI=true and skips
+    otherwise. Stopped at the end of the session, leaving no process and no folder."""
+    from servers.postgres import PostgresUnavailable, start_postgres
+
+    try:
+        instance = start_postgres()
+    except PostgresUnavailable as exc:
+        skip_or_fail(str(exc))
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """Debian's redis-server on 127.0.0.1 (servers/redis.py), one for the session, with a password and no
+    persistence: `.url` (redis://:PASSWORD@127.0.0.1:PORT/0), `.url_for(db)`. A missing package fails under
+    CI=true and skips otherwise. Stopped at the end of the session, leaving no process and no folder."""
+    import secrets
+
+    from servers.redis import RedisUnavailable, start_redis
+
+    try:
+        instance = start_redis(password=secrets.token_urlsafe(12))
+    except RedisUnavailable as exc:
+        skip_or_fail(str(exc))
+    yield instance
+    instance.stop()

@@ -1,18 +1,21 @@
-"""Process-group helpers shared by the real-server fixtures (mta.py, proxies.py, postfix.py): who is still alive,
-a bounded wait, and the SIGKILL rounds that end a fixture's process group."""
+"""Process-group helpers shared by the real-server fixtures (mta.py, proxies.py, postfix.py, postgres.py, redis.py):
+who is still alive, a bounded wait, the SIGKILL rounds that end a fixture's process group, and which TCP ports a
+group listens on."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
 
-def group_pids(pgid: int) -> list[int]:
-    """Live (not zombie) processes whose process group is pgid."""
-    pids = []
+def _live_processes() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, process group, start time) of every live (not zombie) process."""
+    found = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -22,9 +25,41 @@ def group_pids(pgid: int) -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-            pids.append(int(entry.name))
-    return pids
+        if len(fields) > 19 and fields[0] not in ("Z", "X"):
+            found[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[19])
+    return found
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (not zombie) processes whose process group is pgid."""
+    return [pid for pid, (_, group, _) in _live_processes().items() if group == pgid]
+
+
+def tree_pids(pid: int) -> list[int]:
+    """Live processes of pid's group and pid's live descendants: PostgreSQL's children each call setsid(), so its
+    process group alone is the postmaster."""
+    processes = _live_processes()
+    found = {p for p, (_, group, _) in processes.items() if group == pid}
+    if pid in processes:
+        found.add(pid)
+    for _ in range(64):  # bounded: one level of the tree per round
+        children = {p for p, (parent, _, _) in processes.items() if parent in found} - found
+        if not children:
+            break
+        found |= children
+    return sorted(found)
+
+
+def identities(pids: list[int]) -> list[tuple[int, str]]:
+    """(pid, start time) of those of pids alive now: what alive() recognises later even if a pid is reused."""
+    processes = _live_processes()
+    return [(pid, processes[pid][2]) for pid in pids if pid in processes]
+
+
+def alive(known: list[tuple[int, str]]) -> list[int]:
+    """The pids of `known` (identities()) still alive as the same processes (not zombies, not a reused pid)."""
+    processes = _live_processes()
+    return [pid for pid, started in known if pid in processes and processes[pid][2] == started]
 
 
 def wait_until(condition: Callable[[], bool], *, seconds: float, step: float = 0.02) -> bool:
@@ -68,3 +103,52 @@ def stop_group(process: subprocess.Popen, stop_signal: int, *, timeout: float) -
         except subprocess.TimeoutExpired:
             pass
     kill_group(process, timeout=timeout)
+
+
+def _socket_inodes(pids: list[int]) -> set[int]:
+    inodes = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _tcp_listen_rows() -> list[tuple[str, int, int]]:
+    """(local address, port, inode) of every listening TCP socket (IPv4 and IPv6) in our network namespace."""
+    rows = []
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/net/{name}") as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) < 10 or parts[3] != "0A":  # 0A: LISTEN
+                continue
+            hex_address, hex_port = parts[1].split(":")
+            raw = bytes.fromhex(hex_address)
+            # the kernel prints each 32-bit word of the address in host byte order
+            words = [raw[i:i + 4][::-1] if sys.byteorder == "little" else raw[i:i + 4] for i in range(0, len(raw), 4)]
+            rows.append((str(ipaddress.ip_address(b"".join(words))), int(hex_port, 16), int(parts[9])))
+    return rows
+
+
+def tcp_listeners(pids: list[int]) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket these processes listen on."""
+    mine = _socket_inodes(pids)
+    return sorted((address, port) for address, port, inode in _tcp_listen_rows() if inode in mine)
+
+
+def port_listening(port: int) -> bool:
+    """Whether any process of our network namespace listens on this TCP port (any address)."""
+    return any(p == port for _, p, _ in _tcp_listen_rows())
