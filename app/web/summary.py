@@ -6,6 +6,7 @@ a bounded whole."""
 from __future__ import annotations
 
 import re
+import textwrap
 import time
 from collections.abc import Callable, Mapping
 
@@ -43,10 +44,10 @@ def summary_text(report: Report, port_blocks: list[Block], steps: Mapping[str, N
         verdict = (audit.summary or {}).get(service) or ""
         lines.append(f"{_(SERVICE_NAMES.get(service, service))}: {names.get(verdict, verdict).upper()}")
         if report.sentences.get(service):
-            lines.append(report.sentences[service])
+            lines += _wrap(report.sentences[service])
         step = steps.get(service)
         if step is not None:
-            lines.append(_("Next step:") + " " + step_text(step) + " " + link(step_path(step)))
+            lines += _wrap(_("Next step:") + " " + step_text(step) + " " + link(step_path(step)))
         lines.append("")
     if report.changes:
         lines += [_("Since the previous test:") + " " + changes_text(report.changes), ""]
@@ -56,6 +57,11 @@ def summary_text(report: Report, port_blocks: list[Block], steps: Mapping[str, N
               for b in port_blocks]
     lines += ["", _("See the full result, with every dialogue:") + " " + permalink]
     return _bounded("\n".join(lines) + "\n", permalink)
+
+
+def _wrap(text: str) -> list[str]:
+    """Our own sentences, wrapped for an email (links are never cut)."""
+    return textwrap.wrap(text, 76, break_long_words=False, break_on_hyphens=False)
 
 
 def _evidence(port_blocks: list[Block]) -> list[str]:

@@ -252,3 +252,28 @@ def test_screenshots_and_the_printed_report(site, browser):
         assert "Re-test" not in printed and "Test my server" not in printed  # no buttons, no navigation
         if state == "relay":
             assert "ESMTP Postfix" in printed and "250 2.0.0 Ok: queued" in printed  # the open port's evidence
+
+
+@pytest.mark.parametrize("viewport", [PHONE, DESKTOP], ids=["phone", "desktop"])
+def test_no_serious_or_critical_accessibility_violation_in_any_state(site, browser, viewport):
+    from browser_support import AXE
+    from support import require_binary
+
+    if not AXE.exists():
+        require_binary(str(AXE), "axe-core from the npm registry (make test runs npm ci)")
+    served, ids = site
+    page = _page(browser, viewport, bypass_csp=True)  # to inject axe-core; the site's own CSP forbids it
+    bad = {}
+    for state in STATES:
+        page.goto(f"{served.url}/audits/{ids[state]}")
+        for summary in page.locator(".ports .block > details > summary, .ports details.block > summary").all()[:10]:
+            if summary.is_visible():
+                summary.click()  # the expanded rows too
+        page.add_script_tag(path=str(AXE))
+        result = page.evaluate("async () => await axe.run(document, {resultTypes: ['violations']})")
+        found = [{"id": v["id"], "nodes": [n["target"] for n in v["nodes"]][:3]} for v in result["violations"]
+                 if v["impact"] in ("serious", "critical")]
+        if found:
+            bad[state] = found
+    page.context.close()
+    assert bad == {}
