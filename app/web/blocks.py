@@ -136,8 +136,9 @@ def _port_line(groups: list[Group], total: int) -> str:
 
 def evidence(check: CheckResult, limit: int = EVIDENCE_LINES) -> list[TranscriptLine]:
     """The dialogue lines that prove an open check: who answered (the greeting of a shared opening), then what was
-    said in this check itself, without our own notes; a long exchange keeps its start and its end (the proof)."""
-    said = [line for line in check.own_lines if line.dir in ("in", "out")]
+    said in this check itself, without our own notes or blank lines; a long exchange keeps its start and its end
+    (the proof)."""
+    said = [line for line in check.own_lines if line.dir in ("in", "out") and line.text.strip()]
     greeting = [next((line for line in check.opening.lines if line.dir == "in"), None)] if check.opening else []
     lines = [line for line in greeting if line is not None] + said
     if len(lines) <= limit:
