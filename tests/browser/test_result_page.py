@@ -155,14 +155,24 @@ def test_an_open_relay_shows_each_open_variant_with_its_evidence_and_collapses_t
     page.context.close()
 
 
-def test_the_top_of_a_phone_screen_holds_the_verdicts_the_next_step_and_the_retest(site, browser):
+TOPS = {
+    "en": (("relay", ["Mail relay: open", "Your server is Postfix: follow these 4 steps"]),
+           ("proxy", ["Proxy: open", "Your server is Squid: follow these 4 steps"]),
+           ("fixed", ["Mail relay: closed", "11 fixed"]),
+           ("unreachable", ["Mail relay: unreachable", "Proxy: unreachable"])),
+    "es": (("relay", ["Relé de correo: abierto", "Su servidor es Postfix: siga estos 4 pasos"]),
+           ("proxy", ["Proxy: abierto", "Su servidor es Squid: siga estos 4 pasos"]),
+           ("fixed", ["Relé de correo: cerrado", "11 corregidos"]),
+           ("unreachable", ["Relé de correo: inalcanzable", "Proxy: inalcanzable"])),
+}
+
+
+@pytest.mark.parametrize("language", ["en", "es"])
+def test_the_top_of_a_phone_screen_holds_the_verdicts_the_next_step_and_the_retest(site, browser, language):
     served, ids = site
-    for state, needles in (("relay", ["Mail relay: open", "Your server is Postfix: follow these 4 steps"]),
-                           ("proxy", ["Proxy: open", "Your server is Squid: follow these 4 steps"]),
-                           ("fixed", ["Mail relay: closed", "11 fixed"]),
-                           ("unreachable", ["Mail relay: unreachable", "Proxy: unreachable"])):
+    for state, needles in TOPS[language]:
         page = _page(browser, PHONE)
-        page.goto(f"{served.url}/audits/{ids[state]}")
+        page.goto(f"{served.url}/audits/{ids[state]}?lang={language}")
         top = page.inner_text(".summary")
         assert all(n in top for n in needles), (state, top)
         for selector in (".summary .verdict", ".summary .retest"):
@@ -235,8 +245,10 @@ def test_screenshots_and_the_printed_report(site, browser):
             page = _page(browser, viewport)
             page.goto(f"{served.url}/audits/{ids[state]}")
             page.screenshot(path=str(ARTIFACTS / f"result-{state}-{name}.png"), full_page=name == "desktop")
-            if name == "phone":  # the first screen, then the whole page
+            if name == "phone":  # the first screen, then the whole page, then the first screen in Spanish
                 page.screenshot(path=str(ARTIFACTS / f"result-{state}-phone-full.png"), full_page=True)
+                page.goto(f"{served.url}/audits/{ids[state]}?lang=es")
+                page.screenshot(path=str(ARTIFACTS / f"result-{state}-phone-es.png"))
             page.context.close()
         page = _page(browser, DESKTOP)
         page.goto(f"{served.url}/audits/{ids[state]}")

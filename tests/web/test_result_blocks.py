@@ -139,3 +139,14 @@ async def test_the_plain_text_summary_carries_the_verdicts_the_evidence_and_the_
     assert "Relé de correo: ABIERTO" in spanish and "Su servidor es Postfix: siga estos 4 pasos" in spanish
     assert permalink in page and f'href="/audits/{audit_id}/summary.txt"' in page  # the page offers both
     assert missing.status_code == 404
+
+
+async def test_the_top_of_the_page_says_when_a_retest_may_run(settings):
+    settings.target_cooldown = 300
+    async with running_app(settings) as client:
+        audit_id = (await client.post("/api/v1/audits/self")).json()["id"]
+        await wait_done(client, audit_id)
+        page = (await client.get(f"/audits/{audit_id}")).text
+    top = page.split('<section class="summary"')[1].split("</section>")[0]
+    assert "disabled" in top and "a new test is possible from" in top and "Re-test 127.0.0.1" in top
+    assert page.index('<section class="summary"') < page.index('id="ports-title"')  # before the blocks per port
