@@ -14,12 +14,27 @@
   var seen = {};
   var count = rows ? rows.children.length : 0;
 
-  function cell(tr, text, cls) {
-    var td = document.createElement("td");
-    if (cls) { var span = document.createElement("span"); span.className = cls; span.textContent = text; td.appendChild(span); }
-    else { td.textContent = text; }
-    tr.appendChild(td);
-    return td;
+  function part(parent, tag, text, cls) {
+    var el = document.createElement(tag);
+    if (cls) { el.className = cls; }
+    el.textContent = text;
+    parent.appendChild(el);
+    return el;
+  }
+
+  // one finished check, as the server renders it while the test runs (the finished page groups them by port)
+  function item(check) {
+    var li = document.createElement("li");
+    li.className = "check verdict-" + check.verdict;
+    var head = part(li, "p", "");
+    part(head, "code", check.name);
+    head.appendChild(document.createTextNode(" "));
+    part(head, "span", check.verdict, "badge");
+    head.appendChild(document.createTextNode(" "));
+    part(head, "span", check.reason, "small");
+    if (check.description) { part(li, "p", check.description, "small"); }
+    part(li, "p", check.detail || "", "detail");
+    return li;
   }
 
   var source = new EventSource("/api/v1/audits/" + encodeURIComponent(id) + "/events");
@@ -30,27 +45,15 @@
     var check = JSON.parse(ev.data);
     var known = seen[check.seq];
     if (known) {  // the same row in its final state (our sink received its message): update it in place
-      if (known.nodeType) {
-        known.className = "verdict-" + check.verdict;
-        known.children[3].firstChild.textContent = check.verdict + " (" + check.reason + ")";
-        known.children[4].textContent = check.detail || "";
-      }
+      if (known.nodeType) { var fresh = item(check); rows.replaceChild(fresh, known); seen[check.seq] = fresh; }
       return;
     }
     seen[check.seq] = true;
     if (check.seq <= count) { return; }  // already rendered by the server
     count += 1;
-    var tr = document.createElement("tr");
-    tr.className = "verdict-" + check.verdict;
-    cell(tr, check.host); cell(tr, String(check.port));
-    var what = cell(tr, check.name);
-    if (check.description) {
-      var p = document.createElement("p"); p.className = "small"; p.textContent = check.description; what.appendChild(p);
-    }
-    cell(tr, check.verdict + " (" + check.reason + ")", "badge");
-    cell(tr, check.detail || "");
-    rows.appendChild(tr);
-    seen[check.seq] = tr;
+    var li = item(check);
+    rows.appendChild(li);
+    seen[check.seq] = li;
     if (progress) { progress.textContent = ofText.replace("%(done)s", count).replace("%(planned)s", planned); }
     if (bar) { bar.value = count; }
     if (eta && count > 0 && planned > count) {

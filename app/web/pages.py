@@ -24,11 +24,13 @@ from app.i18n import N_
 from app.probes.canary import CHECK_ID
 from app.verdicts import REASONS, SERVICES
 from app.web import verifications
-from app.web.common import AUDIT_ID, load_audit
+from app.web.blocks import Block, NextStep, blocks, next_step
+from app.web.common import AUDIT_ID, absolute_url, load_audit
 from app.web.deps import AuditorDep, CanaryDep, GuidesDep, Requester, RequesterDep, SettingsDep, StoreDep, get_app_state
-from app.web.report import build_report
+from app.web.report import Report, build_report
 from app.web.security import CSRF_COOKIE, csrf_token, csrf_valid, new_csrf_cookie
 from app.web.starts import StarterDep, in_cooldown
+from app.web.summary import step_text, summary_text
 from app.web.verifications import VerifierDep
 
 ROOT = PROJECT_ROOT
@@ -178,22 +180,52 @@ async def start_submit(request: Request, starter: StarterDep, csrf: str = Form("
     return RedirectResponse(f"/audits/{started.audit.id}", status_code=303)
 
 
+async def _report(store: Any, guides: Any, settings: Settings, audit_id: str) -> tuple[Report, list[Any]]:
+    audit = await load_audit(store, audit_id)
+    previous = await store.get_audit(audit.previous_id, transcripts=False) if audit.previous_id else None
+    latest = await in_cooldown(settings, store, audit)
+    report = build_report(audit, guides, previous, settings.target_cooldown, latest.created_at if latest else None)
+    return report, await store.retest_chain(audit.id, limit=20)
+
+
 @router.get("/audits/{audit_id}", response_class=HTMLResponse)
 async def audit_page(request: Request, audit_id: str, store: StoreDep, auditor: AuditorDep, guides: GuidesDep,
                      settings: SettingsDep) -> HTMLResponse:
     use_language(request)  # the report's sentences are translated as they are built
-    audit = await load_audit(store, audit_id)
-    chain = await store.retest_chain(audit.id, limit=20)
-    previous = await store.get_audit(audit.previous_id, transcripts=False) if audit.previous_id else None
-    latest = await in_cooldown(settings, store, audit)
-    report = build_report(audit, guides, previous, settings.target_cooldown, latest.created_at if latest else None)
+    report, chain = await _report(store, guides, settings, audit_id)
+    audit = report.audit
     position = auditor.queue.position(audit.id) if audit.status == "queued" else None
+    port_blocks = blocks(report.rows) if audit.finished else []  # live rows stay as they come until it is done
+    steps = _next_steps(report)
+    permalink = absolute_url(settings, f"/audits/{audit.id}")
     return render(request, "audit.html", {
         "eta": time_left(audit),
         "audit": audit, "report": report, "rows": report.rows, "sentences": report.sentences, "why": report.why,
+        "blocks": port_blocks, "steps": steps, "step_text": step_text, "permalink": permalink,
+        "summary_text": _summary_text(report, port_blocks, steps, settings) if audit.finished else "",
         "open_by_port": report.open_by_port, "chain": chain[1:], "queue_position": position,
         "can_retest": audit.finished and audit.target == "self",
     })
+
+
+@router.get("/audits/{audit_id}/summary.txt", response_class=PlainTextResponse)
+async def audit_summary(request: Request, audit_id: str, store: StoreDep, guides: GuidesDep,
+                        settings: SettingsDep) -> PlainTextResponse:
+    """The result as plain text, to paste into an email (the permalink included)."""
+    use_language(request)
+    report, _chain = await _report(store, guides, settings, audit_id)
+    text = _summary_text(report, blocks(report.rows), _next_steps(report), settings)
+    return PlainTextResponse(text, headers={"Cache-Control": "no-store"})
+
+
+def _next_steps(report: Report) -> dict[str, NextStep | None]:
+    return {service: next_step(report.rows, service) for service in report.audit.services}
+
+
+def _summary_text(report: Report, port_blocks: list[Block], steps: dict[str, NextStep | None],
+                  settings: Settings) -> str:
+    return summary_text(report, port_blocks, steps, absolute_url(settings, f"/audits/{report.audit.id}"),
+                        lambda path: absolute_url(settings, path), {k: i18n._(v) for k, v in VERDICT_NAMES.items()})
 
 
 def time_left(audit: Any) -> int | None:
