@@ -47,7 +47,7 @@ def two_sites(tmp_path: Path, env: dict[str, str], storages: tuple[str, str]) ->
     db = tmp_path / "site.db"
     with contextlib.ExitStack() as stack:
         sites = []
-        for name, storage in zip("ab", storages):
+        for name, storage in zip("ab", storages, strict=True):
             folder = tmp_path / name
             folder.mkdir()
             sites.append(stack.enter_context(ServedSite(
@@ -271,7 +271,7 @@ async def test_slots_are_taken_atomically_by_two_clients(shared_redis):
         await slots[held[0][0]].release("192.0.2.1", held[0][1])
         assert await slots[1].acquire("192.0.2.1") is not None
     finally:
-        for s, client in zip(slots, clients):
+        for s, client in zip(slots, clients, strict=True):
             await s.close()
             await client.aclose()
 
