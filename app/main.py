@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,7 +22,7 @@ from app.config import Settings, get_settings
 from app.fairness import AddressSlots, ConnectionSlots
 from app.guides import GuideLibrary
 from app.listeners import Listeners, start_listeners
-from app.shared_slots import MemorySlots, RedisSlots, Slots, is_redis, redis_client
+from app.shared_slots import REDIS_TIMEOUT, MemorySlots, RedisSlots, Slots, is_redis, redis_client
 from app.store import Store
 from app.web import api, pages
 from app.web.deps import AppState, StoreDep
@@ -108,8 +109,12 @@ def _lifespan(settings: Settings, listeners: Sequence[Listener]) -> Lifespan:
 def _add_limits_and_middleware(app: FastAPI, settings: Settings) -> None:
     # slowapi's limiter holds the verification counters (memory by default; with a redis:// URI, Redis, shared by
     # every process); the other shared slots are built in the lifespan (SharedSlots)
+    # slowapi's `limits` calls are synchronous: with Redis each blocks the event loop for one round trip, at most
+    # REDIS_TIMEOUT when Redis stalls (then the request fails: nothing passes uncounted). Floats, though typed str.
+    timeouts: dict[str, Any] = {"socket_timeout": REDIS_TIMEOUT, "socket_connect_timeout": REDIS_TIMEOUT}
     app.state.limiter = Limiter(key_func=lambda request: request.client.host if request.client else "",
-                                storage_uri=settings.limits_storage, strategy="moving-window")
+                                storage_uri=settings.limits_storage, strategy="moving-window",
+                                storage_options=timeouts if is_redis(settings.limits_storage) else {})
     # outermost last: the security headers also go on the hygiene middleware's own 403 and 413 answers
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(CrossSiteApiMiddleware,

@@ -25,6 +25,7 @@ LEASE = 60.0  # seconds a held slot survives its process
 RENEW_EVERY = LEASE / 4
 POLL_FIRST, POLL_MOST = 0.02, 0.5  # seconds between tries while waiting for a slot in Redis
 REDIS_SCHEMES = ("redis", "rediss")
+REDIS_TIMEOUT = 2.0  # seconds a Redis command or connection may take: a stalled Redis fails a request, never hangs it
 log = logs.get_logger("app.shared_slots")
 
 # KEYS: the key's set, the site's set (may be the same name when there is no total); ARGV: token, per_key, total
@@ -170,4 +171,4 @@ def redis_client(uri: str) -> Any:
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise RuntimeError("SECURE_LIMITS_STORAGE names Redis: install the redis extra "
                            "(pip install 'secure-your-server[redis]')") from exc
-    return aioredis.Redis.from_url(uri)
+    return aioredis.Redis.from_url(uri, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
