@@ -289,3 +289,27 @@ async def test_a_dead_holders_slots_come_back_after_the_lease_and_a_live_one_kee
         for slots in (dead, live, other):
             await slots.close()
         await client.aclose()
+
+
+async def test_without_its_redis_the_site_lets_nothing_pass_uncounted(tmp_path, refused_port):
+    """Redis unreachable (nothing listens on its port): what it counts fails closed, as the README says."""
+    async with CountingSmtp() as smtp:
+        env = {**BASE_ENV, "SECURE_RELAY_PORTS": str(smtp.port), "SECURE_TARGET_COOLDOWN": "0",
+               "SECURE_LIMITS_STORAGE": f"redis://127.0.0.1:{refused_port}/0"}
+        with ServedSite(tmp_path, env) as site:
+            # a connection that carried a 500 is closed by uvicorn: one connection per request
+            fresh = httpx.Limits(max_keepalive_connections=0)
+            async with httpx.AsyncClient(base_url=site.url, timeout=30, limits=fresh) as client:
+                created = await client.post("/api/v1/verifications", json={"domain": "corp.test"})
+                assert created.status_code == 500, created.text
+                started = await client.post("/api/v1/audits/self", json={"checks": ["relay"]})
+                assert started.status_code == 202  # admission is the store's
+                audit_id = started.json()["id"]
+                events = await client.get(f"/api/v1/audits/{audit_id}/events")
+                assert events.status_code == 500
+                deadline = time.monotonic() + 60
+                while (audit := (await client.get(f"/api/v1/audits/{audit_id}")).json())["status"] != "done":
+                    assert time.monotonic() < deadline, audit["status"]
+                    await asyncio.sleep(0.3)
+    assert {(c["verdict"], c["reason"]) for c in audit["checks"]} == {("error", "internal_error")}
+    assert smtp.total == 0  # no connection slot, no connection
