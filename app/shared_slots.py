@@ -20,10 +20,11 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from app import logs
+from app.fairness import AddressSlots
 
 LEASE = 60.0  # seconds a held slot survives its process
 RENEW_EVERY = LEASE / 4
-POLL_FIRST, POLL_MOST = 0.02, 0.5  # seconds between tries while waiting for a slot in Redis
+POLL_FIRST, POLL_MOST = 0.02, 0.25  # seconds between tries while waiting for a slot in Redis
 REDIS_SCHEMES = ("redis", "rediss")
 REDIS_TIMEOUT = 2.0  # seconds a Redis command or connection may take: a stalled Redis fails a request, never hangs it
 log = logs.get_logger("app.shared_slots")
@@ -100,6 +101,8 @@ class RedisSlots:
         self._renew = client.register_script(_RENEW)
         self._held: dict[str, set[str]] = {}  # key -> tokens this process holds
         self._renewer: asyncio.Task[None] | None = None
+        self._local = AddressSlots(per_key)  # this process's waiters queue here first, in order; only those
+        # that could hold a slot if the other processes held none poll Redis
 
     def _keys(self, key: str) -> list[str]:
         # one hash tag: both sets on one Redis Cluster node, as a script needs
@@ -141,9 +144,11 @@ class RedisSlots:
             except Exception:
                 log.warning("slots.renew_failed", extra={"slots": self.name}, exc_info=True)
 
-    def hold(self, key: str) -> contextlib.AbstractAsyncContextManager[None]:
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
         """Wait for a slot of `key` (app.fairness.ConnectionSlots)."""
-        return hold(self, key)
+        async with self._local.hold(key), hold(self, key):
+            yield
 
     async def close(self) -> None:
         if self._renewer is not None:
