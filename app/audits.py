@@ -23,7 +23,7 @@ from app.access.addresses import budget_key
 from app.access.targets import IPAddress, Listener, is_own_listener
 from app.admission import Decision, Facts
 from app.config import Settings
-from app.fairness import AddressSlots, FairQueue, Job
+from app.fairness import AddressSlots, ConnectionSlots, FairQueue, Job
 from app.listeners import site_addresses
 from app.logs import get_logger
 from app.probes import PLANNERS, PlannedCheck, Planner, ProbeOptions
@@ -149,7 +149,7 @@ class AuditRun:
     `inconclusive` (`audit_deadline`) when the deadline cut it."""
 
     def __init__(self, audit_id: str, planned: Sequence[PlannedCheck], store: Store, events: EventHub,
-                 address_slots: AddressSlots) -> None:
+                 address_slots: ConnectionSlots) -> None:
         self.audit_id = audit_id
         self.planned = planned
         self.store = store
@@ -238,7 +238,8 @@ class AuditRun:
 class Auditor:
     def __init__(self, settings: Settings, store: Store, listeners: Sequence[Listener] = (),
                  planners: dict[str, Planner] | None = None, sink: Sink | None = None,
-                 canary: CanaryTargets | None = None, own_addresses: Sequence[str | IPAddress] = ()) -> None:
+                 canary: CanaryTargets | None = None, own_addresses: Sequence[str | IPAddress] = (),
+                 address_slots: ConnectionSlots | None = None) -> None:
         self.settings = settings
         # where listeners on 0.0.0.0 / :: answer: what start_listeners found (it includes what the settings name),
         # or, for an Auditor built without it (tests, tools), what the settings name
@@ -250,7 +251,8 @@ class Auditor:
         self.sink = sink
         self.events = EventHub()
         self.queue = FairQueue(settings.max_running_audits)
-        self.address_slots = AddressSlots(settings.max_connections_per_host)
+        # site-wide per address: this process's, or every process's through Redis (app.shared_slots)
+        self.address_slots = address_slots or AddressSlots(settings.max_connections_per_host)
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     async def recover(self) -> int:

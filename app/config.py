@@ -159,6 +159,15 @@ class Settings(BaseSettings):
             raise ValueError("must be a fully qualified host name such as probe.example.org")
         return value
 
+    @field_validator("limits_storage")
+    @classmethod
+    def _limits_storage(cls, value: str) -> str:
+        """memory:// or Redis: the shared slots (app.shared_slots) and slowapi's limits must live in one place."""
+        value = value.strip()
+        if not re.match(r"^(memory://|rediss?://\S*)$", value):
+            raise ValueError("must be memory:// or a redis:// or rediss:// URI")
+        return value
+
     @field_validator("canary_address")
     @classmethod
     def _canary_address(cls, value: str) -> str:

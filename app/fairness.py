@@ -6,7 +6,9 @@
 - AddressSlots: at most SECURE_MAX_CONNECTIONS_PER_HOST connections to one address at once, site-wide (all
   audits together), keyed by the server an address lands on (access.addresses.budget_key).
 
-Both live in the one process that runs audits (with SQLite, `serve`).
+Both live in the process that runs audits. With SECURE_LIMITS_STORAGE=redis://... the connection slots live in
+Redis instead (app.shared_slots.RedisSlots, the same `hold`), so the per-address cap holds across processes; the
+queue (and its one-audit-per-address rule) stays per process.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass
@@ -101,6 +105,12 @@ class FairQueue:
             job.start()
 
 
+class ConnectionSlots(Protocol):
+    """What an audit holds while it talks to an address: AddressSlots here, or RedisSlots across processes."""
+
+    def hold(self, key: str) -> AbstractAsyncContextManager[None]: ...
+
+
 class AddressSlots:
     """One semaphore per address, shared by every audit; dropped when nobody holds or waits for it."""
 
@@ -109,7 +119,8 @@ class AddressSlots:
         self._slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}  # address -> (slots, [users])
 
     @contextlib.asynccontextmanager
-    async def hold(self, address: str) -> AsyncIterator[None]:
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        address = key
         semaphore, users = self._slots.setdefault(address, (asyncio.Semaphore(self.limit), [0]))
         users[0] += 1
         try:

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,13 +19,15 @@ from app import PROJECT_ROOT, __version__, logs
 from app.access.targets import Listener
 from app.audits import Auditor
 from app.config import Settings, get_settings
+from app.fairness import AddressSlots, ConnectionSlots
 from app.guides import GuideLibrary
 from app.listeners import Listeners, start_listeners
+from app.shared_slots import REDIS_TIMEOUT, MemorySlots, RedisSlots, Slots, is_redis, redis_client
 from app.store import Store
 from app.web import api, pages
 from app.web.deps import AppState, StoreDep
 from app.web.docs import install_docs
-from app.web.hygiene import BodyLimitMiddleware, CrossSiteApiMiddleware, StreamSlots
+from app.web.hygiene import BodyLimitMiddleware, CrossSiteApiMiddleware
 from app.web.security import SecurityHeadersMiddleware, security_headers
 
 ROOT = PROJECT_ROOT
@@ -41,13 +44,39 @@ async def _purge_old_audits(store: Store, days: int, every: float = 3600.0) -> N
         await asyncio.sleep(every)
 
 
-async def _open_site(settings: Settings, listeners: Sequence[Listener]) -> tuple[AppState, Listeners]:
+class SharedSlots:
+    """The slots every process of the site must count together (app.shared_slots): open event streams per
+    requester and in total, connections per target address. In memory with memory://, in Redis with redis://."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.client = redis_client(settings.limits_storage) if is_redis(settings.limits_storage) else None
+        self.streams: Slots
+        self.connections: ConnectionSlots
+        if self.client is None:
+            self.streams = MemorySlots(settings.max_event_streams, settings.max_event_streams_per_requester)
+            self.connections = AddressSlots(settings.max_connections_per_host)
+        else:
+            self._redis = [RedisSlots(self.client, "streams", settings.max_event_streams,
+                                      settings.max_event_streams_per_requester),
+                           RedisSlots(self.client, "connections", None, settings.max_connections_per_host)]
+            self.streams, self.connections = self._redis
+
+    async def close(self) -> None:
+        if self.client is not None:
+            for slots in self._redis:
+                await slots.close()
+            await self.client.aclose()
+
+
+async def _open_site(settings: Settings, listeners: Sequence[Listener],
+                     shared: SharedSlots) -> tuple[AppState, Listeners]:
     """The store, the sink and canaries, and the auditor (which recovers what a crash left unfinished)."""
     store = Store(settings.sqlite_path)
     await store.open()
     secret = settings.secret_key or await store.secret()
     own = await start_listeners(settings, secret, list(listeners))
-    auditor = Auditor(settings, store, own.own, sink=own.sink, canary=own.targets, own_addresses=own.addresses)
+    auditor = Auditor(settings, store, own.own, sink=own.sink, canary=own.targets, own_addresses=own.addresses,
+                      address_slots=shared.connections)
     if own.sink is not None:
         own.sink.on_delivery = auditor.delivered
     await auditor.recover()
@@ -58,7 +87,9 @@ async def _open_site(settings: Settings, listeners: Sequence[Listener]) -> tuple
 def _lifespan(settings: Settings, listeners: Sequence[Listener]) -> Lifespan:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        site, own = await _open_site(settings, listeners)
+        shared = SharedSlots(settings)
+        app.state.event_streams = shared.streams
+        site, own = await _open_site(settings, listeners, shared)
         app.state.sys = site
         log.info("app.started", extra={"version": __version__, "database": settings.sqlite_path})
         retention = asyncio.create_task(_purge_old_audits(site.store, settings.retention_days), name="retention")
@@ -70,15 +101,20 @@ def _lifespan(settings: Settings, listeners: Sequence[Listener]) -> Lifespan:
             await site.auditor.shutdown()
             await own.stop()
             await site.store.close()
+            await shared.close()
             log.info("app.stopped")
     return lifespan
 
 
 def _add_limits_and_middleware(app: FastAPI, settings: Settings) -> None:
-    # slowapi's limiter holds the per-requester counters (memory by default, Redis with a redis:// URI)
+    # slowapi's limiter holds the verification counters (memory by default; with a redis:// URI, Redis, shared by
+    # every process); the other shared slots are built in the lifespan (SharedSlots)
+    # slowapi's `limits` calls are synchronous: with Redis each blocks the event loop for one round trip, at most
+    # REDIS_TIMEOUT when Redis stalls (then the request fails: nothing passes uncounted). Floats, though typed str.
+    timeouts: dict[str, Any] = {"socket_timeout": REDIS_TIMEOUT, "socket_connect_timeout": REDIS_TIMEOUT}
     app.state.limiter = Limiter(key_func=lambda request: request.client.host if request.client else "",
-                                storage_uri=settings.limits_storage, strategy="moving-window")
-    app.state.event_streams = StreamSlots(settings.max_event_streams, settings.max_event_streams_per_requester)
+                                storage_uri=settings.limits_storage, strategy="moving-window",
+                                storage_options=timeouts if is_redis(settings.limits_storage) else {})
     # outermost last: the security headers also go on the hygiene middleware's own 403 and 413 answers
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(CrossSiteApiMiddleware,

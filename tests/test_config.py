@@ -29,6 +29,7 @@ def test_lists_from_environment_comma_or_json(monkeypatch):
     ("SECURE_RELAY_PORTS", "0"), ("SECURE_RELAY_PORTS", "70000"), ("SECURE_RELAY_PORTS", "smtp"),
     ("SECURE_ALLOW_NETWORKS", "not-a-network"), ("SECURE_SINK_LISTEN", "127.0.0.1"),
     ("SECURE_SINK_LISTEN", "::1:25"), ("SECURE_MAX_CONNECTIONS_PER_HOST", "0"),
+    ("SECURE_LIMITS_STORAGE", "memcached://127.0.0.1:11211"), ("SECURE_LIMITS_STORAGE", "localhost:6379"),
 ])
 def test_bad_settings_are_refused(monkeypatch, name, value):
     monkeypatch.setenv(name, value)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from ipaddress import ip_address
 from typing import Annotated, Any, Literal
 
@@ -205,7 +205,8 @@ async def audit_events(request: Request, audit_id: str, store: StoreDep, auditor
         raise HTTPException(404, "No audit with this id.")
     await load_audit(store, audit_id)
     key = requester.key  # an IPv6 /64 is one requester
-    if not slots.acquire(key):
+    token = await slots.acquire(key)
+    if token is None:
         raise HTTPException(429, "Too many open event streams; close one, or poll GET /api/v1/audits/{id}.",
                             headers={"Retry-After": str(STREAM_RETRY_AFTER)})
 
@@ -222,14 +223,14 @@ async def audit_events(request: Request, audit_id: str, store: StoreDep, auditor
                 yield _sse("done", event.data)
                 return
 
-    return CountedStream(lambda: slots.release(key), stream(), media_type="text/event-stream",
+    return CountedStream(lambda: slots.release(key, token), stream(), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 class CountedStream(StreamingResponse):
     """Gives its stream slot back however the response ends (done, client gone, error), even if never started."""
 
-    def __init__(self, release: Callable[[], None], *args: Any, **kwargs: Any) -> None:
+    def __init__(self, release: Callable[[], Awaitable[None]], *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.release = release
 
@@ -237,7 +238,7 @@ class CountedStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.release()
+            await self.release()
 
 
 def _check_event(event: Event, guides: GuideLibrary, settings: Settings) -> dict[str, Any]:

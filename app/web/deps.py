@@ -21,8 +21,8 @@ from app.audits import Auditor
 from app.config import Settings
 from app.guides import GuideLibrary
 from app.probes.canary import Canary
+from app.shared_slots import Slots
 from app.store import Store
-from app.web.hygiene import StreamSlots
 
 
 @dataclass
@@ -69,8 +69,9 @@ async def get_rate_limiter(request: Request) -> RateLimiter:
     return limiter
 
 
-async def get_stream_slots(request: Request) -> StreamSlots:
-    slots: StreamSlots = request.app.state.event_streams
+async def get_stream_slots(request: Request) -> Slots:
+    """The open event streams, per requester and on the site (app.shared_slots: memory, or Redis)."""
+    slots: Slots = request.app.state.event_streams
     return slots
 
 
@@ -109,5 +110,5 @@ AuditorDep = Annotated[Auditor, Depends(get_auditor)]
 GuidesDep = Annotated[GuideLibrary, Depends(get_guides)]
 CanaryDep = Annotated[Canary, Depends(get_canary)]
 RateLimiterDep = Annotated[RateLimiter, Depends(get_rate_limiter)]
-StreamSlotsDep = Annotated[StreamSlots, Depends(get_stream_slots)]
+StreamSlotsDep = Annotated[Slots, Depends(get_stream_slots)]
 RequesterDep = Annotated[Requester, Depends(get_requester)]

@@ -1,5 +1,5 @@
-"""Request hygiene before the app sees a request: bodies capped, cross-site writes to the API refused; and the
-counter that caps open event streams."""
+"""Request hygiene before the app sees a request: bodies capped, cross-site writes to the API refused (the open
+event streams are counted in app.shared_slots)."""
 
 from __future__ import annotations
 
@@ -100,24 +100,3 @@ class CrossSiteApiMiddleware:
         host = headers.get(b"host", b"").decode("latin-1")
         own = f"{scope.get('scheme', 'http')}://{host}"
         return origin_text not in self.own_origins and origin_text != own  # "null" (sandboxed pages) included
-
-
-class StreamSlots:
-    """Open event streams, per requester and in total (one process: each `serve` counts its own)."""
-
-    def __init__(self, total: int, per_requester: int) -> None:
-        self.total, self.per_requester = total, per_requester
-        self.open: dict[str, int] = {}
-
-    def acquire(self, key: str) -> bool:
-        if sum(self.open.values()) >= self.total or self.open.get(key, 0) >= self.per_requester:
-            return False
-        self.open[key] = self.open.get(key, 0) + 1
-        return True
-
-    def release(self, key: str) -> None:
-        count = self.open.get(key, 0) - 1
-        if count > 0:
-            self.open[key] = count
-        else:
-            self.open.pop(key, None)
