@@ -25,6 +25,7 @@ from app.web import api, pages
 from app.web.deps import AppState, StoreDep
 from app.web.docs import install_docs
 from app.web.hygiene import BodyLimitMiddleware, CrossSiteApiMiddleware, StreamSlots
+from app.web.public import Shown
 from app.web.security import SecurityHeadersMiddleware, security_headers
 
 ROOT = PROJECT_ROOT
@@ -42,8 +43,11 @@ async def _purge_old_audits(store: Store, days: int, every: float = 3600.0) -> N
 
 
 async def _open_site(settings: Settings, listeners: Sequence[Listener]) -> tuple[AppState, Listeners]:
-    """The store, the sink and canaries, and the auditor (which recovers what a crash left unfinished)."""
-    store = Store(settings.sqlite_path)
+    """The guides and partners (read once), the store, the sink and canaries, and the auditor (which recovers what
+    a crash left unfinished)."""
+    guides = GuideLibrary(ROOT / "guides")
+    shown = Shown(guides, settings)
+    store = Store(settings.sqlite_path, derive=shown.derive)  # each check's public JSON and guides, made once
     await store.open()
     secret = settings.secret_key or await store.secret()
     own = await start_listeners(settings, secret, list(listeners))
@@ -51,8 +55,8 @@ async def _open_site(settings: Settings, listeners: Sequence[Listener]) -> tuple
     if own.sink is not None:
         own.sink.on_delivery = auditor.delivered
     await auditor.recover()
-    return AppState(settings=settings, store=store, auditor=auditor, guides=GuideLibrary(ROOT / "guides"),
-                    secret=secret, canary=own.canary), own
+    return AppState(settings=settings, store=store, auditor=auditor, guides=guides, secret=secret,
+                    canary=own.canary, shown=shown, partners=pages.load_partners(settings.partners_file)), own
 
 
 def _lifespan(settings: Settings, listeners: Sequence[Listener]) -> Lifespan:

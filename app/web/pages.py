@@ -67,7 +67,7 @@ STATUS_NAMES = {"queued": N_("queued"), "running": N_("running"), "done": N_("do
 
 
 def load_partners(partners_file: str) -> dict[str, Any]:
-    """The operation's partner agencies, from the data file the operator edits (read per request: it is small)."""
+    """The operation's partner agencies, from the data file the operator edits (read once, at start)."""
     path = Path(partners_file)
     if not path.is_absolute():
         path = ROOT / path
@@ -145,8 +145,8 @@ def _check_csrf(request: Request, token: str | None) -> None:
 
 
 @router.get("/", response_class=HTMLResponse)
-async def home(request: Request, settings: SettingsDep) -> HTMLResponse:
-    return render(request, "home.html", {"partners": load_partners(settings.partners_file)})
+async def home(request: Request) -> HTMLResponse:
+    return render(request, "home.html", {"partners": get_app_state(request).partners})
 
 
 @router.get("/start", response_class=HTMLResponse)
