@@ -97,8 +97,11 @@ async def healthz(store: StoreDep) -> dict[str, object]:
 
 def _add_routes(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
-    app.include_router(api.router)
+    app.state.rendered_pages = pages.RenderedPages()  # pages the same for every visitor, rendered once
+    # the pages first: a request's route is found by trying each in turn, and the pages are asked for most (the API's
+    # paths, all under /api/v1, share none with them)
     app.include_router(pages.router)
+    app.include_router(api.router)
     app.add_api_route("/healthz", healthz, methods=["GET"], include_in_schema=False)
     install_docs(app, title="Secure Your Server API")
     api.document_event_stream(app)

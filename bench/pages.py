@@ -211,7 +211,7 @@ def measure(routes: dict[str, tuple[str, int]], rounds: int, concurrency: int) -
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
-def run(rounds: int, concurrency: int, only: list[str]) -> None:
+def run(rounds: int, concurrency: int, only: list[str]) -> bool:
     if shutil.which("ab") is None:
         raise SystemExit("ab is missing: apt-get install apache2-utils")
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,10 +239,10 @@ def run(rounds: int, concurrency: int, only: list[str]) -> None:
                 routes = {name: route for name, route in routes.items() if name.startswith("minimal")
                           or any(word in name for word in only)}
             rates = measure(routes, rounds, concurrency)
-    report(rates, rounds, concurrency)
+    return report(rates, rounds, concurrency)
 
 
-def report(rates: dict[str, float], rounds: int, concurrency: int) -> None:
+def report(rates: dict[str, float], rounds: int, concurrency: int) -> bool:
     print(f"{ROOT}: medians of {rounds} rounds, concurrency {concurrency}, one uvicorn process each")
     for name in ("minimal JSON", "minimal HTML"):
         print(f"  {name:<24} {rates[name]:8.1f} req/s")
@@ -258,6 +258,7 @@ def report(rates: dict[str, float], rounds: int, concurrency: int) -> None:
             failed.append(name)
         print(f"  {name:<24} {rates[name]:8.1f} req/s  {ratio:6.3f}x {baseline}  {verdict}")
     print("all goals met" if not failed else f"goals not met: {', '.join(failed)}")
+    return not failed
 
 
 if __name__ == "__main__":
@@ -267,4 +268,4 @@ if __name__ == "__main__":
     parser.add_argument("--only", default="", help="measure only the routes whose names contain these words "
                         "(comma-separated: json,result,home,guide), beside the minimal app")
     args = parser.parse_args()
-    run(args.rounds, args.concurrency, [word for word in args.only.split(",") if word])
+    sys.exit(0 if run(args.rounds, args.concurrency, [word for word in args.only.split(",") if word]) else 1)

@@ -170,3 +170,29 @@ async def test_partners_are_read_once_at_start(settings, tmp_path):
         partners.write_text('{"partners": [{"name": "Agence Deux", "country": "FR", "url": "https://example.org/"}]}')
         html = (await client.get("/")).text
     assert "Agence Une" in html and "Agence Deux" not in html
+
+
+async def test_a_page_rendered_once_carries_each_visitors_own_csrf_token_and_language(monkeypatch):
+    from types import SimpleNamespace
+
+    from jinja2 import ChoiceLoader, DictLoader
+
+    from app.web import pages
+
+    env = pages.templates.env
+    monkeypatch.setattr(env, "loader", ChoiceLoader([DictLoader({"t.html": "{{ csrf }}|{{ lang }}|{{ n() }}"}),
+                                                     env.loader]))
+    monkeypatch.setattr(env, "cache", {})
+    cache = pages.RenderedPages(size=2)
+    renders = []
+    request = SimpleNamespace(base_url="http://testserver/")
+
+    def page(csrf: str, lang: str = "en", key: tuple = ()) -> str:
+        context = {"csrf": csrf, "lang": lang, "path": "/", "n": lambda: renders.append(1) or len(renders)}
+        return cache.get(request, "t.html", context, key)
+
+    assert page("a" * 64) == f"{'a' * 64}|en|1"
+    assert page("b" * 64) == f"{'b' * 64}|en|1"  # the same page, rendered once, with this visitor's token
+    assert page("c" * 64, "es") == f"{'c' * 64}|es|2"
+    assert page("d" * 64, key=("x",)) == f"{'d' * 64}|en|3"
+    assert page("e" * 64) == f"{'e' * 64}|en|4"  # bounded: the least recently used page went first
