@@ -113,14 +113,16 @@ def local_path(path: str) -> str:
 class RenderedPages:
     """Pages that are the same for every visitor (the home page, a guide): rendered once per language, path,
     address the site was asked at and the caller's key, then served from memory (bounded: least recently used
-    first out). The visitor's own CSRF token is put in on every answer: a cached page holds a placeholder."""
+    first out). The visitor's own CSRF token is put in on every answer: a cached page holds a placeholder. A page
+    without it has no form, and needs no CSRF cookie either."""
 
     def __init__(self, size: int = 256) -> None:
         self.size = size
         self.placeholder = "csrf-" + secrets.token_hex(16)
         self._pages: OrderedDict[tuple[Any, ...], str] = OrderedDict()
 
-    def get(self, request: Request, name: str, context: dict[str, Any], key: tuple[Any, ...]) -> str:
+    def get(self, request: Request, name: str, context: dict[str, Any], key: tuple[Any, ...]) -> tuple[str, bool]:
+        """The page with the visitor's token, and whether it has a form (holds the token)."""
         full_key = (name, context["lang"], context["path"], str(request.base_url), *key)
         page = self._pages.get(full_key)
         if page is None:
@@ -130,7 +132,7 @@ class RenderedPages:
                 self._pages.popitem(last=False)
         else:
             self._pages.move_to_end(full_key)
-        return page.replace(self.placeholder, context["csrf"])
+        return page.replace(self.placeholder, context["csrf"]), self.placeholder in page
 
 
 def render(request: Request, name: str, context: Mapping[str, Any] | None = None, status_code: int = 200,
@@ -156,16 +158,18 @@ def render(request: Request, name: str, context: Mapping[str, Any] | None = None
     }
     full.update(context or {})
     response: HTMLResponse
+    has_form = True
     if same_for_all is None:
         response = templates.TemplateResponse(request, name, full, status_code=status_code, headers=headers)
     else:
         pages: RenderedPages = request.app.state.rendered_pages  # one per app (app/main.py)
-        response = HTMLResponse(pages.get(request, name, full, same_for_all), status_code, headers)
+        page, has_form = pages.get(request, name, full, same_for_all)
+        response = HTMLResponse(page, status_code, headers)
     if chosen in i18n.LANGUAGES and request.cookies.get(i18n.COOKIE) != chosen:
         response.set_cookie(i18n.COOKIE, chosen, samesite="lax", max_age=365 * 86400, path="/",
                             secure=app_state.settings.public_url.startswith("https://"))
     response.headers["Content-Language"] = language
-    if request.cookies.get(CSRF_COOKIE) != cookie:
+    if has_form and request.cookies.get(CSRF_COOKIE) != cookie:  # a page without a form needs no CSRF cookie
         response.set_cookie(CSRF_COOKIE, cookie, httponly=True, samesite="strict",
                             secure=app_state.settings.public_url.startswith("https://"), path="/")
     response.headers.setdefault("Cache-Control", "no-store")

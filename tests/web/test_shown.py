@@ -17,6 +17,7 @@ from app.store import Audit, Store, new_id
 from app.verdicts import CheckResult, TranscriptLine, Verdict
 from app.web.common import check_json
 from app.web.public import Shown, guides_for
+from app.web.security import CSRF_COOKIE
 
 ROOT = Path(__file__).resolve().parents[2]
 TAG = "k7tag0sinkproof"
@@ -189,10 +190,20 @@ async def test_a_page_rendered_once_carries_each_visitors_own_csrf_token_and_lan
 
     def page(csrf: str, lang: str = "en", key: tuple = ()) -> str:
         context = {"csrf": csrf, "lang": lang, "path": "/", "n": lambda: renders.append(1) or len(renders)}
-        return cache.get(request, "t.html", context, key)
+        page, has_form = cache.get(request, "t.html", context, key)
+        assert has_form
+        return page
 
     assert page("a" * 64) == f"{'a' * 64}|en|1"
     assert page("b" * 64) == f"{'b' * 64}|en|1"  # the same page, rendered once, with this visitor's token
     assert page("c" * 64, "es") == f"{'c' * 64}|es|2"
     assert page("d" * 64, key=("x",)) == f"{'d' * 64}|en|3"
     assert page("e" * 64) == f"{'e' * 64}|en|4"  # bounded: the least recently used page went first
+
+
+async def test_a_page_without_a_form_sets_no_csrf_cookie_and_one_with_a_form_does(client):
+    home = await client.get("/")
+    assert home.status_code == 200 and 'name="csrf"' not in home.text
+    assert CSRF_COOKIE not in home.cookies
+    start = await client.get("/start")
+    assert CSRF_COOKIE in start.cookies and 'name="csrf"' in start.text
