@@ -236,6 +236,7 @@ async def audit_page(request: Request, audit_id: str, store: StoreDep, auditor: 
                      settings: SettingsDep) -> HTMLResponse:
     use_language(request)  # the report's sentences are translated as they are built
     audit = await load_audit(store, audit_id)
+    await get_app_state(request).shown.refresh(store, audit)  # rows stored without their guides, or stale ones
     chain = await store.retest_chain(audit.id, limit=20)
     previous = await store.get_audit(audit.previous_id, transcripts=False) if audit.previous_id else None
     latest = await in_cooldown(settings, store, audit)

@@ -77,15 +77,18 @@ class Shown:
         """An audit with every check's fresh public JSON (schemas.Check): stored rows' as they are; rows stored
         without it, or with a stale one, made now and stored again."""
         audit = await store.get_audit_shown(audit_id, self.public_key)
-        if audit is None:
-            return None
+        if audit is not None:
+            await self.refresh(store, audit)
+        return audit
+
+    async def refresh(self, store: Store, audit: Audit) -> None:
+        """Make what is missing or stale in the checks of `audit` (read whole: with their transcripts), and store it."""
         remade = [(stored.seq, self.derive(stored.result)) for stored in audit.checks if not self.fresh(stored.derived)]
         if remade:
-            await store.set_derived(audit_id, remade)
+            await store.set_derived(audit.id, remade)
             by_seq = dict(remade)
             for stored in audit.checks:
                 stored.derived = by_seq.get(stored.seq, stored.derived)
-        return audit
 
     def audit_bytes(self, audit: Audit, queue_position: int | None, changes: list[str | None] | None) -> bytes:
         """GET /api/v1/audits/{id} (schemas.Audit) from an audit `load` answered: the stored checks' JSON objects

@@ -207,3 +207,16 @@ async def test_a_page_without_a_form_sets_no_csrf_cookie_and_one_with_a_form_doe
     assert CSRF_COOKIE not in home.cookies
     start = await client.get("/start")
     assert CSRF_COOKIE in start.cookies and 'name="csrf"' in start.text
+
+
+async def test_the_result_page_stores_the_guides_of_rows_stored_without_them(client, monkeypatch):
+    site = client.app.state.sys
+    monkeypatch.setattr(site.store, "derive", None)
+    audit_id = await stored_audit(site.store, open_relay())
+    monkeypatch.setattr(site.store, "derive", site.shown.derive)
+    first = await client.get(f"/audits/{audit_id}")
+    assert first.status_code == 200 and "/guides/postfix?audit=" in first.text
+    stored = (await site.store.get_audit(audit_id)).checks[0].derived
+    assert stored is not None and stored.guides_key == site.shown.guides_key and stored.guides[0] == "postfix"
+    monkeypatch.setattr(GuideLibrary, "for_check", never)
+    assert (await client.get(f"/audits/{audit_id}")).status_code == 200
