@@ -67,10 +67,3 @@ def audit_head(audit: Audit, settings: Settings, queue_position: int | None = No
         "summary": audit.summary or {"relay": None, "proxy": None},
     }
 
-
-def audit_json(audit: Audit, guides: GuideLibrary, settings: Settings,
-               queue_position: int | None = None) -> dict[str, Any]:
-    """An audit as GET /api/v1/audits/{id} shows it (schemas.Audit), every check made now (the API serves the
-    stored forms instead: app/web/public.py)."""
-    return {**audit_head(audit, settings, queue_position),
-            "checks": [check_json(c.result, guides, settings) for c in audit.checks]}
