@@ -60,7 +60,7 @@ async def test_guides_are_matched_when_a_check_is_stored_and_never_on_a_read(cli
     assert answer.status_code == 200
     (check,) = answer.json()["checks"]
     assert check == expected and "tag" not in check
-    assert [g["slug"] for g in check["guides"]][0] == "postfix"
+    assert check["guides"][0]["slug"] == "postfix"
     page = await client.get(f"/audits/{audit_id}")
     assert page.status_code == 200 and "/guides/postfix?audit=" in page.text
     async with client.stream("GET", f"/api/v1/audits/{audit_id}/events") as response:
