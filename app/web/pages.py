@@ -202,6 +202,31 @@ async def home(request: Request) -> HTMLResponse:
     return render(request, "home.html", {"partners": get_app_state(request).partners}, same_for_all=())
 
 
+# a guide is the page asked for most after the home page: its route comes early, as routes are tried in turn
+@router.get("/guides/{slug}", response_class=HTMLResponse)
+async def guide_page(request: Request, slug: str, audit: str = "") -> HTMLResponse:
+    # the guides and the store straight from the app's state: no dependency to solve on a page served this often
+    app_state = get_app_state(request)
+    library, store = app_state.guides, app_state.store
+    guide = library.get(slug)
+    if guide is None:
+        raise HTTPException(404, "No guide with this name.")
+    # opened from a test result: offer the way back to it (re-testing stays a button there, a POST)
+    back = audit if AUDIT_ID.match(audit) and await store.get_audit(audit, with_checks=False) else None
+    body = _localised_headings(library.render(guide), use_language(request))
+    return render(request, "guide.html", {"guide": guide, "body": Markup(body), "audit_id": back},
+                  same_for_all=(guide.slug, back))
+
+
+@lru_cache(maxsize=256)
+def _localised_headings(body: str, language: str) -> str:
+    """A guide's body in `language` (the active one): the bodies stay English; the section headings speak the
+    visitor's language. Made once per guide and language."""
+    for section in PRODUCT_SECTIONS:
+        body = body.replace(f">{section}</h2>", f">{escape(i18n._(section))}</h2>")
+    return body
+
+
 @router.get("/start", response_class=HTMLResponse)
 async def start_page(request: Request, requester: RequesterDep, settings: SettingsDep) -> HTMLResponse:
     return render(request, "start.html", start_context(requester, settings, None))
@@ -273,30 +298,6 @@ async def guides_index(request: Request, guides: GuidesDep, q: str = "", service
     service = service if service in ("relay", "proxy", "general") else ""
     found = guides.search(query, service)
     return render(request, "guides.html", {"guides": found, "q": query, "service": service})
-
-
-@router.get("/guides/{slug}", response_class=HTMLResponse)
-async def guide_page(request: Request, slug: str, audit: str = "") -> HTMLResponse:
-    # the guides and the store straight from the app's state: no dependency to solve on a page served this often
-    app_state = get_app_state(request)
-    library, store = app_state.guides, app_state.store
-    guide = library.get(slug)
-    if guide is None:
-        raise HTTPException(404, "No guide with this name.")
-    # opened from a test result: offer the way back to it (re-testing stays a button there, a POST)
-    back = audit if AUDIT_ID.match(audit) and await store.get_audit(audit, with_checks=False) else None
-    body = _localised_headings(library.render(guide), use_language(request))
-    return render(request, "guide.html", {"guide": guide, "body": Markup(body), "audit_id": back},
-                  same_for_all=(guide.slug, back))
-
-
-@lru_cache(maxsize=256)
-def _localised_headings(body: str, language: str) -> str:
-    """A guide's body in `language` (the active one): the bodies stay English; the section headings speak the
-    visitor's language. Made once per guide and language."""
-    for section in PRODUCT_SECTIONS:
-        body = body.replace(f">{section}</h2>", f">{escape(i18n._(section))}</h2>")
-    return body
 
 
 # --- proving a domain, step by step --------------------------------------------------------------------------
