@@ -31,7 +31,7 @@ from app.probes.base import SlotFactory
 from app.probes.proxy import CanaryTargets
 from app.probes.sink import Sink
 from app.probes.smtp import TAGGED_REASONS
-from app.store import Audit, Store, new_id
+from app.store import Audit, Derived, Store, new_id
 from app.verdicts import CheckResult, TranscriptLine, Verdict, summarize_audit
 
 log = get_logger("audits")
@@ -116,6 +116,7 @@ class Event:
     kind: str  # "check" or "done"
     seq: int
     data: Any
+    derived: Derived | None = None  # a check's: what the site shows of it, made when it was stored
 
 
 class EventHub:
@@ -186,9 +187,10 @@ class AuditRun:
             if self.budget.exhausted and not spent:
                 log.warning("audit.evidence_cut",
                             extra={"audit": self.audit_id, "seq": seq, "bytes": self.budget.spent})
-            await self.store.add_check(self.audit_id, seq, result)
+            derived = self.store.derived(result)  # made once here, stored, and sent to every follower
+            await self.store.add_check(self.audit_id, seq, result, derived)
             self.results[seq] = result
-            self.events.publish(self.audit_id, Event("check", seq, result))
+            self.events.publish(self.audit_id, Event("check", seq, result, derived))
 
     async def _emit(self, unit: PlannedCheck, result: CheckResult) -> None:
         """A unit's row: stored once per promised name; a repeated or unpromised name is a bug, logged, dropped."""
@@ -395,9 +397,10 @@ class Auditor:
         if stored.result.reason not in TAGGED_REASONS:
             return
         result = confirmed(stored.result)
-        await self.store.update_check(audit_id, stored.seq, result)
+        derived = self.store.derived(result)
+        await self.store.update_check(audit_id, stored.seq, result, derived)
         log.info("check.delivered", extra={"audit": audit_id, "check": result.name, "port": result.port})
-        self.events.publish(audit_id, Event("check", stored.seq, result))
+        self.events.publish(audit_id, Event("check", stored.seq, result, derived))
         if stored.result.verdict is not Verdict.OPEN:  # accepted_as_local: the row was closed, now it is open
             await self._resummarize(audit_id)
 
@@ -425,7 +428,7 @@ class Auditor:
                 if audit is None:
                     return
                 for stored in audit.checks:
-                    event = Event("check", stored.seq, stored.result)
+                    event = Event("check", stored.seq, stored.result, stored.derived)
                     if sent.news(event):
                         yield event
                 if audit.finished:

@@ -7,6 +7,7 @@ checked and rendered once, when the library loads.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,12 +263,17 @@ class GuideLibrary:
         self.root = root
         self.guides: dict[str, Guide] = {}
         self._md = _markdown()
+        content = hashlib.sha256()
         for file in sorted(root.glob("*/*.md")):
-            guide = parse_guide(file.read_text(encoding="utf-8"), str(file.relative_to(root)))
+            text = file.read_text(encoding="utf-8")
+            content.update(f"{file.relative_to(root)}\0{len(text)}\0{text}".encode())
+            guide = parse_guide(text, str(file.relative_to(root)))
             if guide.slug in self.guides:
                 raise GuideError(f"{guide.path}: duplicate slug {guide.slug!r} (also {self.guides[guide.slug].path})")
             self._render(guide)
             self.guides[guide.slug] = guide
+        # what the library is made of: a stored match (app/store.py Derived.guides_key) made with another is stale
+        self.digest = content.hexdigest()
 
     def _render(self, guide: Guide) -> None:
         tokens = self._md.parse(guide.body)

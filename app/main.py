@@ -28,6 +28,7 @@ from app.web import api, pages
 from app.web.deps import AppState, StoreDep
 from app.web.docs import install_docs
 from app.web.hygiene import BodyLimitMiddleware, CrossSiteApiMiddleware
+from app.web.public import Shown
 from app.web.security import SecurityHeadersMiddleware, security_headers
 
 ROOT = PROJECT_ROOT
@@ -70,8 +71,11 @@ class SharedSlots:
 
 async def _open_site(settings: Settings, listeners: Sequence[Listener],
                      shared: SharedSlots) -> tuple[AppState, Listeners]:
-    """The store, the sink and canaries, and the auditor (which recovers what a crash left unfinished)."""
-    store = Store(settings.sqlite_path)
+    """The guides and partners (read once), the store, the sink and canaries, and the auditor (which recovers what
+    a crash left unfinished)."""
+    guides = GuideLibrary(ROOT / "guides")
+    shown = Shown(guides, settings)
+    store = Store(settings.sqlite_path, derive=shown.derive)  # each check's public JSON and guides, made once
     await store.open()
     secret = settings.secret_key or await store.secret()
     own = await start_listeners(settings, secret, list(listeners))
@@ -80,8 +84,8 @@ async def _open_site(settings: Settings, listeners: Sequence[Listener],
     if own.sink is not None:
         own.sink.on_delivery = auditor.delivered
     await auditor.recover()
-    return AppState(settings=settings, store=store, auditor=auditor, guides=GuideLibrary(ROOT / "guides"),
-                    secret=secret, canary=own.canary), own
+    return AppState(settings=settings, store=store, auditor=auditor, guides=guides, secret=secret,
+                    canary=own.canary, shown=shown, partners=pages.load_partners(settings.partners_file)), own
 
 
 def _lifespan(settings: Settings, listeners: Sequence[Listener]) -> Lifespan:
@@ -129,8 +133,11 @@ async def healthz(store: StoreDep) -> dict[str, object]:
 
 def _add_routes(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
-    app.include_router(api.router)
+    app.state.rendered_pages = pages.RenderedPages()  # pages the same for every visitor, rendered once
+    # the pages first: a request's route is found by trying each in turn, and the pages are asked for most (the API's
+    # paths, all under /api/v1, share none with them)
     app.include_router(pages.router)
+    app.include_router(api.router)
     app.add_api_route("/healthz", healthz, methods=["GET"], include_in_schema=False)
     install_docs(app, title="Secure Your Server API")
     api.document_event_stream(app)

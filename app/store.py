@@ -21,7 +21,7 @@ from typing import TypeVar
 from app.admission import Decision, Facts
 from app.verdicts import CheckResult, Opening, TranscriptLine
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 UNFINISHED = ("queued", "running")
 T = TypeVar("T")
 
@@ -73,6 +73,11 @@ CREATE TABLE IF NOT EXISTS checks (
     detail TEXT NOT NULL,
     tag TEXT,
     opening TEXT,  -- the key of the shared opening (in `openings`) that comes before `transcript`; NULL: none
+    -- what the site shows of the check, made when it is stored (Derived): NULL on rows stored without it
+    public TEXT,  -- the check's public JSON object, serialised
+    public_key TEXT,  -- what `public` was made with (Derived.public_key); another key means it is stale
+    guides TEXT,  -- JSON list of the matching guides' slugs, best first
+    guides_key TEXT,  -- the guide library's digest `guides` was matched with
     PRIMARY KEY (audit_id, seq)
 );
 CREATE INDEX IF NOT EXISTS checks_tag ON checks(tag) WHERE tag IS NOT NULL;
@@ -107,6 +112,9 @@ _MIGRATIONS: dict[int, list[str]] = {
         " SELECT audits.id, json_each.value, audits.created_at FROM audits, json_each(audits.hosts)"],
     # a check's shared opening, stored once in `openings` (created by _SCHEMA); older rows keep full transcripts
     5: ["ALTER TABLE checks ADD COLUMN opening TEXT"],
+    # what the site shows of a check, made once when it is stored (older rows get it on their first read)
+    6: ["ALTER TABLE checks ADD COLUMN public TEXT", "ALTER TABLE checks ADD COLUMN public_key TEXT",
+        "ALTER TABLE checks ADD COLUMN guides TEXT", "ALTER TABLE checks ADD COLUMN guides_key TEXT"],
 }
 
 
@@ -115,11 +123,27 @@ def new_id() -> str:
     return secrets.token_urlsafe(16)
 
 
+@dataclass(frozen=True)
+class Derived:
+    """What the site shows of a check, made once when the check is stored or updated, not on every read (the web
+    layer makes it: app/web/public.py). Each half carries the key it was made with, so that a reader can tell when
+    it is stale (another guide library, another public address or engine) and make it again."""
+
+    public: str  # the check's public JSON object (without `tag`), serialised
+    public_key: str
+    guides: tuple[str, ...]  # the matching guides' slugs, best first
+    guides_key: str  # the guide library's digest
+
+
+Deriver = Callable[[CheckResult], Derived]
+
+
 @dataclass
 class StoredCheck:
     seq: int
     finished_at: float
     result: CheckResult
+    derived: Derived | None = None  # None: stored without it (before schema 6, or by a store without a deriver)
 
 
 @dataclass
@@ -197,7 +221,20 @@ def _check_from_row(row: sqlite3.Row, openings: dict[str, Opening]) -> StoredChe
         transcript=[*opening.lines, *own] if opening is not None else own, detail=row["detail"],
         tag=row["tag"], opening=opening,
     )
-    return StoredCheck(seq=row["seq"], finished_at=row["finished_at"], result=result)
+    return StoredCheck(seq=row["seq"], finished_at=row["finished_at"], result=result, derived=_derived(row))
+
+
+def _derived(row: sqlite3.Row) -> Derived | None:
+    if row["public_key"] is None:
+        return None
+    return Derived(public=row["public"], public_key=row["public_key"], guides=tuple(json.loads(row["guides"])),
+                   guides_key=row["guides_key"])
+
+
+def _derived_values(derived: Derived | None) -> tuple[str | None, str | None, str | None, str | None]:
+    if derived is None:
+        return None, None, None, None
+    return derived.public, derived.public_key, json.dumps(list(derived.guides)), derived.guides_key
 
 
 def _openings(c: sqlite3.Connection, audit_id: str, key: str | None = None) -> dict[str, Opening]:
@@ -210,8 +247,10 @@ def _openings(c: sqlite3.Connection, audit_id: str, key: str | None = None) -> d
 
 
 class Store:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, derive: Deriver | None = None) -> None:
+        """`derive`: what the site shows of a check (Derived), made by add_check and update_check as they store it."""
         self.path = path
+        self.derive = derive
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._conn: sqlite3.Connection | None = None
 
@@ -346,12 +385,18 @@ class Store:
         await self._run(lambda c: c.execute("UPDATE audits SET summary=? WHERE id=? AND status='done'",
                                             (json.dumps(summary), audit_id)))
 
-    async def add_check(self, audit_id: str, seq: int, result: CheckResult) -> float:
-        """The row with its own lines; its shared opening goes to `openings` with the first row that uses it."""
+    def derived(self, result: CheckResult) -> Derived | None:
+        """What the site shows of `result` (None without a deriver): made once, stored with the row."""
+        return self.derive(result) if self.derive is not None else None
+
+    async def add_check(self, audit_id: str, seq: int, result: CheckResult, derived: Derived | None = None) -> float:
+        """The row with its own lines; its shared opening goes to `openings` with the first row that uses it.
+        `derived`: what the site shows of it, if the caller made it already (otherwise made here)."""
         finished_at = time.time()
         fingerprint = json.dumps(result.fingerprint) if result.fingerprint is not None else None
         own = _lines_json(result.own_lines)
         opening = result.opening
+        shown = _derived_values(derived or self.derived(result))
 
         def _insert(c: sqlite3.Connection) -> None:
             if opening is not None and not c.execute("SELECT 1 FROM openings WHERE audit_id=? AND key=?",
@@ -360,19 +405,31 @@ class Store:
                           (audit_id, opening.key, _lines_json(opening.lines)))
             c.execute(
                 "INSERT INTO checks(audit_id, seq, finished_at, service, host, port, name, verdict, reason,"
-                " confirmed, fingerprint, transcript, detail, tag, opening) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " confirmed, fingerprint, transcript, detail, tag, opening, public, public_key, guides, guides_key)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (audit_id, seq, finished_at, result.service, result.host, result.port, result.name,
                  result.verdict.value, result.reason, int(result.confirmed), fingerprint, own, result.detail,
-                 result.tag, opening.key if opening is not None else None))
+                 result.tag, opening.key if opening is not None else None, *shown))
         await self._run(_insert)
         return finished_at
 
-    async def update_check(self, audit_id: str, seq: int, result: CheckResult) -> None:
-        """A later finding about a stored check (our sink received its message); its opening stays as stored."""
+    async def update_check(self, audit_id: str, seq: int, result: CheckResult, derived: Derived | None = None) -> None:
+        """A later finding about a stored check (our sink received its message); its opening stays as stored.
+        What the site shows of it is made again (`derived`, or here), or cleared when there is no deriver."""
         own = _lines_json(result.own_lines)
+        shown = _derived_values(derived or self.derived(result))
         await self._run(lambda c: c.execute(
-            "UPDATE checks SET verdict=?, reason=?, confirmed=?, transcript=?, detail=? WHERE audit_id=? AND seq=?",
-            (result.verdict.value, result.reason, int(result.confirmed), own, result.detail, audit_id, seq)))
+            "UPDATE checks SET verdict=?, reason=?, confirmed=?, transcript=?, detail=?, public=?, public_key=?,"
+            " guides=?, guides_key=? WHERE audit_id=? AND seq=?",
+            (result.verdict.value, result.reason, int(result.confirmed), own, result.detail, *shown, audit_id, seq)))
+
+    async def set_derived(self, audit_id: str, rows: Sequence[tuple[int, Derived]]) -> None:
+        """What the site shows of rows that were read without it, or stale: made again by a reader. A row that
+        meanwhile got it with the same keys (update_check) keeps its own, which is newer."""
+        await self._run(lambda c: c.executemany(
+            "UPDATE checks SET public=?, public_key=?, guides=?, guides_key=? WHERE audit_id=? AND seq=?"
+            " AND (public_key IS NOT ? OR guides_key IS NOT ?)",
+            [(*_derived_values(d), audit_id, seq, d.public_key, d.guides_key) for seq, d in rows]))
 
     async def find_check_by_tag(self, tag: str) -> tuple[str, StoredCheck] | None:
         def _find(c: sqlite3.Connection) -> tuple[str, StoredCheck] | None:
@@ -399,9 +456,29 @@ class Store:
                 else:
                     openings = {}
                     query = ("SELECT seq, finished_at, service, host, port, name, verdict, reason, confirmed,"
-                             " fingerprint, '[]' AS transcript, detail, tag, NULL AS opening FROM checks"
+                             " fingerprint, '[]' AS transcript, detail, tag, NULL AS opening, NULL AS public,"
+                             " NULL AS public_key, NULL AS guides, NULL AS guides_key FROM checks"
                              " WHERE audit_id=? ORDER BY seq")
                 audit.checks = [_check_from_row(r, openings) for r in c.execute(query, (audit_id,))]
+            return audit
+        return await self._run(_get)
+
+    async def get_audit_shown(self, audit_id: str, public_key: str) -> Audit | None:
+        """The audit with its checks as the API shows them: a row whose public JSON was made with `public_key`
+        comes with it and without its transcript (the JSON holds it); any other row comes whole, so that the
+        reader can make it again (and store it: set_derived)."""
+        def _get(c: sqlite3.Connection) -> Audit | None:
+            row = c.execute("SELECT * FROM audits WHERE id=?", (audit_id,)).fetchone()
+            if row is None:
+                return None
+            audit = _audit_from_row(row)
+            rows = c.execute(
+                "SELECT seq, finished_at, service, host, port, name, verdict, reason, confirmed, fingerprint,"
+                " CASE WHEN public_key IS ?1 THEN '[]' ELSE transcript END AS transcript, detail, tag,"
+                " CASE WHEN public_key IS ?1 THEN NULL ELSE opening END AS opening, public, public_key, guides,"
+                " guides_key FROM checks WHERE audit_id=?2 ORDER BY seq", (public_key, audit_id)).fetchall()
+            openings = _openings(c, audit_id) if any(r["opening"] for r in rows) else {}
+            audit.checks = [_check_from_row(r, openings) for r in rows]
             return audit
         return await self._run(_get)
 

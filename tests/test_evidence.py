@@ -16,7 +16,7 @@ from app.audits import CUT_NOTE, EVIDENCE_BUDGET, Auditor, EvidenceBudget
 from app.config import Settings
 from app.guides import GuideLibrary
 from app.probes.smtp import VARIANTS_PER_SESSION
-from app.store import Store
+from app.store import SCHEMA_VERSION, Store
 from app.verdicts import CheckResult, Opening, TranscriptLine, Verdict
 from app.web.common import check_json
 
@@ -156,7 +156,7 @@ async def test_a_version_3_database_keeps_its_full_transcripts(tmp_path):
     store = Store(str(path))
     await store.open()
     try:
-        assert await store.schema_version() == 5
+        assert await store.schema_version() == SCHEMA_VERSION
         audit = await store.get_audit("AAAAAAAAAAAAAAAAAAAAAA")
         result = audit.checks[0].result
         assert result.opening is None and [line.to_dict() for line in result.transcript] == full

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import HTTPException
 
 from app.config import Settings
-from app.guides import FIX_ANCHOR, GuideLibrary, guide_url
+from app.guides import FIX_ANCHOR, Guide, GuideLibrary, guide_url
 from app.probes import describe_check
 from app.store import Audit, Store
 from app.verdicts import CheckResult
@@ -31,18 +32,22 @@ def absolute_url(settings: Settings, path: str) -> str:
 
 def check_json(result: CheckResult, guides: GuideLibrary, settings: Settings) -> dict[str, Any]:
     """A check as the API and the event stream show it (schemas.Check): what it tries, and the guides that match."""
+    return check_fields(result, guides.for_check(result), settings)
+
+
+def check_fields(result: CheckResult, matched: Sequence[Guide], settings: Settings) -> dict[str, Any]:
+    """check_json with the matching guides already found (app/web/public.py stores it once per check)."""
     data = result.to_dict()
     del data["tag"]  # internal: how our sink recognises the check's relayed message
     data["description"] = describe_check(result.name)
     data["guides"] = [{"slug": g.slug, "title": g.title,
                        "url": absolute_url(settings, guide_url(g, FIX_ANCHOR if g.service != "general" else ""))}
-                      for g in guides.for_check(result)]
+                      for g in matched]
     return data
 
 
-def audit_json(audit: Audit, guides: GuideLibrary, settings: Settings,
-               queue_position: int | None = None) -> dict[str, Any]:
-    """An audit as GET /api/v1/audits/{id} shows it (schemas.Audit)."""
+def audit_head(audit: Audit, settings: Settings, queue_position: int | None = None) -> dict[str, Any]:
+    """An audit as GET /api/v1/audits/{id} shows it (schemas.Audit), but for its checks, which come last."""
     cooldown = settings.target_cooldown
     return {
         "id": audit.id,
@@ -60,5 +65,5 @@ def audit_json(audit: Audit, guides: GuideLibrary, settings: Settings,
         "error": audit.error,
         "url": absolute_url(settings, f"/audits/{audit.id}"),
         "summary": audit.summary or {"relay": None, "proxy": None},
-        "checks": [check_json(c.result, guides, settings) for c in audit.checks],
     }
+

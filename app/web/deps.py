@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from limits.strategies import RateLimiter
@@ -23,6 +23,7 @@ from app.guides import GuideLibrary
 from app.probes.canary import Canary
 from app.shared_slots import Slots
 from app.store import Store
+from app.web.public import Shown
 
 
 @dataclass
@@ -35,6 +36,8 @@ class AppState:
     guides: GuideLibrary
     secret: str
     canary: Canary
+    shown: Shown  # what the site shows of checks, made once per check (app/web/public.py)
+    partners: dict[str, Any]  # the partner agencies (SECURE_PARTNERS_FILE), read once at start
 
 
 def get_app_state(request: Request) -> AppState:
@@ -57,6 +60,10 @@ async def get_auditor(request: Request) -> Auditor:
 
 async def get_guides(request: Request) -> GuideLibrary:
     return get_app_state(request).guides
+
+
+async def get_shown(request: Request) -> Shown:
+    return get_app_state(request).shown
 
 
 async def get_canary(request: Request) -> Canary:
@@ -109,6 +116,7 @@ StoreDep = Annotated[Store, Depends(get_store)]
 AuditorDep = Annotated[Auditor, Depends(get_auditor)]
 GuidesDep = Annotated[GuideLibrary, Depends(get_guides)]
 CanaryDep = Annotated[Canary, Depends(get_canary)]
+ShownDep = Annotated[Shown, Depends(get_shown)]
 RateLimiterDep = Annotated[RateLimiter, Depends(get_rate_limiter)]
 StreamSlotsDep = Annotated[Slots, Depends(get_stream_slots)]
 RequesterDep = Annotated[Requester, Depends(get_requester)]

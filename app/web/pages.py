@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
+from functools import lru_cache
 from html import escape
 from ipaddress import ip_address
 from pathlib import Path
@@ -14,6 +17,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from jinja2 import pass_context
 from markupsafe import Markup
 
 from app import ENGINE_VERSION, PROJECT_ROOT, i18n
@@ -43,6 +47,20 @@ def _utc(timestamp: float | None) -> str:
 
 
 templates.env.filters["utc"] = _utc
+templates.env.auto_reload = False  # templates change with a deploy, not while the site runs: no stat per render
+
+
+@pass_context
+def _url_for(context: Mapping[str, Any], name: str, /, **path_params: Any) -> str:
+    """Starlette's url_for, with a shortcut for the static files (2 to 4 per page): the same absolute URL, without
+    resolving the route through the router on every render."""
+    request: Request = context["request"]
+    if name == "static" and path_params.keys() == {"path"}:
+        return f"{request.base_url}static/{path_params['path']}"  # the mount at /static (app/main.py)
+    return str(request.url_for(name, **path_params))
+
+
+templates.env.globals["url_for"] = _url_for
 templates.env.add_extension("jinja2.ext.i18n")
 templates.env.install_gettext_callables(  # type: ignore[attr-defined]
     lambda message, **values: i18n._(message) % values if values else i18n._(message),
@@ -69,7 +87,7 @@ STATUS_NAMES = {"queued": N_("queued"), "running": N_("running"), "done": N_("do
 
 
 def load_partners(partners_file: str) -> dict[str, Any]:
-    """The operation's partner agencies, from the data file the operator edits (read per request: it is small)."""
+    """The operation's partner agencies, from the data file the operator edits (read once, at start)."""
     path = Path(partners_file)
     if not path.is_absolute():
         path = ROOT / path
@@ -94,8 +112,36 @@ def local_path(path: str) -> str:
     return quote("/" + path.lstrip("/\\"), safe="/:@!$'()*+,;=")
 
 
+class RenderedPages:
+    """Pages that are the same for every visitor (the home page, a guide): rendered once per language, path,
+    address the site was asked at and the caller's key, then served from memory (bounded: least recently used
+    first out). The visitor's own CSRF token is put in on every answer: a cached page holds a placeholder. A page
+    without it has no form, and needs no CSRF cookie either."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self.placeholder = "csrf-" + secrets.token_hex(16)
+        self._pages: OrderedDict[tuple[Any, ...], str] = OrderedDict()
+
+    def get(self, request: Request, name: str, context: dict[str, Any], key: tuple[Any, ...]) -> tuple[str, bool]:
+        """The page with the visitor's token, and whether it has a form (holds the token)."""
+        full_key = (name, context["lang"], context["path"], str(request.base_url), *key)
+        page = self._pages.get(full_key)
+        if page is None:
+            page = templates.get_template(name).render({**context, "csrf": self.placeholder, "request": request})
+            self._pages[full_key] = page
+            while len(self._pages) > self.size:
+                self._pages.popitem(last=False)
+        else:
+            self._pages.move_to_end(full_key)
+        return page.replace(self.placeholder, context["csrf"]), self.placeholder in page
+
+
 def render(request: Request, name: str, context: Mapping[str, Any] | None = None, status_code: int = 200,
-           headers: Mapping[str, str] | None = None) -> HTMLResponse:
+           headers: Mapping[str, str] | None = None, same_for_all: tuple[Any, ...] | None = None) -> HTMLResponse:
+    """A page, translated, with the visitor's CSRF cookie and token. `same_for_all`: the page depends on nothing
+    but its template, the language, the path, the site's address and this key (never on the request otherwise):
+    rendered once and kept (RenderedPages)."""
     app_state = get_app_state(request)  # also for the error pages, which no handler's dependencies reach
     cookie = request.cookies.get(CSRF_COOKIE) or new_csrf_cookie()
     chosen = request.query_params.get("lang")
@@ -113,12 +159,19 @@ def render(request: Request, name: str, context: Mapping[str, Any] | None = None
         "engine_version": ENGINE_VERSION,
     }
     full.update(context or {})
-    response = templates.TemplateResponse(request, name, full, status_code=status_code, headers=headers)
+    response: HTMLResponse
+    has_form = True
+    if same_for_all is None:
+        response = templates.TemplateResponse(request, name, full, status_code=status_code, headers=headers)
+    else:
+        pages: RenderedPages = request.app.state.rendered_pages  # one per app (app/main.py)
+        page, has_form = pages.get(request, name, full, same_for_all)
+        response = HTMLResponse(page, status_code, headers)
     if chosen in i18n.LANGUAGES and request.cookies.get(i18n.COOKIE) != chosen:
         response.set_cookie(i18n.COOKIE, chosen, samesite="lax", max_age=365 * 86400, path="/",
                             secure=app_state.settings.public_url.startswith("https://"))
     response.headers["Content-Language"] = language
-    if request.cookies.get(CSRF_COOKIE) != cookie:
+    if has_form and request.cookies.get(CSRF_COOKIE) != cookie:  # a page without a form needs no CSRF cookie
         response.set_cookie(CSRF_COOKIE, cookie, httponly=True, samesite="strict",
                             secure=app_state.settings.public_url.startswith("https://"), path="/")
     response.headers.setdefault("Cache-Control", "no-store")
@@ -147,8 +200,33 @@ def _check_csrf(request: Request, token: str | None) -> None:
 
 
 @router.get("/", response_class=HTMLResponse)
-async def home(request: Request, settings: SettingsDep) -> HTMLResponse:
-    return render(request, "home.html", {"partners": load_partners(settings.partners_file)})
+async def home(request: Request) -> HTMLResponse:
+    return render(request, "home.html", {"partners": get_app_state(request).partners}, same_for_all=())
+
+
+# a guide is the page asked for most after the home page: its route comes early, as routes are tried in turn
+@router.get("/guides/{slug}", response_class=HTMLResponse)
+async def guide_page(request: Request, slug: str, audit: str = "") -> HTMLResponse:
+    # the guides and the store straight from the app's state: no dependency to solve on a page served this often
+    app_state = get_app_state(request)
+    library, store = app_state.guides, app_state.store
+    guide = library.get(slug)
+    if guide is None:
+        raise HTTPException(404, "No guide with this name.")
+    # opened from a test result: offer the way back to it (re-testing stays a button there, a POST)
+    back = audit if AUDIT_ID.match(audit) and await store.get_audit(audit, with_checks=False) else None
+    body = _localised_headings(library.render(guide), use_language(request))
+    return render(request, "guide.html", {"guide": guide, "body": Markup(body), "audit_id": back},
+                  same_for_all=(guide.slug, back))
+
+
+@lru_cache(maxsize=256)
+def _localised_headings(body: str, language: str) -> str:
+    """A guide's body in `language` (the active one): the bodies stay English; the section headings speak the
+    visitor's language. Made once per guide and language."""
+    for section in PRODUCT_SECTIONS:
+        body = body.replace(f">{section}</h2>", f">{escape(i18n._(section))}</h2>")
+    return body
 
 
 @router.get("/start", response_class=HTMLResponse)
@@ -180,20 +258,21 @@ async def start_submit(request: Request, starter: StarterDep, csrf: str = Form("
     return RedirectResponse(f"/audits/{started.audit.id}", status_code=303)
 
 
-async def _report(store: Any, guides: Any, settings: Settings, audit_id: str) -> tuple[Report, list[Any]]:
+async def _report(request: Request, store: Any, guides: Any, settings: Settings, audit_id: str) -> Report:
     audit = await load_audit(store, audit_id)
+    await get_app_state(request).shown.refresh(store, audit)  # rows stored without their guides, or stale ones
     previous = await store.get_audit(audit.previous_id, transcripts=False) if audit.previous_id else None
     latest = await in_cooldown(settings, store, audit)
-    report = build_report(audit, guides, previous, settings.target_cooldown, latest.created_at if latest else None)
-    return report, await store.retest_chain(audit.id, limit=20)
+    return build_report(audit, guides, previous, settings.target_cooldown, latest.created_at if latest else None)
 
 
 @router.get("/audits/{audit_id}", response_class=HTMLResponse)
 async def audit_page(request: Request, audit_id: str, store: StoreDep, auditor: AuditorDep, guides: GuidesDep,
                      settings: SettingsDep) -> HTMLResponse:
     use_language(request)  # the report's sentences are translated as they are built
-    report, chain = await _report(store, guides, settings, audit_id)
+    report = await _report(request, store, guides, settings, audit_id)
     audit = report.audit
+    chain = await store.retest_chain(audit.id, limit=20)
     position = auditor.queue.position(audit.id) if audit.status == "queued" else None
     port_blocks = blocks(report.rows) if audit.finished else []  # live rows stay as they come until it is done
     steps = _next_steps(report)
@@ -213,7 +292,7 @@ async def audit_summary(request: Request, audit_id: str, store: StoreDep, guides
                         settings: SettingsDep) -> PlainTextResponse:
     """The result as plain text, to paste into an email (the permalink included)."""
     use_language(request)
-    report, _chain = await _report(store, guides, settings, audit_id)
+    report = await _report(request, store, guides, settings, audit_id)
     text = _summary_text(report, blocks(report.rows), _next_steps(report), settings)
     return PlainTextResponse(text, headers={"Cache-Control": "no-store"})
 
@@ -251,21 +330,6 @@ async def guides_index(request: Request, guides: GuidesDep, q: str = "", service
     service = service if service in ("relay", "proxy", "general") else ""
     found = guides.search(query, service)
     return render(request, "guides.html", {"guides": found, "q": query, "service": service})
-
-
-@router.get("/guides/{slug}", response_class=HTMLResponse)
-async def guide_page(request: Request, slug: str, library: GuidesDep, store: StoreDep,
-                     audit: str = "") -> HTMLResponse:
-    guide = library.get(slug)
-    if guide is None:
-        raise HTTPException(404, "No guide with this name.")
-    # opened from a test result: offer the way back to it (re-testing stays a button there, a POST)
-    back = audit if AUDIT_ID.match(audit) and await store.get_audit(audit, with_checks=False) else None
-    use_language(request)
-    body = library.render(guide)
-    for section in PRODUCT_SECTIONS:  # the bodies stay English; the section headings speak the visitor's language
-        body = body.replace(f">{section}</h2>", f">{escape(i18n._(section))}</h2>")
-    return render(request, "guide.html", {"guide": guide, "body": Markup(body), "audit_id": back})
 
 
 # --- proving a domain, step by step --------------------------------------------------------------------------

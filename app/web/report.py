@@ -12,6 +12,7 @@ from app.i18n import N_, _
 from app.probes import describe_check, proxy_class
 from app.store import Audit
 from app.verdicts import CheckResult, Verdict
+from app.web.public import guides_for
 
 SUMMARY_SENTENCES = {
     ("relay", "open"): N_("Your server is an open relay: anyone on the Internet can send mail through it. "
@@ -75,7 +76,7 @@ def build_report(audit: Audit, guides: GuideLibrary, previous: Audit | None, coo
     for stored in sorted(audit.checks, key=order):
         result = stored.result
         change = changes.get(check_key(result), "")
-        report.rows.append({"check": result, "guides": guides.for_check(result),
+        report.rows.append({"check": result, "guides": guides_for(stored, guides),  # matched when stored
                             "description": describe_check(result.name), "change": CHANGE_LABELS.get(change, "")})
         if result.verdict is Verdict.OPEN:
             label = result.name.split(".", 1)[1] + (" (delivered to us)" if result.confirmed else "")
