@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
@@ -20,6 +19,7 @@ from app.audits import Auditor
 from app.config import Settings, get_settings
 from app.guides import GuideLibrary
 from app.listeners import Listeners, start_listeners
+from app.retention import keep_purging
 from app.store import Store
 from app.web import api, pages
 from app.web.deps import AppState, StoreDep
@@ -30,15 +30,6 @@ from app.web.security import SecurityHeadersMiddleware, security_headers
 ROOT = PROJECT_ROOT
 log = logs.get_logger("app")
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
-
-
-async def _purge_old_audits(store: Store, days: int, every: float = 3600.0) -> None:
-    """Delete finished audits older than SECURE_RETENTION_DAYS, at start and then hourly."""
-    while True:
-        removed = await store.purge_older_than(time.time() - days * 86400)
-        if removed:
-            log.info("audits.purged", extra={"count": removed, "retention_days": days})
-        await asyncio.sleep(every)
 
 
 async def _open_site(settings: Settings, listeners: Sequence[Listener]) -> tuple[AppState, Listeners]:
@@ -61,7 +52,8 @@ def _lifespan(settings: Settings, listeners: Sequence[Listener]) -> Lifespan:
         site, own = await _open_site(settings, listeners)
         app.state.sys = site
         log.info("app.started", extra={"version": __version__, "database": settings.sqlite_path})
-        retention = asyncio.create_task(_purge_old_audits(site.store, settings.retention_days), name="retention")
+        # the purge runs beside the site, in short batches: never before or instead of serving (app/retention.py)
+        retention = asyncio.create_task(keep_purging(site.store, settings.retention_days), name="retention")
         try:
             yield
         finally:

@@ -156,7 +156,7 @@ async def test_a_version_3_database_keeps_its_full_transcripts(tmp_path):
     store = Store(str(path))
     await store.open()
     try:
-        assert await store.schema_version() == 5
+        assert await store.schema_version() == 6
         audit = await store.get_audit("AAAAAAAAAAAAAAAAAAAAAA")
         result = audit.checks[0].result
         assert result.opening is None and [line.to_dict() for line in result.transcript] == full
