@@ -117,7 +117,9 @@ _MIGRATIONS: dict[int, list[str]] = {
         " SELECT audits.id, json_each.value, audits.created_at FROM audits, json_each(audits.hosts)"],
     # a check's shared opening, stored once in `openings` (created by _SCHEMA); older rows keep full transcripts
     5: ["ALTER TABLE checks ADD COLUMN opening TEXT"],
-    6: list(_PURGE_INDEXES),
+    # the retention purge's indexes on audits; verifications' comes with _SCHEMA (run next, IF NOT EXISTS), which
+    # also creates that table in the oldest databases
+    6: [statement for statement in _PURGE_INDEXES if " ON audits(" in statement],
 }
 
 

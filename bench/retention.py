@@ -225,7 +225,7 @@ def serve_baseline() -> None:
         while True:
             count, held = await store._run(lambda c: old_purge(c, time.time() - days * DAY))
             log.info("audits.purged", extra={"count": count, "batches": 1, "longest_hold_ms": held * 1000,
-                                             "seconds": held})
+                                             "holds_over_100ms": int(held > 0.1), "seconds": held})
             await asyncio.sleep(every)
 
     app.main.keep_purging = old_keep_purging  # type: ignore[assignment]
@@ -252,14 +252,15 @@ def _purged(log: Path) -> dict[str, Any] | None:
     return None
 
 
-def measure(db: Path, mode: str, recent_id: str, cap: float) -> dict[str, Any]:
+def measure(db: Path, mode: str, recent_id: str | None, cap: float) -> dict[str, Any]:
     """Start the site on `db`; the time to the first /healthz; latencies while it purges; its purge log line."""
     import httpx
 
     port, log = _free_port(), db.with_suffix(".log")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SECURE_DATABASE_URL": f"sqlite:///{db}", "SECURE_RETENTION_DAYS": str(RETENTION_DAYS),
-           "SECURE_PUBLIC_URL": f"http://127.0.0.1:{port}"}
-    result: dict[str, Any] = {"first": None, "healthz": [], "audit": [], "purge": None}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SECURE_DATABASE_URL": f"sqlite:///{db}",
+           "SECURE_RETENTION_DAYS": str(RETENTION_DAYS), "SECURE_PUBLIC_URL": f"http://127.0.0.1:{port}"}
+    result: dict[str, Any] = {"first": None, "healthz": [], "audit": [], "healthz_after": [], "audit_after": [],
+                              "purge": None, "load": os.getloadavg()[0]}
     with open(log, "wb") as out:
         start = time.monotonic()
         process = subprocess.Popen([sys.executable, __file__, "--serve", mode, "--port", str(port)], cwd=ROOT,
@@ -276,34 +277,43 @@ def measure(db: Path, mode: str, recent_id: str, cap: float) -> dict[str, Any]:
     return result
 
 
+def _timed(client: Any, path: str, deadline: float) -> tuple[int, float]:
+    sent = time.monotonic()
+    answer = client.get(path, timeout=max(0.1, deadline - sent))
+    return int(answer.status_code), time.monotonic() - sent
+
+
 def _poll(process: subprocess.Popen[bytes], port: int, start: float, cap: float, result: dict[str, Any],
-          log: Path, recent_id: str, httpx: Any) -> None:
-    base = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=base) as client:
-        while (left := start + cap - time.monotonic()) > 0 and process.poll() is None:
-            sent = time.monotonic()
+          log: Path, recent_id: str | None, httpx: Any) -> None:
+    """/healthz and the audit JSON one after the other, each filed under "during" or "after" the purge by whether
+    the purge's log line was there when it was sent; 50 of each after it, then stop. No `recent_id`: stop at the
+    first answer."""
+    deadline = start + cap
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        while time.monotonic() < deadline and process.poll() is None:
+            after = _purged(log) is not None
             try:
-                answer = client.get("/healthz", timeout=left)
+                status, took = _timed(client, "/healthz", deadline)
             except httpx.ConnectError:
                 time.sleep(0.01)
                 continue
             except httpx.TimeoutException:
                 break
-            took = time.monotonic() - sent
-            if answer.status_code == 200 and result["first"] is None:
+            if status == 200 and result["first"] is None:
                 result["first"] = time.monotonic() - start
-            result["purge"] = _purged(log)
-            if result["purge"] is not None:
+            if recent_id is None:
                 break
-            result["healthz"].append(took)
-            sent = time.monotonic()
+            result["healthz_after" if after else "healthz"].append(took)
+            after = _purged(log) is not None
             try:
-                client.get(f"/api/v1/audits/{recent_id}", timeout=max(0.1, start + cap - sent))
+                took = _timed(client, f"/api/v1/audits/{recent_id}", deadline)[1]
             except httpx.TimeoutException:
                 break
-            result["audit"].append(time.monotonic() - sent)
+            result["audit_after" if after else "audit"].append(took)
+            if len(result["audit_after"]) >= 50:
+                break
             time.sleep(0.02)
-        result["purge"] = result["purge"] or _purged(log)
+    result["purge"] = _purged(log)
 
 
 # --- report ----------------------------------------------------------------------------------------------------
@@ -321,10 +331,11 @@ def summary(result: dict[str, Any], cap: float) -> dict[str, Any]:
         "first_healthz_s": result["first"],
         "purge_s": purge.get("seconds") if finished else None,
         "longest_hold_ms": purge.get("longest_hold_ms") if finished else None,
-        "batches": purge.get("batches"),
+        "batches": purge.get("batches"), "over": purge.get("holds_over_100ms"),
         "healthz_p50_ms": _ms(result["healthz"], 0.5), "healthz_max_ms": _ms(result["healthz"], 1.0),
         "audit_p50_ms": _ms(result["audit"], 0.5), "audit_max_ms": _ms(result["audit"], 1.0),
-        "samples": len(result["healthz"]), "finished": finished, "cap": cap,
+        "healthz_idle_ms": _ms(result["healthz_after"], 0.5), "audit_idle_ms": _ms(result["audit_after"], 0.5),
+        "samples": len(result["healthz"]), "finished": finished, "cap": cap, "load": result["load"],
     }
 
 
@@ -332,6 +343,10 @@ def _show(value: float | None, unit: str, cap: float | None = None) -> str:
     if value is None:
         return f">= {cap:.0f} s (stopped)" if cap is not None else "-"
     return f"{value:.1f} {unit}" if value >= 10 else f"{value:.3f} {unit}"
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def report(size: int, new: dict[str, Any], old: dict[str, Any], checks_before: dict[str, int],
@@ -343,7 +358,9 @@ def report(size: int, new: dict[str, Any], old: dict[str, Any], checks_before: d
             ("GET /healthz during the purge, median", "healthz_p50_ms", "ms"),
             ("GET /healthz during the purge, max", "healthz_max_ms", "ms"),
             ("GET /api/v1/audits/{id} during the purge, median", "audit_p50_ms", "ms"),
-            ("GET /api/v1/audits/{id} during the purge, max", "audit_max_ms", "ms")]
+            ("GET /api/v1/audits/{id} during the purge, max", "audit_max_ms", "ms"),
+            ("GET /healthz after the purge, median", "healthz_idle_ms", "ms"),
+            ("GET /api/v1/audits/{id} after the purge, median", "audit_idle_ms", "ms")]
     print(f"{'':50} {'batched':>14} {'baseline (one statement)':>26} {'baseline/batched':>17}")
     for label, key, unit in rows:
         a, b = new[key], old[key]
@@ -356,7 +373,10 @@ def report(size: int, new: dict[str, Any], old: dict[str, Any], checks_before: d
                                                 if a and capped else "-")
         print(f"{label:50} {_show(a, unit):>14} {b_text:>26} {ratio:>17}")
     print(f"{'batches':50} {new['batches'] or '-':>14} {old['batches'] or '-':>26}")
+    print(f"{'holds over 100 ms':50} {_count(new['over']):>14} {_count(old['over']):>26}")
     print(f"{'/healthz samples during the purge':50} {new['samples']:>14} {old['samples']:>26}")
+    print(f"load average (1 min) at the start of each run: batched {new['load']:.1f}, baseline {old['load']:.1f}"
+          f" on {os.cpu_count()} CPUs")
     for name, counts in after.items():
         print(f"after ({name}): {counts}")
 
@@ -395,6 +415,10 @@ def main() -> None:
         return
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="bench-retention-") as tmp:
+        empty = Path(tmp) / "empty.db"
+        seed(empty, 0, 0, rng)
+        first = measure(empty, "batched", None, 60)["first"]
+        print(f"reference: time to first /healthz on a database with nothing expired: {_show(first, 's')}")
         for size in (int(s) for s in args.sizes.split(",")):
             run_size(size, args.recent, args.cap, Path(tmp), rng)
 

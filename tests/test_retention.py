@@ -4,6 +4,7 @@ them, runs beside the site rather than before it, and keeps running after a fail
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
@@ -94,7 +95,7 @@ async def test_unfinished_audits_are_never_purged(store):
 
 
 async def test_many_expired_audits_go_in_several_batches(store):
-    old, _ = await seed(store, expired=9, recent=1)
+    await seed(store, expired=9, recent=1)
     sizes: list[int] = []
     report = await retention.purge(store, time.time() - 90 * DAY, target=0.0,
                                    on_batch=lambda batch: sizes.append(batch.audits))
@@ -116,7 +117,7 @@ async def test_the_batch_size_follows_the_measured_cost():
 
 
 async def test_other_store_calls_run_between_two_batches(store):
-    old, kept = await seed(store, expired=6, recent=1)
+    _, kept = await seed(store, expired=6, recent=1)
     batches_seen: list[int] = []
     read_after: list[int] = []
     reads: list[asyncio.Task[object]] = []
@@ -229,7 +230,9 @@ async def test_the_site_answers_healthz_while_a_purge_is_in_progress(settings, m
     monkeypatch.setattr(Store, "purge_batch", gated)
     assert retention.LIMIT_START < 20
     cutoff = time.time() - 90 * DAY
-    async with running_app(settings) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        # bounded: a start-up that waited for the purge would never end (the purge waits for `release`)
+        client = await asyncio.wait_for(stack.enter_async_context(running_app(settings)), 10)
         await asyncio.wait_for(first_done.wait(), 10)
         response = await asyncio.wait_for(client.get("/healthz"), 10)
         assert response.status_code == 200
