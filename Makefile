@@ -20,7 +20,7 @@ LINT_STAMP  := $(VENV)/.installed-lint.stamp
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
 
-.PHONY: help run test lint bench bench-abuse mutation venv install install-test install-lint debian-packages clean distclean
+.PHONY: help run test lint bench bench-abuse bench-retention mutation venv install install-test install-lint debian-packages clean distclean
 
 help: ## List the targets
 	@echo "Usage: make TARGET [HOST=$(HOST)] [PORT=$(PORT)] [PYTEST_ARGS='...'] [PYTHON=$(PYTHON)]"
@@ -54,6 +54,9 @@ bench: install-test ## Benchmarks against real servers, with nmap as the baselin
 
 bench-abuse: install-test ## The most traffic one address can get through the site per hour, beside the README's bounds
 	$(VENV_PYTHON) bench/abuse.py
+
+bench-retention: install-test ## The retention purge on 10,000 and 100,000 expired audits, beside the old single statement
+	$(VENV_PYTHON) bench/retention.py
 
 mutation: install-test ## Mutation score of the trust-critical modules (mutmut; about 8 min on 2 cores)
 	$(PIP_INSTALL) -e '.[test,mutation]'

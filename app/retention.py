@@ -1,9 +1,10 @@
 """Retention: finished audits older than SECURE_RETENTION_DAYS, and verifications expired longer ago, are deleted in
 the background, in batches that each hold the store's only thread for a few tens of milliseconds.
 
-Between two batches the store is free: every store call queued meanwhile (a page, `/healthz`, an audit storing a
-check) runs before the next batch, so no request waits behind more than one batch. The first run starts after the
-site serves (a task, never awaited by the start-up), then one run per hour.
+Each batch is one transaction, followed by a checkpoint of the write-ahead log (its own short hold). Between two
+holds the store is free: every store call queued meanwhile (a page, `/healthz`, an audit storing a check) runs
+before the next one, so a store call waits behind one hold at most. The first run begins as the site starts serving
+(a task beside it, never awaited by the start-up), then one run per hour.
 """
 
 from __future__ import annotations
