@@ -1,9 +1,10 @@
 """Retention: finished audits older than SECURE_RETENTION_DAYS, and verifications expired longer ago, are deleted in
 the background, in batches that each hold the store's only thread for a few tens of milliseconds.
 
-Each batch is one transaction, followed by a checkpoint of the write-ahead log (its own short hold). Between two
-holds the store is free: every store call queued meanwhile (a page, `/healthz`, an audit storing a check) runs
-before the next one, so a store call waits behind one hold at most. The first run begins as the site starts serving
+Each batch is one transaction, followed by a checkpoint of the write-ahead log on a connection and thread of its own
+(the store goes on serving during it). Between two batches the store is free: every store call queued meanwhile
+(a page, `/healthz`, an audit storing a check) runs before the next batch, so a store call waits behind one batch
+at most. The first run begins as the site starts serving
 (a task beside it, never awaited by the start-up), then one run per hour.
 """
 
@@ -32,7 +33,7 @@ class PurgeReport:
     audits: int = 0
     verifications: int = 0
     batches: int = 0
-    longest_hold: float = 0.0  # seconds: the longest single hold of the store (a batch with its commit, a checkpoint)
+    longest_hold: float = 0.0  # seconds: the longest single hold of the store (a batch with its commit)
     over_limit: int = 0  # holds longer than HOLD_LIMIT (a busy machine, a slow disk)
     seconds: float = 0.0  # the whole run, pauses between batches included
 
@@ -76,12 +77,11 @@ async def purge(store: Store, cutoff: float, target: float = HOLD_TARGET,
         report.hold(batch.held)
         if on_batch is not None:
             on_batch(batch)
-        await asyncio.sleep(0)  # let the requests that waited for this batch queue their store calls first
-        report.hold(await store.checkpoint())
+        await store.checkpoint()  # off the store's thread: the requests that waited for this batch run meanwhile
         if batch.done:
             break
         pace.after(batch)
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # and so do those queued during the checkpoint, before the next batch
     report.seconds = time.perf_counter() - start
     return report
 

@@ -227,6 +227,7 @@ class Store:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._conn: sqlite3.Connection | None = None
+        self._checkpointer: _Checkpointer | None = None  # the retention purge's, made on first use
 
     # --- plumbing -------------------------------------------------------------------------------------------
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -272,6 +273,8 @@ class Store:
                 self._conn = None
         await asyncio.get_running_loop().run_in_executor(self._executor, _close)
         self._executor.shutdown(wait=True)
+        if self._checkpointer is not None:
+            await self._checkpointer.close()
 
     # --- meta -----------------------------------------------------------------------------------------------
     async def schema_version(self) -> int:
@@ -463,14 +466,44 @@ class Store:
         return await self._run(lambda c: _purge_batch(c, cutoff, limit, budget))
 
     async def checkpoint(self) -> float:
-        """Copy the WAL's committed pages into the database file now (PASSIVE: never waits for readers); the
-        seconds it took. After each purge batch, so that no later commit meets a WAL of thousands of pages and
-        checkpoints them all at once (SQLite's automatic checkpoint, at 1000 pages)."""
-        def _checkpoint(c: sqlite3.Connection) -> float:
-            start = time.perf_counter()
-            c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            return time.perf_counter() - start
-        return await self._run(_checkpoint)
+        """Copy the WAL's committed pages into the database file now; the seconds it took. After each purge batch,
+        so that no later commit meets a WAL of thousands of pages and checkpoints them all at once (SQLite's
+        automatic checkpoint, at 1000 pages, inside that commit). It runs on a connection and thread of its own:
+        its writes and fsyncs never hold the store's thread, which goes on serving meanwhile."""
+        if self.path == ":memory:":
+            return 0.0
+        if self._checkpointer is None:
+            self._checkpointer = _Checkpointer(self.path)
+        return await self._checkpointer.run()
+
+
+class _Checkpointer:
+    """A second connection that only ever checkpoints (PASSIVE: it never waits for the store's reads or writes,
+    and they never wait for it), on its own thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-checkpoint")
+        self._conn: sqlite3.Connection | None = None
+
+    def _checkpoint(self) -> float:
+        start = time.perf_counter()
+        if self._conn is None:
+            self._conn = sqlite3.connect(self.path, timeout=30)
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return time.perf_counter() - start
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def run(self) -> float:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._checkpoint)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
+        self._executor.shutdown(wait=True)
 
 
 # --- retention: one batch of the purge ----------------------------------------------------------------------
