@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -22,6 +21,7 @@ from app.config import Settings, get_settings
 from app.fairness import AddressSlots, ConnectionSlots
 from app.guides import GuideLibrary
 from app.listeners import Listeners, start_listeners
+from app.retention import keep_purging
 from app.shared_slots import REDIS_TIMEOUT, MemorySlots, RedisSlots, Slots, is_redis, redis_client
 from app.store import Store
 from app.web import api, pages
@@ -34,15 +34,6 @@ from app.web.security import SecurityHeadersMiddleware, security_headers
 ROOT = PROJECT_ROOT
 log = logs.get_logger("app")
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
-
-
-async def _purge_old_audits(store: Store, days: int, every: float = 3600.0) -> None:
-    """Delete finished audits older than SECURE_RETENTION_DAYS, at start and then hourly."""
-    while True:
-        removed = await store.purge_older_than(time.time() - days * 86400)
-        if removed:
-            log.info("audits.purged", extra={"count": removed, "retention_days": days})
-        await asyncio.sleep(every)
 
 
 class SharedSlots:
@@ -96,7 +87,8 @@ def _lifespan(settings: Settings, listeners: Sequence[Listener]) -> Lifespan:
         site, own = await _open_site(settings, listeners, shared)
         app.state.sys = site
         log.info("app.started", extra={"version": __version__, "database": settings.sqlite_path})
-        retention = asyncio.create_task(_purge_old_audits(site.store, settings.retention_days), name="retention")
+        # the purge runs beside the site, in short batches: never before or instead of serving (app/retention.py)
+        retention = asyncio.create_task(keep_purging(site.store, settings.retention_days), name="retention")
         try:
             yield
         finally:

@@ -21,9 +21,19 @@ from typing import TypeVar
 from app.admission import Decision, Facts
 from app.verdicts import CheckResult, Opening, TranscriptLine
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 UNFINISHED = ("queued", "running")
 T = TypeVar("T")
+
+# The indexes the retention purge needs (schema 6): expired audits found by age, the FOREIGN KEY check on
+# audits.previous_id (without it every deleted audit scans the whole table for re-tests pointing at it) and
+# expired verifications. The children (checks, openings, audit_addresses) cascade through their primary keys,
+# which begin with audit_id.
+_PURGE_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS audits_created ON audits(created_at)",
+    "CREATE INDEX IF NOT EXISTS audits_previous ON audits(previous_id)",
+    "CREATE INDEX IF NOT EXISTS verifications_expires ON verifications(expires_at)",
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -97,7 +107,7 @@ CREATE TABLE IF NOT EXISTS verifications (
     verified_at REAL,
     method TEXT
 );
-"""
+""" + "".join(f"{statement};\n" for statement in _PURGE_INDEXES)
 
 
 # Statements that bring a database of version N-1 to version N (a new database gets _SCHEMA directly).
@@ -115,6 +125,9 @@ _MIGRATIONS: dict[int, list[str]] = {
     # what the site shows of a check, made once when it is stored (older rows get it on their first read)
     6: ["ALTER TABLE checks ADD COLUMN public TEXT", "ALTER TABLE checks ADD COLUMN public_key TEXT",
         "ALTER TABLE checks ADD COLUMN guides TEXT", "ALTER TABLE checks ADD COLUMN guides_key TEXT"],
+    # the retention purge's indexes on audits; verifications' comes with _SCHEMA (run next, IF NOT EXISTS), which
+    # also creates that table in the oldest databases
+    7: [statement for statement in _PURGE_INDEXES if " ON audits(" in statement],
 }
 
 
@@ -253,6 +266,7 @@ class Store:
         self.derive = derive
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._conn: sqlite3.Connection | None = None
+        self._checkpointer: _Checkpointer | None = None  # the retention purge's, made on first use
 
     # --- plumbing -------------------------------------------------------------------------------------------
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -298,6 +312,8 @@ class Store:
                 self._conn = None
         await asyncio.get_running_loop().run_in_executor(self._executor, _close)
         self._executor.shutdown(wait=True)
+        if self._checkpointer is not None:
+            await self._checkpointer.close()
 
     # --- meta -----------------------------------------------------------------------------------------------
     async def schema_version(self) -> int:
@@ -521,14 +537,85 @@ class Store:
             "UPDATE verifications SET verified_at=?, method=? WHERE id_hash=? AND verified_at IS NULL",
             (time.time(), method, id_hash)))
 
-    async def purge_older_than(self, cutoff: float) -> int:
-        def _purge(c: sqlite3.Connection) -> int:
+    # --- retention (app/retention.py runs the batches) -------------------------------------------------------
+    async def purge_batch(self, cutoff: float, limit: int, budget: float) -> PurgeBatch:
+        """One short transaction of the retention purge: see _purge_batch."""
+        return await self._run(lambda c: _purge_batch(c, cutoff, limit, budget))
+
+    async def checkpoint(self) -> float:
+        """Copy the WAL's committed pages into the database file now; the seconds it took. After each purge batch,
+        so that no later commit meets a WAL of thousands of pages and checkpoints them all at once (SQLite's
+        automatic checkpoint, at 1000 pages, inside that commit). It runs on a connection and thread of its own:
+        its writes and fsyncs never hold the store's thread, which goes on serving meanwhile."""
+        if self.path == ":memory:":
+            return 0.0
+        if self._checkpointer is None:
+            self._checkpointer = _Checkpointer(self.path)
+        return await self._checkpointer.run()
+
+
+class _Checkpointer:
+    """A second connection that only ever checkpoints (PASSIVE: it never waits for the store's reads or writes,
+    and they never wait for it), on its own thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-checkpoint")
+        self._conn: sqlite3.Connection | None = None
+
+    def _checkpoint(self) -> float:
+        start = time.perf_counter()
+        if self._conn is None:
+            self._conn = sqlite3.connect(self.path, timeout=30)
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return time.perf_counter() - start
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def run(self) -> float:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._checkpoint)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
+        self._executor.shutdown(wait=True)
+
+
+# --- retention: one batch of the purge ----------------------------------------------------------------------
+_EXPIRED = "created_at < ? AND status NOT IN ('queued','running')"
+
+
+@dataclass
+class PurgeBatch:
+    audits: int  # audits deleted (their checks, openings and addresses cascade)
+    verifications: int  # verifications deleted
+    worked: float  # seconds spent deleting, before the commit
+    held: float  # seconds the store's thread spent on this batch, commit included
+    done: bool  # nothing expired is left
+
+
+def _purge_batch(c: sqlite3.Connection, cutoff: float, limit: int, budget: float) -> PurgeBatch:
+    """Delete up to `limit` expired audits, a quarter of them per statement, stopping early once `budget` seconds
+    of deleting have gone (after one statement at least), then commit. Expired verifications (small rows) go
+    first, up to `limit * 16`."""
+    start = time.perf_counter()
+    limit = max(1, limit)
+    chunk, step = max(1, limit // 4), limit * 16
+    verifications = c.execute("DELETE FROM verifications WHERE rowid IN (SELECT rowid FROM verifications"
+                              " WHERE expires_at < ? LIMIT ?)", (cutoff, step)).rowcount
+    audits, exhausted = 0, False
+    while audits < limit and not exhausted and (audits == 0 or time.perf_counter() - start < budget):
+        ids = [row[0] for row in c.execute(f"SELECT id FROM audits WHERE {_EXPIRED} LIMIT ?",
+                                           (cutoff, min(chunk, limit - audits)))]
+        exhausted = len(ids) < min(chunk, limit - audits)
+        if ids:
+            marks = ",".join("?" * len(ids))
             # a re-test keeps a link to its predecessor; drop the link before the predecessor goes
-            c.execute("UPDATE audits SET previous_id=NULL WHERE previous_id IN"
-                      " (SELECT id FROM audits WHERE created_at < ? AND status NOT IN ('queued','running'))",
-                      (cutoff,))
-            # verifications: their data (domain, token, who asked) goes once they expired before the cutoff
-            c.execute("DELETE FROM verifications WHERE expires_at < ?", (cutoff,))
-            return c.execute("DELETE FROM audits WHERE created_at < ? AND status NOT IN ('queued','running')",
-                             (cutoff,)).rowcount
-        return await self._run(_purge)
+            c.execute(f"UPDATE audits SET previous_id=NULL WHERE previous_id IN ({marks})", ids)
+            audits += c.execute(f"DELETE FROM audits WHERE id IN ({marks})", ids).rowcount
+    worked = time.perf_counter() - start
+    c.commit()  # writes the changed (and, with secure_delete, the zeroed freed) pages to the WAL
+    return PurgeBatch(audits=audits, verifications=verifications, worked=worked, held=time.perf_counter() - start,
+                      done=exhausted and verifications < step)

@@ -1,7 +1,7 @@
 import sqlite3
 import time
 
-from app import ENGINE_VERSION
+from app import ENGINE_VERSION, retention
 from app.store import SCHEMA_VERSION, Audit, Store, new_id
 from app.verdicts import CheckResult, TranscriptLine, Verdict
 
@@ -75,7 +75,7 @@ async def test_retest_chain_and_purge(tmp_path):
     await store.create_audit(old)
     await store.create_audit(new)
     assert [a.id for a in await store.retest_chain(new.id)] == [new.id, old.id]
-    assert await store.purge_older_than(time.time() - 500) == 1
+    assert (await retention.purge(store, time.time() - 500)).audits == 1
     assert await store.get_audit(old.id) is None
     assert (await store.get_audit(new.id)).previous_id is None
     await store.close()
