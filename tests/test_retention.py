@@ -137,15 +137,15 @@ async def test_other_store_calls_run_between_two_batches(store):
     assert read_after == [1]  # answered right after the first batch, not after the whole purge
 
 
-async def test_a_schema_5_database_gets_the_purge_indexes(tmp_path):
-    path = str(tmp_path / "v5.db")
+async def test_a_schema_6_database_gets_the_purge_indexes(tmp_path):
+    path = str(tmp_path / "v6.db")
     store = Store(path)
     await store.open()
     await store.close()
     conn = sqlite3.connect(path)
     for name in ("audits_created", "audits_previous", "verifications_expires"):
         conn.execute(f"DROP INDEX {name}")
-    conn.execute("UPDATE meta SET value='5' WHERE key='schema_version'")
+    conn.execute("UPDATE meta SET value='6' WHERE key='schema_version'")
     conn.commit()
     conn.close()
     store = Store(path)
