@@ -367,7 +367,7 @@ def report(size: int, new: dict[str, Any], old: dict[str, Any], checks_before: d
         capped = old["cap"] if key in ("first_healthz_s", "purge_s", "longest_hold_ms") else None
         if key == "longest_hold_ms" and b is None:
             b_text = f">= {old['cap'] * 1000:.0f} ms (stopped)"
-        elif key.startswith(("healthz", "audit_")) and b is None and not old["finished"]:
+        elif key.endswith(("p50_ms", "max_ms")) and b is None and not old["finished"]:
             b_text = f"no answer in {old['cap']:.0f} s"
         else:
             b_text = _show(b, unit, capped)
