@@ -27,12 +27,24 @@ def declared() -> set[str]:
     return {normalised(re.split(r"[\s\[<>=~!;]", spec, maxsplit=1)[0]) for spec in project["dependencies"]}
 
 
-def imported_distributions() -> dict[str, str]:
-    """distribution -> one module of app/ that imports it."""
+# extras a feature of the site needs (not the tools of tests and lint): imported only inside the function that
+# uses the feature, so that the default install never needs them
+FEATURE_EXTRAS_EXCLUDED = {"test", "lint"}
+
+
+def declared_for_features() -> set[str]:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    return {normalised(re.split(r"[\s\[<>=~!;]", spec, maxsplit=1)[0])
+            for name, specs in extras.items() if name not in FEATURE_EXTRAS_EXCLUDED for spec in specs}
+
+
+def imported_distributions(top_level_only: bool = False) -> dict[str, str]:
+    """distribution -> one module of app/ that imports it (at module level only, if asked)."""
     owners = importlib.metadata.packages_distributions()
     found: dict[str, str] = {}
     for path in sorted((ROOT / "app").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in (_module_level(tree) if top_level_only else ast.walk(tree)):
             if isinstance(node, ast.Import):
                 modules = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -48,9 +60,29 @@ def imported_distributions() -> dict[str, str]:
     return found
 
 
+def _module_level(tree: ast.Module) -> list[ast.AST]:
+    """The statements that run when the module is imported (also inside if/try at module level)."""
+    found: list[ast.AST] = []
+    todo: list[ast.AST] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        found.append(node)
+        if isinstance(node, (ast.If, ast.Try)):
+            todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
 def test_everything_imported_is_declared():
-    missing = {d: where for d, where in imported_distributions().items() if d not in declared()}
-    assert missing == {}, "imported by app/ but not in [project] dependencies"
+    missing = {d: where for d, where in imported_distributions().items()
+               if d not in declared() and d not in declared_for_features()}
+    assert missing == {}, "imported by app/ but neither in [project] dependencies nor in a feature's extra"
+
+
+def test_a_feature_extra_is_imported_only_where_the_feature_is_used():
+    """An import of an extra at module level would break the default install (`pip install -e .`)."""
+    at_import = {d: where for d, where in imported_distributions(top_level_only=True).items()
+                 if d not in declared()}
+    assert at_import == {}, "a feature's extra imported at module level"
 
 
 def test_nothing_declared_is_unused():

@@ -7,10 +7,11 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 
 def _live_processes() -> dict[int, tuple[int, int, str]]:
@@ -105,7 +106,8 @@ def stop_group(process: subprocess.Popen, stop_signal: int, *, timeout: float) -
     kill_group(process, timeout=timeout)
 
 
-def _socket_inodes(pids: list[int]) -> set[int]:
+def socket_inodes(pids: Iterable[int]) -> set[int]:
+    """The inodes of the sockets these processes hold open."""
     inodes = set()
     for pid in pids:
         try:
@@ -145,10 +147,19 @@ def _tcp_listen_rows() -> list[tuple[str, int, int]]:
 
 def tcp_listeners(pids: list[int]) -> list[tuple[str, int]]:
     """(address, port) of every TCP socket these processes listen on."""
-    mine = _socket_inodes(pids)
+    mine = socket_inodes(pids)
     return sorted((address, port) for address, port, inode in _tcp_listen_rows() if inode in mine)
 
 
 def port_listening(port: int) -> bool:
     """Whether any process of our network namespace listens on this TCP port (any address)."""
     return any(p == port for _, p, _ in _tcp_listen_rows())
+
+
+def accepts(host: str, port: int) -> bool:
+    """Whether host:port accepts a TCP connection now."""
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal, Sequence
 
 from servers.netns import LOOPBACK_PLACE, Place
-from servers.processes import group_pids, kill_group, wait_until
+from servers.processes import accepts, group_pids, kill_group, socket_inodes, wait_until
 
 LOOPBACK = "127.0.0.1"
 SQUID = "/usr/sbin/squid"
@@ -238,7 +238,7 @@ class ProxyInstance:
     def _check_port_free(self) -> None:
         leftovers = self.pids()
         if self.place.namespaced:  # the host's /proc/net does not show the namespace's sockets: ask the port
-            listening = wait_until(lambda: not _accepts(self.host, self.port), seconds=KILL_TIMEOUT)
+            listening = wait_until(lambda: not accepts(self.host, self.port), seconds=KILL_TIMEOUT)
         else:
             listening = wait_until(lambda: not _listening_on(self.port), seconds=KILL_TIMEOUT)
         if leftovers or not listening:
@@ -1027,7 +1027,7 @@ def _wait_listening(instance: ProxyInstance, *, timeout: float) -> None:
         # the sockets of the daemon's own network namespace (/proc/PID/net), which may not be ours
         owners = _listening_on(instance.port, netns_of=process.pid if instance.place.namespaced else None)
         if owners:
-            mine = _socket_inodes(instance.pids())
+            mine = socket_inodes(instance.pids())
             if owners & mine:
                 instance.start_seconds = time.monotonic() - t0
                 return
@@ -1120,23 +1120,6 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _socket_inodes(pids: Iterable[int]) -> set[int]:
-    inodes = set()
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(int(target[8:-1]))
-    return inodes
-
-
 _TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
                "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0A": "LISTEN",
                "0B": "CLOSING"}
@@ -1180,17 +1163,8 @@ def _listening_on(port: int, netns_of: int | None = None) -> set[int]:
             if proto.startswith("tcp") and p == port and state == "LISTEN"}
 
 
-def _accepts(host: str, port: int) -> bool:
-    """Whether host:port accepts a TCP connection now."""
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 def _sockets_of(pids: Iterable[int]) -> list[tuple[str, str, int, str]]:
-    mine = _socket_inodes(pids)
+    mine = socket_inodes(pids)
     return [(proto, address, port, state) for proto, address, port, state, inode in _proc_net() if inode in mine]
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import uuid
 from pathlib import Path
@@ -21,19 +20,11 @@ import redis.exceptions
 
 from servers import daemon
 from servers.postgres import PostgresInstance, start_postgres
-from servers.processes import alive, identities, port_listening, wait_until
+from servers.processes import accepts, alive, identities, port_listening, wait_until
 from servers.redis import RedisInstance, start_redis
 
 SYSTEM_PORTS = (5432, 6379)  # where the system's postgresql and redis-server services would listen
 DAEMON_NAMES = ("postgres", "redis-server")
-
-
-def _accepts(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def _name_and_parent(pid: int) -> tuple[str, int] | None:
@@ -116,8 +107,8 @@ def test_postgres_new_database_is_separate(postgres_server: PostgresInstance):
 
 def test_postgres_listens_on_127_0_0_1_only(postgres_server: PostgresInstance):
     assert postgres_server.listeners() == [("127.0.0.1", postgres_server.port)]
-    assert _accepts("127.0.0.1", postgres_server.port)
-    assert not _accepts("127.0.0.2", postgres_server.port)  # would connect if bound to 0.0.0.0
+    assert accepts("127.0.0.1", postgres_server.port)
+    assert not accepts("127.0.0.2", postgres_server.port)  # would connect if bound to 0.0.0.0
     if os.geteuid() == 0:  # PostgreSQL refuses root: the fixture runs it as the postgres user
         assert Path(f"/proc/{postgres_server.pid}").stat().st_uid != 0
 
@@ -199,7 +190,7 @@ async def test_redis_asyncio_pub_sub(redis_server: RedisInstance):
 
 def test_redis_listens_on_127_0_0_1_only(redis_server: RedisInstance):
     assert redis_server.listeners() == [("127.0.0.1", redis_server.port)]
-    assert not _accepts("127.0.0.2", redis_server.port)
+    assert not accepts("127.0.0.2", redis_server.port)
 
 
 def test_redis_refuses_a_wrong_or_missing_password(redis_server: RedisInstance):
