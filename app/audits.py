@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -37,6 +38,7 @@ from app.verdicts import CheckResult, TranscriptLine, Verdict, summarize_audit
 log = get_logger("audits")
 
 EVIDENCE_BUDGET = 1024 * 1024  # bytes of transcript one audit keeps, counted as its rows show them (JSON)
+SWEEP_EVERY = 6  # beats per SECURE_INSTANCE_STALE_SECONDS; the sixth sweeps for the audits of gone instances
 CUT_NOTE = "… transcript cut: this audit's evidence reached 1 MiB"
 
 
@@ -270,16 +272,14 @@ class Auditor:
         return count
 
     async def keep_alive(self) -> None:
-        """Until cancelled: beat every sixth of SECURE_INSTANCE_STALE_SECONDS, and once per bound interrupt the
-        audits of instances that stopped beating (killed, host lost). A failing store is logged and tried again:
-        this task must not end while the process serves."""
-        stale = self.settings.instance_stale_seconds
-        swept = time.monotonic()
-        while True:
-            await asyncio.sleep(stale / 6)
+        """Until cancelled: beat every sixth of SECURE_INSTANCE_STALE_SECONDS, and every sixth beat (once per bound)
+        interrupt the audits of instances that stopped beating (killed, host lost) instead. A failing store is
+        logged and tried again: this task must not end while the process serves."""
+        interval = self.settings.instance_stale_seconds / SWEEP_EVERY
+        for beat in itertools.count(1):
+            await asyncio.sleep(interval)
             try:
-                if time.monotonic() - swept >= stale:
-                    swept = time.monotonic()
+                if beat % SWEEP_EVERY == 0:
                     await self.recover("audits.interrupted_orphans")
                 else:
                     await self.store.beat(self.instance_id)

@@ -8,6 +8,7 @@ owner stopped beating; a clean stop interrupts only the stopping instance's own.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import sqlite3
@@ -20,6 +21,8 @@ import httpx
 import pytest
 from support import ServedSite, wait_done_sync
 
+from app import audits
+from app.audits import Auditor
 from app.store import new_id
 
 STALE = 1.5  # SECURE_INSTANCE_STALE_SECONDS for these tests: a beat every 0.25 s, a sweep every 1.5 s
@@ -126,6 +129,43 @@ def add_orphan(db: Path) -> str:
 def wait_until_finished(site: ServedSite, audit_id: str) -> tuple[dict, float]:
     started = time.monotonic()
     return wait_done_sync(site.url, audit_id, seconds=WAIT), time.monotonic() - started
+
+
+class Beats:
+    """A store that records what the heartbeat asks of it; its `fail`th call fails as a locked database does."""
+
+    def __init__(self, fail: int) -> None:
+        self.calls: list[object] = []
+        self.fail = fail
+
+    async def beat(self, instance_id: str) -> None:
+        self.calls.append("beat")
+        if len(self.calls) == self.fail:
+            raise sqlite3.OperationalError("database is locked")
+
+    async def interrupt_orphaned(self, stale: float) -> int:
+        self.calls.append(("sweep", stale))
+        return 0
+
+
+async def test_the_heartbeat_beats_every_sixth_of_the_bound_sweeps_once_per_bound_and_outlives_a_failure(
+        settings, monkeypatch):
+    """No clock: asyncio.sleep is replaced by one that records the interval and ends the task at the 13th."""
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        if len(slept) == 12:
+            raise asyncio.CancelledError
+        slept.append(seconds)
+
+    monkeypatch.setattr(audits.asyncio, "sleep", sleep)
+    store = Beats(fail=3)
+    auditor = Auditor(settings.model_copy(update={"instance_stale_seconds": 12.0}), store)
+    with pytest.raises(asyncio.CancelledError):
+        await auditor.keep_alive()
+    assert slept == [2.0] * 12
+    sweep = ["beat", ("sweep", 12.0)]  # a sweep beats first: its own instance is never taken for gone
+    assert store.calls == ["beat"] * 5 + sweep + ["beat"] * 5 + sweep  # the failed third beat did not end it
 
 
 def test_a_starting_instance_leaves_a_live_instances_audit_running_and_it_ends_done(tmp_path, held):
