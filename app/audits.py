@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -37,6 +38,7 @@ from app.verdicts import CheckResult, TranscriptLine, Verdict, summarize_audit
 log = get_logger("audits")
 
 EVIDENCE_BUDGET = 1024 * 1024  # bytes of transcript one audit keeps, counted as its rows show them (JSON)
+SWEEP_EVERY = 6  # beats per SECURE_INSTANCE_STALE_SECONDS; the sixth sweeps for the audits of gone instances
 CUT_NOTE = "… transcript cut: this audit's evidence reached 1 MiB"
 
 
@@ -256,12 +258,33 @@ class Auditor:
         # site-wide per address: this process's, or every process's through Redis (app.shared_slots)
         self.address_slots = address_slots or AddressSlots(settings.max_connections_per_host)
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # this process among the site's instances: every audit it creates is its own (Audit.owner), and its
+        # heartbeat (keep_alive) tells the other instances it still runs them
+        self.instance_id = new_id()
 
-    async def recover(self) -> int:
-        count = await self.store.interrupt_unfinished()
+    async def recover(self, event: str = "audits.interrupted_at_start") -> int:
+        """Beat once, then interrupt the audits whose instance is gone (no heartbeat for
+        SECURE_INSTANCE_STALE_SECONDS): never an audit of a live instance, this one's or another's."""
+        await self.store.beat(self.instance_id)
+        count = await self.store.interrupt_orphaned(self.settings.instance_stale_seconds)
         if count:
-            log.warning("audits.interrupted_at_start", extra={"count": count})
+            log.warning(event, extra={"count": count, "instance": self.instance_id})
         return count
+
+    async def keep_alive(self) -> None:
+        """Until cancelled: beat every sixth of SECURE_INSTANCE_STALE_SECONDS, and every sixth beat (once per bound)
+        interrupt the audits of instances that stopped beating (killed, host lost) instead. A failing store is
+        logged and tried again: this task must not end while the process serves."""
+        interval = self.settings.instance_stale_seconds / SWEEP_EVERY
+        for beat in itertools.count(1):
+            await asyncio.sleep(interval)
+            try:
+                if beat % SWEEP_EVERY == 0:
+                    await self.recover("audits.interrupted_orphans")
+                else:
+                    await self.store.beat(self.instance_id)
+            except Exception:  # a locked or failing database: the next beat tries again
+                log.exception("instance.heartbeat_failed", extra={"instance": self.instance_id})
 
     def plan(self, hosts: Sequence[str] | Mapping[str, Sequence[str]], services: Sequence[str],
              audit_id: str = "", audited_domain: str | None = None,
@@ -292,7 +315,7 @@ class Auditor:
         audit = Audit(id=audit_id, created_at=time.time(), status="queued", target=target, requester=requester,
                       hosts=all_hosts, services=list(services), planned=sum(len(c.names) for c in planned),
                       engine_version=ENGINE_VERSION, previous_id=previous_id, verification_id=verification_id,
-                      requester_key=requester_key or requester)
+                      requester_key=requester_key or requester, owner=self.instance_id)
         return audit, planned, list(dict.fromkeys(budget_key(a) for a in tested))
 
     async def start(self, *, target: str, requester: str, hosts: Sequence[str] | Mapping[str, Sequence[str]],
@@ -448,6 +471,8 @@ class Auditor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # anything of ours still unfinished (none, unless a task ended oddly), and our row: never another's audits
+        await self.store.leave(self.instance_id)
 
 
 class _SentStates:

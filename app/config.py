@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     audits_per_target_per_hour: int = Field(default=6, ge=1)
     max_hosts_per_audit: int = Field(default=10, ge=1, le=100)
     max_queued_audits: int = Field(default=200, ge=1)
+    # an instance (process) that has not renewed its heartbeat for this long is gone: its unfinished audits are
+    # interrupted by the others (issue 16, item 5). It beats every sixth of it; the sweep runs once per bound.
+    instance_stale_seconds: float = Field(default=30.0, gt=0)
     ipv6_requester_prefix: int = Field(default=64, ge=32, le=128)
     verification_check_interval: float = Field(default=10.0, ge=0)
     verification_checks_per_hour: int = Field(default=60, ge=1)

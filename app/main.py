@@ -89,11 +89,14 @@ def _lifespan(settings: Settings, listeners: Sequence[Listener]) -> Lifespan:
         log.info("app.started", extra={"version": __version__, "database": settings.sqlite_path})
         # the purge runs beside the site, in short batches: never before or instead of serving (app/retention.py)
         retention = asyncio.create_task(keep_purging(site.store, settings.retention_days), name="retention")
+        # this instance's heartbeat, and the sweep that interrupts the audits of instances that are gone
+        heartbeat = asyncio.create_task(site.auditor.keep_alive(), name="heartbeat")
         try:
             yield
         finally:
-            retention.cancel()
-            await asyncio.gather(retention, return_exceptions=True)
+            for task in (retention, heartbeat):
+                task.cancel()
+            await asyncio.gather(retention, heartbeat, return_exceptions=True)
             await site.auditor.shutdown()
             await own.stop()
             await site.store.close()

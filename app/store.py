@@ -21,7 +21,7 @@ from typing import TypeVar
 from app.admission import Decision, Facts
 from app.verdicts import CheckResult, Opening, TranscriptLine
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 UNFINISHED = ("queued", "running")
 T = TypeVar("T")
 
@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS audits (
     summary TEXT,
     error TEXT,
     target_key TEXT,
-    requester_key TEXT
+    requester_key TEXT,
+    owner TEXT  -- the instance (process) that runs it: its row in `instances`; NULL on audits older than schema 8
 );
 CREATE INDEX IF NOT EXISTS audits_target ON audits(target_key, created_at);
 CREATE INDEX IF NOT EXISTS audits_status ON audits(status);
@@ -107,6 +108,13 @@ CREATE TABLE IF NOT EXISTS verifications (
     verified_at REAL,
     method TEXT
 );
+-- one row per running instance of the site (schema 8): its heartbeat. An unfinished audit whose owner's last_seen is
+-- older than SECURE_INSTANCE_STALE_SECONDS (or whose owner has no row) has lost its process: see interrupt_orphaned
+CREATE TABLE IF NOT EXISTS instances (
+    id TEXT PRIMARY KEY,
+    started_at REAL NOT NULL,
+    last_seen REAL NOT NULL
+);
 """ + "".join(f"{statement};\n" for statement in _PURGE_INDEXES)
 
 
@@ -128,6 +136,8 @@ _MIGRATIONS: dict[int, list[str]] = {
     # the retention purge's indexes on audits; verifications' comes with _SCHEMA (run next, IF NOT EXISTS), which
     # also creates that table in the oldest databases
     7: [statement for statement in _PURGE_INDEXES if " ON audits(" in statement],
+    # who runs each audit; the `instances` table (their heartbeats) comes with _SCHEMA, run next
+    8: ["ALTER TABLE audits ADD COLUMN owner TEXT"],
 }
 
 
@@ -178,6 +188,7 @@ class Audit:
     error: str | None = None
     target_key: str | None = None  # schema 3's "ip:<address>" / "domain:<name>", on old rows only (see audit_addresses)
     requester_key: str | None = None  # the requester's address, or its IPv6 /64: what per-requester limits count
+    owner: str | None = None  # the instance that runs it (Auditor.instance_id); None on audits before schema 8
     checks: list[StoredCheck] = field(default_factory=list)
 
     @property
@@ -192,7 +203,7 @@ def _audit_from_row(row: sqlite3.Row) -> Audit:
         planned=row["planned"], engine_version=row["engine_version"], previous_id=row["previous_id"],
         verification_id=row["verification_id"], started_at=row["started_at"], finished_at=row["finished_at"],
         summary=json.loads(row["summary"]) if row["summary"] else None, error=row["error"],
-        target_key=row["target_key"], requester_key=row["requester_key"],
+        target_key=row["target_key"], requester_key=row["requester_key"], owner=row["owner"],
     )
 
 
@@ -340,10 +351,11 @@ class Store:
     def _insert_audit(c: sqlite3.Connection, audit: Audit, addresses: Sequence[str]) -> None:
         c.execute(
             "INSERT INTO audits(id, created_at, status, target, requester, verification_id, hosts, services,"
-            " planned, previous_id, engine_version, target_key, requester_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " planned, previous_id, engine_version, target_key, requester_key, owner)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (audit.id, audit.created_at, audit.status, audit.target, audit.requester, audit.verification_id,
              json.dumps(audit.hosts), json.dumps(audit.services), audit.planned, audit.previous_id,
-             audit.engine_version, audit.target_key, audit.requester_key or audit.requester))
+             audit.engine_version, audit.target_key, audit.requester_key or audit.requester, audit.owner))
         c.executemany("INSERT OR IGNORE INTO audit_addresses(audit_id, address, created_at) VALUES (?,?,?)",
                       [(audit.id, address, audit.created_at) for address in addresses])
 
@@ -510,14 +522,39 @@ class Store:
             current = audit.previous_id
         return chain
 
-    async def interrupt_unfinished(self) -> int:
-        """Called at start-up: audits a previous process left queued or running can never finish now."""
+    # --- instances: who runs which audit (several processes may share the database) -------------------------
+    async def beat(self, instance_id: str) -> None:
+        """The instance is alive: its row's last_seen is now (the row is made on the first beat, and again if
+        another instance took it for gone and removed it)."""
+        now = time.time()
+        await self._run(lambda c: c.execute(
+            "INSERT INTO instances(id, started_at, last_seen) VALUES (?,?,?)"
+            " ON CONFLICT(id) DO UPDATE SET last_seen=excluded.last_seen", (instance_id, now, now)))
+
+    async def interrupt_orphaned(self, stale: float) -> int:
+        """Audits whose process is gone can never finish now: the unfinished audits whose owner has not beaten for
+        `stale` seconds (or has no row, or which have no owner: made before schema 8) become `interrupted`, and the
+        rows of those gone instances are removed. An audit of a live instance is never touched."""
         def _interrupt(c: sqlite3.Connection) -> int:
+            now = time.time()
             cur = c.execute(
                 "UPDATE audits SET status='interrupted', finished_at=?, error='the site restarted during this audit'"
-                " WHERE status IN ('queued', 'running')", (time.time(),))
+                " WHERE status IN ('queued', 'running') AND (owner IS NULL OR owner NOT IN"
+                " (SELECT id FROM instances WHERE last_seen >= ?))", (now, now - stale))
+            c.execute("DELETE FROM instances WHERE last_seen < ?", (now - stale,))
             return cur.rowcount
         return await self._run(_interrupt)
+
+    async def leave(self, instance_id: str) -> int:
+        """A clean stop: the instance's own unfinished audits become `interrupted` (no one else's), and its row
+        goes."""
+        def _leave(c: sqlite3.Connection) -> int:
+            cur = c.execute(
+                "UPDATE audits SET status='interrupted', finished_at=?, error='the site shut down'"
+                " WHERE status IN ('queued', 'running') AND owner=?", (time.time(), instance_id))
+            c.execute("DELETE FROM instances WHERE id=?", (instance_id,))
+            return cur.rowcount
+        return await self._run(_leave)
 
     # --- verifications --------------------------------------------------------------------------------------
     async def create_verification(self, id_hash: str, domain: str, token: str, requester: str,

@@ -80,7 +80,7 @@ def test_kill_9_mid_audit_loses_nothing_and_marks_it_interrupted(tmp_path, refus
         store = Store(str(site.db))
         await store.open()
         before = await store.get_audit(audit_id)
-        count = await store.interrupt_unfinished()
+        count = await store.interrupt_orphaned(0)  # the killed instance's heartbeat is as old as it gets: gone
         after = await store.get_audit(audit_id)
         await store.close()
         assert before.status == "running"
@@ -91,12 +91,15 @@ def test_kill_9_mid_audit_loses_nothing_and_marks_it_interrupted(tmp_path, refus
 
 
 def test_restart_marks_unfinished_audits_interrupted(tmp_path, refused_port, silent_port):
+    """After a crash the next instance cannot tell a dead process from a live one until its heartbeat is older than
+    SECURE_INSTANCE_STALE_SECONDS (here 1 s): then, at start or in its periodic sweep, the audit is interrupted."""
     env = {"SECURE_ALLOW_NETWORKS": "127.0.0.0/8", "SECURE_RELAY_PORTS": f"{refused_port},{silent_port}",
-           "SECURE_PROXY_PORTS": str(refused_port), "SECURE_CONNECT_TIMEOUT": "60"}
+           "SECURE_PROXY_PORTS": str(refused_port), "SECURE_CONNECT_TIMEOUT": "60",
+           "SECURE_INSTANCE_STALE_SECONDS": "1"}
     site = ServedSite(tmp_path, env)
     audit_id = httpx.post(site.url + "/api/v1/audits/self", timeout=5).json()["id"]
     site.stop(kill=True)
     with ServedSite(tmp_path, env) as again:
-        data = httpx.get(f"{again.url}/api/v1/audits/{audit_id}", timeout=5).json()
+        data = wait_done_sync(again.url, audit_id, seconds=30)  # bounded: within 2 bounds and a beat
         assert data["status"] == "interrupted"
         assert "restarted" in data["error"]

@@ -43,7 +43,7 @@ def shared_redis(redis_server) -> str:
 @contextlib.contextmanager
 def two_sites(tmp_path: Path, env: dict[str, str], storages: tuple[str, str]) -> Iterator[list[ServedSite]]:
     """Instances A and B of one site: one SQLite file, each its own SECURE_LIMITS_STORAGE, started one after the
-    other before any audit exists (a starting instance still interrupts the others' audits: issue 16, item 5)."""
+    other (a starting instance leaves a live instance's audits alone: tests/test_instances.py)."""
     db = tmp_path / "site.db"
     with contextlib.ExitStack() as stack:
         sites = []

@@ -41,21 +41,97 @@ async def test_schema_wal_and_round_trip(tmp_path):
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-async def test_unfinished_audits_become_interrupted_and_keep_their_checks(tmp_path):
+def set_last_seen(path: str, instance: str, last_seen: float) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE instances SET last_seen=? WHERE id=?", (last_seen, instance))
+
+
+async def test_unfinished_audits_of_gone_instances_become_interrupted_and_keep_their_checks(tmp_path):
+    """Issue 16, item 5: only the audits whose instance stopped beating (or never had a row, or no owner: made
+    before schema 8) are interrupted; a live instance's queued and running audits are never touched."""
+    path = str(tmp_path / "db.sqlite")
+    store = Store(path)
+    await store.open()
+    for instance in ("live", "gone"):
+        await store.beat(instance)
+    set_last_seen(path, "gone", time.time() - 31)
+    live_running, live_queued, gone_running, gone_queued, unknown, ownerless, done = (
+        make_audit(owner="live"), make_audit(owner="live"), make_audit(owner="gone"), make_audit(owner="gone"),
+        make_audit(owner="never-beat"), make_audit(owner=None), make_audit(owner="gone"))
+    for audit in (live_running, live_queued, gone_running, gone_queued, unknown, ownerless, done):
+        await store.create_audit(audit)
+    for audit in (live_running, gone_running):
+        await store.mark_running(audit.id)
+    await store.add_check(gone_running.id, 1, CheckResult("proxy", "192.0.2.7", 80, "proxy.reachable",
+                                                          Verdict.INCONCLUSIVE, "port_open"))
+    await store.finish_audit(done.id, "done", {"relay": "closed", "proxy": "closed"})
+    assert await store.interrupt_orphaned(30) == 4
+    statuses = {a.id: (await store.get_audit(a.id)).status
+                for a in (live_running, live_queued, gone_running, gone_queued, unknown, ownerless, done)}
+    assert statuses == {live_running.id: "running", live_queued.id: "queued", gone_running.id: "interrupted",
+                        gone_queued.id: "interrupted", unknown.id: "interrupted", ownerless.id: "interrupted",
+                        done.id: "done"}
+    interrupted = await store.get_audit(gone_running.id)
+    assert len(interrupted.checks) == 1 and "restarted" in interrupted.error
+    assert (await store.get_audit(live_running.id)).owner == "live"
+    with sqlite3.connect(path) as conn:  # the gone instance's row went with its audits
+        assert [r[0] for r in conn.execute("SELECT id FROM instances")] == ["live"]
+    assert await store.interrupt_orphaned(30) == 0  # nothing more: the live instance's audits stay as they are
+    await store.close()
+
+
+async def test_a_live_instance_is_never_taken_for_gone_and_a_beat_brings_a_removed_row_back(tmp_path):
+    path = str(tmp_path / "db.sqlite")
+    store = Store(path)
+    await store.open()
+    await store.beat("slow")
+    set_last_seen(path, "slow", time.time() - 29)  # within the bound: alive
+    audit = make_audit(owner="slow", status="running")
+    await store.create_audit(audit)
+    assert await store.interrupt_orphaned(30) == 0
+    set_last_seen(path, "slow", time.time() - 3600)
+    assert await store.interrupt_orphaned(30) == 1
+    await store.beat("slow")  # it was only paused: its row is back (its audit stays interrupted)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM instances WHERE id='slow' AND last_seen > ?",
+                            (time.time() - 10,)).fetchone()[0] == 1
+    await store.close()
+
+
+async def test_a_clean_stop_interrupts_only_the_instances_own_audits(tmp_path):
     store = Store(str(tmp_path / "db.sqlite"))
     await store.open()
-    running, queued, done = make_audit(), make_audit(), make_audit()
-    for audit in (running, queued, done):
+    for instance in ("a", "b"):
+        await store.beat(instance)
+    mine, queued, theirs = make_audit(owner="a", status="running"), make_audit(owner="a"), make_audit(owner="b")
+    for audit in (mine, queued, theirs):
         await store.create_audit(audit)
-    await store.mark_running(running.id)
-    await store.add_check(running.id, 1, CheckResult("proxy", "192.0.2.7", 80, "proxy.reachable",
-                                                     Verdict.INCONCLUSIVE, "port_open"))
-    await store.finish_audit(done.id, "done", {"relay": "closed", "proxy": "closed"})
-    assert await store.interrupt_unfinished() == 2
-    assert (await store.get_audit(running.id)).status == "interrupted"
-    assert (await store.get_audit(queued.id)).status == "interrupted"
-    assert (await store.get_audit(done.id)).status == "done"
-    assert len((await store.get_audit(running.id)).checks) == 1
+    assert await store.leave("a") == 2
+    assert [(await store.get_audit(a.id)).status for a in (mine, queued, theirs)] == ["interrupted"] * 2 + ["queued"]
+    assert "shut down" in (await store.get_audit(mine.id)).error
+    assert await store.interrupt_orphaned(30) == 0  # b is alive; a's row is gone with a
+    await store.close()
+
+
+async def test_a_schema_7_database_gets_owners_and_instances(tmp_path):
+    path = str(tmp_path / "v7.db")
+    store = Store(path)
+    await store.open()
+    old = make_audit(status="running")
+    await store.create_audit(old)
+    await store.close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE instances")
+    conn.execute("ALTER TABLE audits DROP COLUMN owner")
+    conn.execute("UPDATE meta SET value='7' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    store = Store(path)
+    await store.open()
+    assert await store.schema_version() == SCHEMA_VERSION == 8
+    assert (await store.get_audit(old.id)).owner is None
+    await store.beat("new")
+    assert await store.interrupt_orphaned(30) == 1  # an audit from before owners: nobody runs it now
     await store.close()
 
 
