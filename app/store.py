@@ -586,8 +586,8 @@ class Store:
                 c.execute("INSERT OR IGNORE INTO observations(kind, key, source, via, at) VALUES (?,?,?,?,?)",
                           (kind, key, source, via, now))
             c.execute("DELETE FROM observations WHERE at < ?", (now - OBSERVATION_SECONDS,))
-            c.execute("DELETE FROM observations WHERE rowid IN (SELECT rowid FROM observations ORDER BY at DESC"
-                      " LIMIT -1 OFFSET ?)", (MAX_OBSERVATIONS,))
+            c.execute("DELETE FROM observations WHERE rowid IN (SELECT rowid FROM observations"
+                      " ORDER BY at DESC, rowid DESC LIMIT -1 OFFSET ?)", (MAX_OBSERVATIONS,))
         await self._run(_record)
 
     async def observed(self, kind: str, keys: Iterable[str]) -> dict[str, list[str]]:
