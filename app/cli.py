@@ -61,14 +61,12 @@ def _serve_workers(settings: Settings, host: str, port: int, workers: int) -> in
     only watches: when one child exits, or on SIGTERM / SIGINT, it stops them all."""
     import multiprocessing
 
-    from app import listener_process
-
     sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
                                 backlog=2048)
     context = multiprocessing.get_context("fork")  # the children inherit the bound socket
     children: list[BaseProcess] = []
     if settings.listeners == "embedded":
-        children.append(context.Process(target=listener_process.main, args=(settings,), name="listeners"))
+        children.append(context.Process(target=_run_listeners, args=(settings, sock), name="listeners"))
         settings = settings.model_copy(update={"listeners": "external"})
     children += [context.Process(target=_run_web, args=(settings, host, port, sock), name=f"web-{n}")
                  for n in range(workers)]
@@ -76,6 +74,13 @@ def _serve_workers(settings: Settings, host: str, port: int, workers: int) -> in
         child.start()
     sock.close()
     return _watch(children)
+
+
+def _run_listeners(settings: Settings, web_socket: socket.socket) -> None:
+    from app import listener_process
+
+    web_socket.close()  # the workers' socket, inherited: this process never accepts on it
+    listener_process.main(settings)
 
 
 def _watch(children: list[BaseProcess]) -> int:

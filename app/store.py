@@ -158,6 +158,7 @@ _MIGRATIONS: dict[int, list[str]] = {
 OBSERVATION_SECONDS = 3600.0
 MAX_OBSERVATIONS = 20000
 MAX_SOURCES = 20  # per canary check id, as the in-memory record keeps
+TRIM_EVERY = 100  # the count bound is enforced every TRIM_EVERY records of a process (a cheap write otherwise)
 
 
 def new_id() -> str:
@@ -297,6 +298,7 @@ class Store:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._conn: sqlite3.Connection | None = None
         self._checkpointer: _Checkpointer | None = None  # the retention purge's, made on first use
+        self._observations = 0  # recorded by this Store: every TRIM_EVERY-th trims the table to MAX_OBSERVATIONS
 
     # --- plumbing -------------------------------------------------------------------------------------------
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -577,8 +579,11 @@ class Store:
 
     # --- observations: what the listeners saw, for every process ------------------------------------------------
     async def record_observation(self, kind: str, key: str, source: str = "", via: str = "") -> None:
-        """A sink arrival or a canary observation; rows older than OBSERVATION_SECONDS, and the oldest beyond
-        MAX_OBSERVATIONS, go in the same transaction. At most MAX_SOURCES sources per key."""
+        """A sink arrival or a canary observation; rows older than OBSERVATION_SECONDS go in the same transaction,
+        and, every TRIM_EVERY records, the oldest beyond MAX_OBSERVATIONS. At most MAX_SOURCES sources per key."""
+        self._observations += 1
+        trim = self._observations % TRIM_EVERY == 1 % TRIM_EVERY
+
         def _record(c: sqlite3.Connection) -> None:
             now = time.time()
             count = c.execute("SELECT COUNT(*) FROM observations WHERE kind=? AND key=?", (kind, key)).fetchone()[0]
@@ -586,8 +591,9 @@ class Store:
                 c.execute("INSERT OR IGNORE INTO observations(kind, key, source, via, at) VALUES (?,?,?,?,?)",
                           (kind, key, source, via, now))
             c.execute("DELETE FROM observations WHERE at < ?", (now - OBSERVATION_SECONDS,))
-            c.execute("DELETE FROM observations WHERE rowid IN (SELECT rowid FROM observations"
-                      " ORDER BY at DESC, rowid DESC LIMIT -1 OFFSET ?)", (MAX_OBSERVATIONS,))
+            if trim:
+                c.execute("DELETE FROM observations WHERE rowid IN (SELECT rowid FROM observations"
+                          " ORDER BY at DESC, rowid DESC LIMIT -1 OFFSET ?)", (MAX_OBSERVATIONS,))
         await self._run(_record)
 
     async def observed(self, kind: str, keys: Iterable[str]) -> dict[str, list[str]]:

@@ -190,12 +190,15 @@ async def test_observations_keep_at_most_the_newest_rows(tmp_path, monkeypatch):
     from app import store as store_module
 
     monkeypatch.setattr(store_module, "MAX_OBSERVATIONS", 5)
+    monkeypatch.setattr(store_module, "TRIM_EVERY", 4)  # the 1st, 5th, 9th... record trims
     store = Store(str(tmp_path / "db.sqlite"))
     await store.open()
-    tags = [f"sys{n:016x}" for n in range(8)]
-    for tag in tags:
+    tags = [f"sys{n:016x}" for n in range(9)]
+    for tag in tags[:8]:
         await store.record_observation("sink", tag)
-    assert sorted(await store.observed("sink", tags)) == tags[3:]
+    assert sorted(await store.observed("sink", tags)) == tags[:8]  # the 5th trimmed nothing yet (5 rows)
+    await store.record_observation("sink", tags[8])  # the 9th trims: the newest 5
+    assert sorted(await store.observed("sink", tags)) == tags[4:]
     await store.close()
 
 
