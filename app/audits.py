@@ -417,6 +417,8 @@ class Auditor:
             return
         audit_id, stored = found
         if stored.result.reason not in TAGGED_REASONS:
+            if stored.result.confirmed:  # confirmed by the listeners process: news to this process's followers
+                self.events.publish(audit_id, Event("check", stored.seq, stored.result, stored.derived))
             return
         result = confirmed(stored.result)
         derived = self.store.derived(result)

@@ -8,6 +8,7 @@ one port and the listeners once.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -90,6 +91,7 @@ def test_an_arrival_at_the_listeners_process_confirms_the_rows_of_an_audit_run_e
         try:
             audit_id = httpx.post(a.url + "/api/v1/audits", json={"target": "self", "checks": ["relay"]},
                                   timeout=5).json()["id"]
+            streamed = follow_until_done(f"{a.url}/api/v1/audits/{audit_id}/events")
             data = wait_done_sync(a.url, audit_id, seconds=90)
             seen_on_b = httpx.get(f"{b.url}/api/v1/audits/{audit_id}", timeout=5).json()
         finally:
@@ -102,9 +104,28 @@ def test_an_arrival_at_the_listeners_process_confirms_the_rows_of_an_audit_run_e
     assert len(data["checks"]) == 22
     assert {(c["reason"], c["confirmed"]) for c in data["checks"]} == {("delivered", True)}
     assert {(c["reason"], c["confirmed"]) for c in seen_on_b["checks"]} == {("delivered", True)}
+    # a follower of site A saw every row end confirmed before `done`
+    assert len(streamed) == 22 and {states[-1] for states in streamed.values()} == {("delivered", True)}
     # the sink was the listeners process's: neither site bound it
     assert "sink.started" in listeners.log.read_text()
     assert "sink.started" not in a.log.read_text() + b.log.read_text()
+
+
+def follow_until_done(url: str) -> dict[int, list[tuple[str, bool]]]:
+    """Each row's states, in the order an event stream sent them, until `done` (the server ends it; 90 s at most)."""
+    text = ""
+    with httpx.stream("GET", url, timeout=90) as response:
+        for chunk in response.iter_text():
+            text += chunk
+            if "event: done" in text:
+                break
+    history: dict[int, list[tuple[str, bool]]] = {}
+    for block in text.split("\n\n"):
+        lines = block.split("\n")
+        if lines[0] == "event: check":
+            check = json.loads(lines[1].removeprefix("data: "))
+            history.setdefault(check["seq"], []).append((check["reason"], check["confirmed"]))
+    return history
 
 
 def test_a_proxy_check_run_on_one_site_sees_the_observation_of_the_listeners_canary(tmp_path, proxies):
