@@ -25,12 +25,11 @@ from app.access.targets import IPAddress, Listener, is_own_listener
 from app.admission import Decision, Facts
 from app.config import Settings
 from app.fairness import AddressSlots, ConnectionSlots, FairQueue, Job
-from app.listeners import site_addresses
+from app.listeners import Arrivals, site_addresses
 from app.logs import get_logger
 from app.probes import PLANNERS, PlannedCheck, Planner, ProbeOptions
 from app.probes.base import SlotFactory
 from app.probes.proxy import CanaryTargets
-from app.probes.sink import Sink
 from app.probes.smtp import TAGGED_REASONS
 from app.store import Audit, Derived, Store, new_id
 from app.verdicts import CheckResult, TranscriptLine, Verdict, summarize_audit
@@ -241,7 +240,7 @@ class AuditRun:
 
 class Auditor:
     def __init__(self, settings: Settings, store: Store, listeners: Sequence[Listener] = (),
-                 planners: dict[str, Planner] | None = None, sink: Sink | None = None,
+                 planners: dict[str, Planner] | None = None, sink: Arrivals | None = None,
                  canary: CanaryTargets | None = None, own_addresses: Sequence[str | IPAddress] = (),
                  address_slots: ConnectionSlots | None = None) -> None:
         self.settings = settings
@@ -418,6 +417,8 @@ class Auditor:
             return
         audit_id, stored = found
         if stored.result.reason not in TAGGED_REASONS:
+            if stored.result.confirmed:  # confirmed by the listeners process: news to this process's followers
+                self.events.publish(audit_id, Event("check", stored.seq, stored.result, stored.derived))
             return
         result = confirmed(stored.result)
         derived = self.store.derived(result)

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     probe_domain: str = "probe.invalid"
     probe_helo: str = "probe.invalid"
     sink_listen: str = ""
+    # embedded: `serve` binds the sink and canaries itself; external: a `secure-your-server listeners` process does,
+    # and they share what they see through the store (app/listeners.py)
+    listeners: Literal["embedded", "external"] = "embedded"
     sink_wait: float = 20.0
     # how long an audit waits for messages a server accepted for an address at itself (accepted_as_local): a relay
     # that rewrites such an address (the percent hack) delivers at once; a server that kept it never does

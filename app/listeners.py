@@ -1,4 +1,7 @@
-"""The site's own listeners besides the app: the sink and the canaries. Started and stopped with the app.
+"""The site's own listeners besides the app: the sink and the canaries. Started and stopped with the app
+(SECURE_LISTENERS=embedded), or run by their own process, `secure-your-server listeners` (external: app/
+listener_process.py), which shares what it sees through the store: web processes then bind nothing, and wait for
+arrivals in the store (StoredArrivals) and read canary observations there (Canary.observed).
 
 Every one of them is added to the list of the site's own listeners, which audits never test.
 """
@@ -9,17 +12,44 @@ import asyncio
 import ipaddress
 import logging
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from app.access.targets import IPAddress, Listener, parse_address
 from app.config import Settings, parse_listen
-from app.probes.canary import Canary, HttpCanary, SmtpCanary, self_signed_context
+from app.probes.canary import Canary, HttpCanary, Journal, SmtpCanary, self_signed_context
 from app.probes.proxy import CanaryTargets
 from app.probes.sink import Sink
 
 log = logging.getLogger("secure.listeners")
+POLL_INTERVAL = 0.2  # how often a process waiting for arrivals reads the store (external listeners)
+
+
+class Arrivals(Protocol):
+    """Where an audit waits for its relayed messages: the sink itself, or the store the sink's process writes."""
+
+    async def wait_for(self, tags: Iterable[str], timeout: float) -> set[str]: ...
+
+
+class StoredArrivals:
+    """The arrivals a listeners process recorded in the store (kind 'sink'), read every POLL_INTERVAL seconds."""
+
+    def __init__(self, journal: Journal, interval: float = POLL_INTERVAL) -> None:
+        self.journal = journal
+        self.interval = interval
+
+    async def wait_for(self, tags: Iterable[str], timeout: float) -> set[str]:
+        wanted = set(tags)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            arrived = set(await self.journal.observed("sink", wanted)) & wanted
+            remaining = deadline - loop.time()
+            if arrived == wanted or remaining <= 0:
+                return arrived
+            await asyncio.sleep(min(self.interval, remaining))
 
 
 class ListenerConfigError(ValueError):
@@ -31,7 +61,8 @@ class Listeners:
     canary: Canary
     own: list[Listener] = field(default_factory=list)
     addresses: tuple[IPAddress, ...] = ()  # the site's own addresses (site_addresses), never tested
-    sink: Sink | None = None
+    sink: Sink | None = None  # the sink this process runs (embedded, or the listeners process)
+    arrivals: Arrivals | None = None  # where audits wait for relayed messages: the sink, or the store
     targets: CanaryTargets | None = None
     _servers: list[Any] = field(default_factory=list)
 
@@ -82,12 +113,15 @@ async def machine_addresses(seconds: float = 2.0) -> tuple[str, ...]:
         return ()
 
 
-async def start_listeners(settings: Settings, secret: str, app_listeners: list[Listener]) -> Listeners:
-    listeners = Listeners(canary=Canary(secret), own=list(app_listeners),
+async def start_listeners(settings: Settings, secret: str, app_listeners: list[Listener],
+                          journal: Journal | None = None) -> Listeners:
+    """Bind the sink and the canaries here. `journal`: where they share what they see (the listeners process)."""
+    listeners = Listeners(canary=Canary(secret, journal), own=list(app_listeners),
                           addresses=site_addresses(settings, await machine_addresses()))
     try:
         if settings.sink_listen:
             await _start_sink(listeners, settings.sink_listen, settings.probe_domain)
+            listeners.arrivals = listeners.sink
         ports, hosts = await _start_canaries(listeners, settings)
         listeners.targets = _canary_targets(settings, listeners.canary, ports, hosts)
     except BaseException:
@@ -95,6 +129,32 @@ async def start_listeners(settings: Settings, secret: str, app_listeners: list[L
         raise
     log.info("listeners.own", extra={"listeners": [f"{o.host}:{o.port}" for o in listeners.own],
                                      "addresses": [str(a) for a in listeners.addresses]})
+    return listeners
+
+
+async def external_listeners(settings: Settings, secret: str, app_listeners: list[Listener],
+                             journal: Journal) -> Listeners:
+    """SECURE_LISTENERS=external: another process runs the sink and canaries at the configured addresses (fixed
+    ports: this process cannot learn ones chosen at bind time). Nothing is bound here; arrivals and observations
+    are read from `journal` (the store)."""
+    listeners = Listeners(canary=Canary(secret, journal), own=list(app_listeners),
+                          addresses=site_addresses(settings, await machine_addresses()))
+    ports: dict[str, int] = {}
+    hosts: list[str] = []
+    for kind, value in (("sink", settings.sink_listen), ("smtp", settings.canary_smtp_listen),
+                        ("http", settings.canary_http_listen), ("tls", settings.canary_tls_listen)):
+        if not value:
+            continue
+        host, port = parse_listen(value)
+        if port == 0:
+            raise ListenerConfigError(f"SECURE_LISTENERS=external needs a fixed port for every listener ({value})")
+        listeners.own.append(Listener(host, port))
+        if kind != "sink":
+            ports[kind] = port
+            hosts.append(host)
+    if settings.sink_listen:
+        listeners.arrivals = StoredArrivals(journal)
+    listeners.targets = _canary_targets(settings, listeners.canary, ports, hosts)
     return listeners
 
 

@@ -20,12 +20,12 @@ from app.audits import Auditor
 from app.config import Settings, get_settings
 from app.fairness import AddressSlots, ConnectionSlots
 from app.guides import GuideLibrary
-from app.listeners import Listeners, start_listeners
+from app.listeners import Listeners, external_listeners, start_listeners
 from app.retention import keep_purging
 from app.shared_slots import REDIS_TIMEOUT, MemorySlots, RedisSlots, Slots, is_redis, redis_client
 from app.store import Store
 from app.web import api, pages
-from app.web.deps import AppState, StoreDep
+from app.web.deps import AppState, AuditorDep, StoreDep
 from app.web.docs import install_docs
 from app.web.hygiene import BodyLimitMiddleware, CrossSiteApiMiddleware
 from app.web.public import Shown
@@ -69,8 +69,11 @@ async def _open_site(settings: Settings, listeners: Sequence[Listener],
     store = Store(settings.sqlite_path, derive=shown.derive)  # each check's public JSON and guides, made once
     await store.open()
     secret = settings.secret_key or await store.secret()
-    own = await start_listeners(settings, secret, list(listeners))
-    auditor = Auditor(settings, store, own.own, sink=own.sink, canary=own.targets, own_addresses=own.addresses,
+    if settings.listeners == "external":  # another process binds them (secure-your-server listeners)
+        own = await external_listeners(settings, secret, list(listeners), store)
+    else:
+        own = await start_listeners(settings, secret, list(listeners))
+    auditor = Auditor(settings, store, own.own, sink=own.arrivals, canary=own.targets, own_addresses=own.addresses,
                       address_slots=shared.connections)
     if own.sink is not None:
         own.sink.on_delivery = auditor.delivered
@@ -122,8 +125,10 @@ def _add_limits_and_middleware(app: FastAPI, settings: Settings) -> None:
                        connect=tuple(url for url in (settings.ipv4_url, settings.ipv6_url) if url))
 
 
-async def healthz(store: StoreDep) -> dict[str, object]:
-    return {"status": "ok", "version": __version__, "schema": await store.schema_version()}
+async def healthz(store: StoreDep, auditor: AuditorDep) -> dict[str, object]:
+    """`instance`: which process answered (a random id per process; with `serve --workers N`, one per worker)."""
+    return {"status": "ok", "version": __version__, "schema": await store.schema_version(),
+            "instance": auditor.instance_id}
 
 
 def _add_routes(app: FastAPI) -> None:

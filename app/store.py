@@ -21,7 +21,7 @@ from typing import TypeVar
 from app.admission import Decision, Facts
 from app.verdicts import CheckResult, Opening, TranscriptLine
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 UNFINISHED = ("queued", "running")
 T = TypeVar("T")
 
@@ -115,6 +115,18 @@ CREATE TABLE IF NOT EXISTS instances (
     started_at REAL NOT NULL,
     last_seen REAL NOT NULL
 );
+-- what the listeners saw (schema 9), for the processes that wait for it: a sink arrival (kind 'sink', key: the
+-- probe tag, source '') or a canary observation (kind 'canary', key: the check id, source: the address it came
+-- from). Kept OBSERVATION_SECONDS at most, and at most MAX_OBSERVATIONS rows (record_observation trims)
+CREATE TABLE IF NOT EXISTS observations (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    source TEXT NOT NULL,
+    via TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (kind, key, source)
+);
+CREATE INDEX IF NOT EXISTS observations_at ON observations(at);
 """ + "".join(f"{statement};\n" for statement in _PURGE_INDEXES)
 
 
@@ -138,7 +150,15 @@ _MIGRATIONS: dict[int, list[str]] = {
     7: [statement for statement in _PURGE_INDEXES if " ON audits(" in statement],
     # who runs each audit; the `instances` table (their heartbeats) comes with _SCHEMA, run next
     8: ["ALTER TABLE audits ADD COLUMN owner TEXT"],
+    # the listeners' observations, shared by processes: the `observations` table comes with _SCHEMA, run next
+    9: [],
 }
+# An observation matters while an audit waits for it (SECURE_SINK_WAIT, an audit's deadline): an hour is plenty.
+# A late arrival confirms its row at once (Auditor.delivered), without this table.
+OBSERVATION_SECONDS = 3600.0
+MAX_OBSERVATIONS = 20000
+MAX_SOURCES = 20  # per canary check id, as the in-memory record keeps
+TRIM_EVERY = 100  # the count bound is enforced every TRIM_EVERY records of a process (a cheap write otherwise)
 
 
 def new_id() -> str:
@@ -278,6 +298,7 @@ class Store:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._conn: sqlite3.Connection | None = None
         self._checkpointer: _Checkpointer | None = None  # the retention purge's, made on first use
+        self._observations = 0  # recorded by this Store: every TRIM_EVERY-th trims the table to MAX_OBSERVATIONS
 
     # --- plumbing -------------------------------------------------------------------------------------------
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -555,6 +576,38 @@ class Store:
             c.execute("DELETE FROM instances WHERE id=?", (instance_id,))
             return cur.rowcount
         return await self._run(_leave)
+
+    # --- observations: what the listeners saw, for every process ------------------------------------------------
+    async def record_observation(self, kind: str, key: str, source: str = "", via: str = "") -> None:
+        """A sink arrival or a canary observation; rows older than OBSERVATION_SECONDS go in the same transaction,
+        and, every TRIM_EVERY records, the oldest beyond MAX_OBSERVATIONS. At most MAX_SOURCES sources per key."""
+        self._observations += 1
+        trim = self._observations % TRIM_EVERY == 1 % TRIM_EVERY
+
+        def _record(c: sqlite3.Connection) -> None:
+            now = time.time()
+            count = c.execute("SELECT COUNT(*) FROM observations WHERE kind=? AND key=?", (kind, key)).fetchone()[0]
+            if count < MAX_SOURCES:
+                c.execute("INSERT OR IGNORE INTO observations(kind, key, source, via, at) VALUES (?,?,?,?,?)",
+                          (kind, key, source, via, now))
+            c.execute("DELETE FROM observations WHERE at < ?", (now - OBSERVATION_SECONDS,))
+            if trim:
+                c.execute("DELETE FROM observations WHERE rowid IN (SELECT rowid FROM observations"
+                          " ORDER BY at DESC, rowid DESC LIMIT -1 OFFSET ?)", (MAX_OBSERVATIONS,))
+        await self._run(_record)
+
+    async def observed(self, kind: str, keys: Iterable[str]) -> dict[str, list[str]]:
+        """The keys among `keys` seen by a listener, each with its sources (sorted)."""
+        wanted = sorted(set(keys))[:1000]
+
+        def _observed(c: sqlite3.Connection) -> dict[str, list[str]]:
+            found: dict[str, list[str]] = {}
+            marks = ",".join("?" * len(wanted))
+            for row in c.execute(f"SELECT key, source FROM observations WHERE kind=? AND key IN ({marks})"
+                                 " ORDER BY key, source", (kind, *wanted)):
+                found.setdefault(row["key"], []).append(row["source"])
+            return found
+        return await self._run(_observed) if wanted else {}
 
     # --- verifications --------------------------------------------------------------------------------------
     async def create_verification(self, id_hash: str, domain: str, token: str, requester: str,

@@ -120,3 +120,78 @@ async def test_a_listener_that_cannot_start_stops_those_already_started(settings
     finally:
         taken.close()
     assert await refused(sink_port)
+
+
+async def test_external_listeners_bind_nothing_and_name_the_configured_ports_as_the_sites_own(settings, store):
+    """SECURE_LISTENERS=external: another process binds them; this one must still never test them, and must ask
+    proxies to reach them."""
+    from app.listeners import StoredArrivals, external_listeners
+
+    sink, smtp, tls = free_port(), free_port(), free_port()
+    settings.sink_listen, settings.canary_smtp_listen = f"127.0.0.1:{sink}", f"127.0.0.1:{smtp}"
+    settings.canary_tls_listen = f"127.0.0.1:{tls}"
+    listeners = await external_listeners(settings, "secret", [Listener("127.0.0.1", 8000)], store)
+    assert listeners.sink is None and isinstance(listeners.arrivals, StoredArrivals)
+    assert [(o.host, o.port) for o in listeners.own] == [("127.0.0.1", p) for p in (8000, sink, smtp, tls)]
+    assert listeners.targets is not None and listeners.targets.canary.journal is store
+    assert (listeners.targets.address, listeners.targets.smtp_port, listeners.targets.tls_port) == (
+        "127.0.0.1", smtp, tls)
+    assert all([await refused(port) for port in (sink, smtp, tls)])  # nothing bound here
+    settings.canary_smtp_listen = "127.0.0.1:0"
+    with pytest.raises(ListenerConfigError, match="fixed port"):
+        await external_listeners(settings, "secret", [], store)
+
+
+async def test_stored_arrivals_see_what_another_connection_recorded(tmp_path):
+    """The waiting process reads the arrivals the listeners process wrote (another connection to the file)."""
+    from app.listeners import StoredArrivals
+    from app.store import Store
+
+    path = str(tmp_path / "db.sqlite")
+    writer, reader = Store(path), Store(path)
+    await writer.open()
+    await reader.open()
+    try:
+        arrivals = StoredArrivals(reader, interval=0.01)
+        wanted = {"sys0000000000000001", "sys0000000000000002"}
+        assert await arrivals.wait_for(wanted, 0) == set()
+        await writer.record_observation("sink", "sys0000000000000001")
+        assert await arrivals.wait_for(wanted, 0.05) == {"sys0000000000000001"}  # one of two: after the wait
+
+        async def later() -> None:
+            await asyncio.sleep(0.05)
+            await writer.record_observation("sink", "sys0000000000000002")
+        task = asyncio.create_task(later())
+        assert await arrivals.wait_for(wanted, 30) == wanted  # returns once both are in, long before 30 s
+        await task
+    finally:
+        await writer.close()
+        await reader.close()
+
+
+async def test_a_canary_with_a_journal_records_before_it_answers_and_reads_every_process(tmp_path):
+    from app.probes.canary import SmtpCanary
+    from app.store import Store
+
+    path = str(tmp_path / "db.sqlite")
+    mine, theirs = Store(path), Store(path)
+    await mine.open()
+    await theirs.open()
+    listener = SmtpCanary(Canary("secret", theirs))  # the listeners process's canary
+    port = await listener.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await reader.readline()
+        writer.write(b"EHLO cid0123456789abcdef\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        here = Canary("secret", mine)  # the process that ran the check: it saw nothing itself
+        assert answer.decode().strip() == "250 " + here.token("cid0123456789abcdef")
+        assert here.seen_from("cid0123456789abcdef") == []
+        assert await here.observed("cid0123456789abcdef") == ["127.0.0.1"]  # in the store once the token came
+        assert await Canary("secret").observed("cid0123456789abcdef") == []  # no journal: this process only
+    finally:
+        await listener.stop()
+        await mine.close()
+        await theirs.close()

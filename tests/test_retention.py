@@ -151,7 +151,7 @@ async def test_a_schema_6_database_gets_the_purge_indexes(tmp_path):
     conn.close()
     store = Store(path)
     await store.open()
-    assert await store.schema_version() == SCHEMA_VERSION == 8
+    assert await store.schema_version() == SCHEMA_VERSION == 9
     await store.close()
     names = {row[0] for row in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"audits_created", "audits_previous", "verifications_expires"} <= names

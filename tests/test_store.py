@@ -128,7 +128,7 @@ async def test_a_schema_7_database_gets_owners_and_instances(tmp_path):
     conn.close()
     store = Store(path)
     await store.open()
-    assert await store.schema_version() == SCHEMA_VERSION == 8
+    assert await store.schema_version() == SCHEMA_VERSION == 9
     assert (await store.get_audit(old.id)).owner is None
     await store.beat("new")
     assert await store.interrupt_orphaned(30) == 1  # an audit from before owners: nobody runs it now
@@ -154,4 +154,67 @@ async def test_retest_chain_and_purge(tmp_path):
     assert (await retention.purge(store, time.time() - 500)).audits == 1
     assert await store.get_audit(old.id) is None
     assert (await store.get_audit(new.id)).previous_id is None
+    await store.close()
+
+
+async def test_observations_are_shared_bounded_and_forgotten_after_a_time(tmp_path, monkeypatch):
+    """What the listeners process saw (schema 9), read by another connection as another process would."""
+    from app import store as store_module
+
+    path = str(tmp_path / "db.sqlite")
+    writer, reader = Store(path), Store(path)
+    await writer.open()
+    await reader.open()
+    await writer.record_observation("sink", "sys0123456789abcdef")
+    await writer.record_observation("canary", "cid0123456789abcdef", "192.0.2.1", "smtp")
+    await writer.record_observation("canary", "cid0123456789abcdef", "192.0.2.1", "smtp")  # again: one row
+    for n in range(store_module.MAX_SOURCES + 5):
+        await writer.record_observation("canary", "cid00000000000000ff", f"198.51.100.{n}", "http")
+    assert await reader.observed("sink", ["sys0123456789abcdef", "sys0000000000000000"]) == {
+        "sys0123456789abcdef": [""]}
+    assert await reader.observed("canary", ["cid0123456789abcdef"]) == {"cid0123456789abcdef": ["192.0.2.1"]}
+    assert len((await reader.observed("canary", ["cid00000000000000ff"]))["cid00000000000000ff"]) == 20
+    assert await reader.observed("sink", ["cid0123456789abcdef"]) == {}  # kinds stay apart
+    # an hour later, the next record purges what is older than OBSERVATION_SECONDS
+    real = time.time()
+    monkeypatch.setattr(store_module.time, "time", lambda: real + store_module.OBSERVATION_SECONDS + 1)
+    await writer.record_observation("sink", "sys1111111111111111")
+    assert await reader.observed("sink", ["sys0123456789abcdef", "sys1111111111111111"]) == {
+        "sys1111111111111111": [""]}
+    assert await reader.observed("canary", ["cid0123456789abcdef"]) == {}
+    await writer.close()
+    await reader.close()
+
+
+async def test_observations_keep_at_most_the_newest_rows(tmp_path, monkeypatch):
+    from app import store as store_module
+
+    monkeypatch.setattr(store_module, "MAX_OBSERVATIONS", 5)
+    monkeypatch.setattr(store_module, "TRIM_EVERY", 4)  # the 1st, 5th, 9th... record trims
+    store = Store(str(tmp_path / "db.sqlite"))
+    await store.open()
+    tags = [f"sys{n:016x}" for n in range(9)]
+    for tag in tags[:8]:
+        await store.record_observation("sink", tag)
+    assert sorted(await store.observed("sink", tags)) == tags[:8]  # the 5th trimmed nothing yet (5 rows)
+    await store.record_observation("sink", tags[8])  # the 9th trims: the newest 5
+    assert sorted(await store.observed("sink", tags)) == tags[4:]
+    await store.close()
+
+
+async def test_a_schema_8_database_gets_the_observations_table(tmp_path):
+    path = str(tmp_path / "v8.db")
+    store = Store(path)
+    await store.open()
+    await store.close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE observations")
+    conn.execute("UPDATE meta SET value='8' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    store = Store(path)
+    await store.open()
+    assert await store.schema_version() == 9
+    await store.record_observation("sink", "sys0123456789abcdef")
+    assert await store.observed("sink", ["sys0123456789abcdef"]) == {"sys0123456789abcdef": [""]}
     await store.close()

@@ -7,6 +7,8 @@ our request back cannot forge it, so a token that comes back through a proxy pro
 - TLS canary: the HTTP canary inside TLS (a self-signed certificate made at start).
 Every canary records the source address of the connections that named a check id: a second proof that the
 traffic came through the target.
+With SECURE_LISTENERS=external the canaries run in their own process: each observation is also written to the
+store (a Journal), where the process that ran the check reads it (Canary.observed).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import ssl
 import tempfile
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 CHECK_ID = re.compile(r"^cid[0-9a-f]{16}$")
 MAX_REMEMBERED = 10000
@@ -34,10 +38,20 @@ def new_check_id() -> str:
     return "cid" + secrets.token_hex(8)
 
 
-class Canary:
-    """Tokens and the record of who reached us; shared by every canary listener and the app's route."""
+class Journal(Protocol):
+    """Where observations are shared between processes (app.store.Store)."""
 
-    def __init__(self, secret: str) -> None:
+    async def record_observation(self, kind: str, key: str, source: str = "", via: str = "") -> None: ...
+
+    async def observed(self, kind: str, keys: Iterable[str]) -> dict[str, list[str]]: ...
+
+
+class Canary:
+    """Tokens and the record of who reached us; shared by every canary listener and the app's route. `journal`:
+    where observations are shared with the other processes of the site (None: this process alone)."""
+
+    def __init__(self, secret: str, journal: Journal | None = None) -> None:
+        self.journal = journal
         self._key = hashlib.sha256(b"canary:" + secret.encode()).digest()
         self.sources: OrderedDict[str, list[tuple[str, str, float]]] = OrderedDict()
         self.connections: deque[tuple[str, str, float]] = deque(maxlen=MAX_REMEMBERED)  # every one, named or not
@@ -61,6 +75,19 @@ class Canary:
 
     def seen_from(self, check_id: str) -> list[str]:
         return sorted({source for source, _via, _t in self.sources.get(check_id, [])})
+
+    async def note(self, check_id: str, source: str, via: str) -> None:
+        """record(), and into the journal before the caller answers: the token never comes back before it."""
+        self.record(check_id, source, via)
+        if self.journal is not None and CHECK_ID.match(check_id):
+            await self.journal.record_observation("canary", check_id, source, via)
+
+    async def observed(self, check_id: str) -> list[str]:
+        """Where the check was seen from: by this process's canaries, or by any process's through the journal."""
+        if self.journal is None:
+            return self.seen_from(check_id)
+        shared = await self.journal.observed("canary", [check_id])
+        return sorted(set(self.seen_from(check_id)) | set(shared.get(check_id, [])))
 
 
 class _CanaryListener:
@@ -109,7 +136,7 @@ class SmtpCanary(_CanaryListener):
                     continue  # the extra CRLF some proxies need after CONNECT
                 verb = words[0].upper()
                 if verb in ("EHLO", "HELO") and len(words) == 2 and CHECK_ID.match(words[1]):
-                    self.canary.record(words[1], source, "smtp")
+                    await self.canary.note(words[1], source, "smtp")
                     writer.write(f"250 {self.canary.token(words[1])}\r\n".encode())
                 elif verb == "QUIT":
                     writer.write(b"221 bye\r\n")
@@ -148,7 +175,7 @@ class HttpCanary(_CanaryListener):
             match = _REQUEST.match(first.rstrip(b"\n"))
             if match:
                 check_id = match.group(2).decode()
-                self.canary.record(check_id, source, self.via)
+                await self.canary.note(check_id, source, self.via)
                 body = self.canary.token(check_id).encode() + b"\n"
                 status = b"200 OK"
             else:

@@ -508,9 +508,9 @@ async def _run_check(check: ProxyCheck, slot: SlotFactory, host: str, port: int,
     async with slot():
         try:
             await check.run(ex, options.targets, check_id, token)
-            finding = _token_returned(check, host, options.targets.canary.seen_from(check_id))
+            finding = _token_returned(check, host, await options.targets.canary.observed(check_id))
         except Ended as ended:
-            finding = _reached_but_not_returned(ended.finding, options.targets.canary.seen_from(check_id))
+            finding = _reached_but_not_returned(ended.finding, await options.targets.canary.observed(check_id))
         except Exception as exc:  # noqa: BLE001 - a bug of ours, or something python-socks did not expect: never a crash
             finding = Finding(Verdict.ERROR, "internal_error", f"the check failed: {type(exc).__name__}: {exc}"[:200])
         finally:

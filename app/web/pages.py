@@ -407,5 +407,5 @@ async def canary(check_id: str, canary: CanaryDep, requester: RequesterDep) -> P
         raise HTTPException(404, "No such canary.")
     source = requester.address
     canary.connected(source, "http")
-    canary.record(check_id, source, "http")
+    await canary.note(check_id, source, "http")
     return PlainTextResponse(canary.token(check_id) + "\n", headers={"Cache-Control": "no-store"})
