@@ -178,19 +178,20 @@ async def test_a_canary_with_a_journal_records_before_it_answers_and_reads_every
     await mine.open()
     await theirs.open()
     listener = SmtpCanary(Canary("secret", theirs))  # the listeners process's canary
+    here = Canary("secret", mine)  # the process that ran the check: it saw nothing itself
+    cid = here.new_check_id()  # issued under the site's secret: the listeners process writes it to the store
     port = await listener.start("127.0.0.1", 0)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         await reader.readline()
-        writer.write(b"EHLO cid0123456789abcdef\r\n")
+        writer.write(f"EHLO {cid}\r\n".encode())
         await writer.drain()
         answer = await asyncio.wait_for(reader.readline(), 5)
         writer.close()
-        here = Canary("secret", mine)  # the process that ran the check: it saw nothing itself
-        assert answer.decode().strip() == "250 " + here.token("cid0123456789abcdef")
-        assert here.seen_from("cid0123456789abcdef") == []
-        assert await here.observed("cid0123456789abcdef") == ["127.0.0.1"]  # in the store once the token came
-        assert await Canary("secret").observed("cid0123456789abcdef") == []  # no journal: this process only
+        assert answer.decode().strip() == "250 " + here.token(cid)
+        assert here.seen_from(cid) == []
+        assert await here.observed(cid) == ["127.0.0.1"]  # in the store once the token came
+        assert await Canary("secret").observed(cid) == []  # no journal: this process only
     finally:
         await listener.stop()
         await mine.close()

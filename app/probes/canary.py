@@ -34,10 +34,6 @@ MAX_LINES = 60  # an HTTP POST's request line and headers reach the SMTP canary 
 READ_TIMEOUT = 15.0
 
 
-def new_check_id() -> str:
-    return "cid" + secrets.token_hex(8)
-
-
 class Journal(Protocol):
     """Where observations are shared between processes (app.store.Store)."""
 
@@ -59,6 +55,18 @@ class Canary:
     def connected(self, source: str, via: str) -> None:
         self.connections.append((source, via, time.time()))
 
+    def new_check_id(self) -> str:
+        """A fresh check id that this site issued: 8 random hex digits and 8 of their HMAC, so that only ids of our
+        own checks are written to the shared journal (a stranger's request for any other id costs no write)."""
+        nonce = secrets.token_hex(4)
+        return "cid" + nonce + self._mac(nonce)
+
+    def issued(self, check_id: str) -> bool:
+        return bool(CHECK_ID.match(check_id)) and hmac.compare_digest(check_id[11:], self._mac(check_id[3:11]))
+
+    def _mac(self, nonce: str) -> str:
+        return hmac.new(self._key, b"id:" + nonce.encode(), hashlib.sha256).hexdigest()[:8]
+
     def token(self, check_id: str) -> str:
         return "tok" + hmac.new(self._key, check_id.encode(), hashlib.sha256).hexdigest()[:32]
 
@@ -79,7 +87,7 @@ class Canary:
     async def note(self, check_id: str, source: str, via: str) -> None:
         """record(), and into the journal before the caller answers: the token never comes back before it."""
         self.record(check_id, source, via)
-        if self.journal is not None and CHECK_ID.match(check_id):
+        if self.journal is not None and self.issued(check_id):
             await self.journal.record_observation("canary", check_id, source, via)
 
     async def observed(self, check_id: str) -> list[str]:

@@ -21,7 +21,7 @@ from python_socks.async_.asyncio import Proxy
 
 from app.config import Settings
 from app.probes.base import Emit, Ended, Finding, SlotFactory, check_result, connect_failure
-from app.probes.canary import Canary, new_check_id
+from app.probes.canary import Canary
 from app.probes.fingerprint import PROXY_SIGNATURES, identify
 from app.probes.tls import tls_context
 from app.probes.transcript import Transcript
@@ -501,7 +501,7 @@ def _paced(options: ProxyOptions, answered: list[_Ran]) -> ProxyOptions:
 
 
 async def _run_check(check: ProxyCheck, slot: SlotFactory, host: str, port: int, options: ProxyOptions) -> _Ran:
-    check_id = new_check_id()
+    check_id = options.targets.canary.new_check_id()
     token = options.targets.canary.token(check_id)
     ex = Exchange(host, port, options, Transcript())
     ex.transcript.info(f"{check.protocol}: {check.explanation}")

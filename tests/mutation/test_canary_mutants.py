@@ -13,15 +13,39 @@ import hmac
 import pytest
 
 from app.probes import canary as canary_module
-from app.probes.canary import CHECK_ID, MAX_LINES, Canary, HttpCanary, SmtpCanary, new_check_id
+from app.probes.canary import CHECK_ID, MAX_LINES, Canary, HttpCanary, SmtpCanary
 
 SECRET = "test-secret"
 CID = "cid0123456789abcdef"
 
 
-def test_check_ids_are_fresh_and_well_formed():
-    ids = {new_check_id() for _ in range(50)}
-    assert len(ids) == 50 and all(CHECK_ID.match(i) for i in ids)
+def test_check_ids_are_fresh_well_formed_and_ours():
+    canary = Canary(SECRET)
+    ids = {canary.new_check_id() for _ in range(50)}
+    assert len(ids) == 50 and all(CHECK_ID.match(i) and canary.issued(i) for i in ids)
+    one = next(iter(ids))
+    assert not Canary("other").issued(one)  # another secret did not issue it
+    assert not canary.issued(CID)  # well formed, but not ours
+    assert not canary.issued(one[:-1] + ("0" if one[-1] != "0" else "1"))  # one digit of the MAC changed
+    assert not canary.issued(one + "0") and not canary.issued("x" + one[1:])
+
+
+async def test_only_ids_we_issued_reach_the_shared_journal():
+    written = []
+
+    class Journal:
+        async def record_observation(self, kind, key, source="", via=""):
+            written.append(key)
+
+        async def observed(self, kind, keys):
+            return {}
+
+    canary = Canary(SECRET, journal=Journal())
+    ours = canary.new_check_id()
+    await canary.note(CID, "192.0.2.1", "http")  # a stranger's request for a well-formed id
+    await canary.note(ours, "192.0.2.1", "http")
+    assert written == [ours]
+    assert canary.seen_from(CID) == ["192.0.2.1"]  # still seen by this process (bounded in memory)
 
 
 def test_the_token_is_an_hmac_of_the_check_id_under_a_key_of_its_own():

@@ -163,12 +163,12 @@ def test_planning_by_family_port_and_canaries(tmp_path):
 
 
 def test_tokens_are_per_check_and_secret():
-    from app.probes.canary import Canary, new_check_id
+    from app.probes.canary import Canary
 
     a, b = Canary("one"), Canary("two")
-    check_id = new_check_id()
+    check_id = a.new_check_id()
     assert a.token(check_id) != b.token(check_id)
-    assert a.token(check_id) != a.token(new_check_id())
+    assert a.token(check_id) != a.token(a.new_check_id())
     assert check_id not in a.token(check_id)
 
 
