@@ -9,12 +9,15 @@ import shutil
 import socket
 from contextlib import asynccontextmanager, closing
 from pathlib import Path
-from typing import AsyncIterator, NoReturn
+from typing import TYPE_CHECKING, AsyncIterator, NoReturn
 
 import httpx
 import pytest
 
 from app.config import Settings
+
+if TYPE_CHECKING:
+    from fakes.dns import FakeDns
 from app.main import create_app
 from app.probes import smtp
 
@@ -224,3 +227,12 @@ async def proxy_port(port: int, targets, slots: "Slots | None" = None, host: str
     expected = {f"proxy.{c.id}" for c in proxy.planned_checks(host, port, targets, options.wingate_ports)}
     assert set(results) == expected  # every planned check, exactly once
     return results
+
+
+async def verified(client: httpx.AsyncClient, dns: "FakeDns", domain: str) -> str:
+    """Prove `domain` through the site's DNS TXT verification, answered by the loopback fake DNS; its id."""
+    created = (await client.post("/api/v1/verifications", json={"domain": domain})).json()
+    dns.set(created["dns"]["name"], "TXT", [f'"{created["dns"]["value"]}"'])
+    check = (await client.post(f"/api/v1/verifications/{created['id']}/check")).json()
+    assert check["status"] == "verified", check
+    return created["id"]

@@ -14,7 +14,7 @@ from collections import Counter
 import httpx
 from fakes.counting import CountingSmtp, CountingWeb
 from fakes.dns import FakeDns
-from support import ServedSite
+from support import ServedSite, verified
 
 # bursts come from one client on up to 300 connections at once: let them all reach the admission code (the
 # per-peer connection cap, SECURE_MAX_CONNECTIONS_PER_PEER, is tested in test_serve_hygiene.py)
@@ -133,14 +133,6 @@ async def test_ipv6_requesters_are_counted_per_64(tmp_path):
 
 
 # --- rows 4, 5 and 6: a budget per target address ---------------------------------------------------------------
-async def verified(client: httpx.AsyncClient, dns: FakeDns, domain: str) -> str:
-    created = (await client.post("/api/v1/verifications", json={"domain": domain})).json()
-    dns.set(created["dns"]["name"], "TXT", [f'"{created["dns"]["value"]}"'])
-    check = (await client.post(f"/api/v1/verifications/{created['id']}/check")).json()
-    assert check["status"] == "verified", check
-    return created["id"]
-
-
 async def test_a_domain_audit_tests_at_most_ten_addresses_by_mx_preference(tmp_path, refused_port):
     async with FakeDns() as dns:
         env = {**BASE_ENV, "SECURE_DNS_SERVERS": dns.server, "SECURE_RELAY_PORTS": str(refused_port),

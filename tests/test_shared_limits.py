@@ -21,7 +21,7 @@ import pytest
 import redis
 from fakes.counting import CountingSmtp
 from fakes.dns import FakeDns
-from support import ServedSite
+from support import ServedSite, verified
 
 from app.shared_slots import RedisSlots, redis_client
 
@@ -126,14 +126,6 @@ async def test_a_cooldown_started_on_one_instance_holds_on_the_other(tmp_path, r
         assert Counter(r.status_code for r in retests) == {429: 10}
         assert all(0 < int(r.headers["retry-after"]) <= 60 for r in retests)
         assert len(audits_in(a_b[0].db)) == 1
-
-
-async def verified(client: httpx.AsyncClient, dns: FakeDns, domain: str) -> str:
-    created = (await client.post("/api/v1/verifications", json={"domain": domain})).json()
-    dns.set(created["dns"]["name"], "TXT", [f'"{created["dns"]["value"]}"'])
-    check = (await client.post(f"/api/v1/verifications/{created['id']}/check")).json()
-    assert check["status"] == "verified", check
-    return created["id"]
 
 
 async def test_a_targets_hourly_budget_holds_across_instances(tmp_path, refused_port, shared_redis):
