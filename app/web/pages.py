@@ -282,7 +282,7 @@ async def audit_page(request: Request, audit_id: str, store: StoreDep, auditor: 
         "audit": audit, "report": report, "rows": report.rows, "sentences": report.sentences, "why": report.why,
         "blocks": port_blocks, "steps": steps, "step_text": step_text, "permalink": permalink,
         "summary_text": _summary_text(report, port_blocks, steps, settings) if audit.finished else "",
-        "open_by_port": report.open_by_port, "chain": chain[1:], "queue_position": position,
+        "chain": chain[1:], "queue_position": position,
         "can_retest": audit.finished and audit.target == "self",
     })
 

@@ -59,7 +59,6 @@ class Report:
     rows: list[dict[str, Any]] = field(default_factory=list)
     sentences: dict[str, str] = field(default_factory=dict)
     why: dict[str, list[str]] = field(default_factory=dict)
-    open_by_port: dict[tuple[str, str, int], list[str]] = field(default_factory=dict)
     changes: dict[str, int] = field(default_factory=dict)  # counts per change kind
     retest_at: float | None = None  # inside the cooldown: when a re-test becomes possible
 
@@ -78,9 +77,6 @@ def build_report(audit: Audit, guides: GuideLibrary, previous: Audit | None, coo
         change = changes.get(check_key(result), "")
         report.rows.append({"check": result, "guides": guides_for(stored, guides),  # matched when stored
                             "description": describe_check(result.name), "change": CHANGE_LABELS.get(change, "")})
-        if result.verdict is Verdict.OPEN:
-            label = result.name.split(".", 1)[1] + (" (delivered to us)" if result.confirmed else "")
-            report.open_by_port.setdefault((result.service, result.host, result.port), []).append(label)
     for kind in changes.values():
         report.changes[kind] = report.changes.get(kind, 0) + 1
     for service in audit.services:

@@ -10,7 +10,6 @@ process ends.
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import signal
@@ -19,14 +18,22 @@ import subprocess
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from servers.processes import alive, identities, kill_group, port_listening, tcp_listeners, tree_pids, wait_until
+from servers.processes import (
+    StopAtExit,
+    alive,
+    identities,
+    kill_group,
+    port_listening,
+    tcp_listeners,
+    tree_pids,
+    wait_until,
+)
 
 LOOPBACK = "127.0.0.1"
 STOP_TIMEOUT = 10.0  # seconds for the daemon to go after its stop signal, before SIGKILL
@@ -46,7 +53,7 @@ class PortInUse(DaemonStartError):
     """The port chosen was taken before the daemon could bind it (start again on another)."""
 
 
-_running: weakref.WeakSet[DaemonInstance] = weakref.WeakSet()
+_running = StopAtExit()  # stopped at exit if still running
 
 
 @dataclass(eq=False)
@@ -195,10 +202,3 @@ def with_free_port(start: Callable[[int], DaemonInstance]) -> DaemonInstance:
 def tail(text: str, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
-
-@atexit.register
-def _stop_all() -> None:
-    """Safety net: no instance outlives the test process."""
-    for instance in list(_running):
-        with suppress(Exception):  # best effort at exit
-            instance.stop()

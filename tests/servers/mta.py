@@ -21,7 +21,6 @@ sees the machine (its mount namespace, its folder where its configuration names 
 
 from __future__ import annotations
 
-import atexit
 import functools
 import os
 import pwd
@@ -31,14 +30,13 @@ import socket
 import subprocess
 import threading
 import time
-import weakref
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from servers.netns import LOOPBACK_PLACE, Place
-from servers.processes import group_pids, stop_group
+from servers.processes import StopAtExit, group_pids, stop_group
 
 LOOPBACK = "127.0.0.1"
 PREFIX = Path(os.environ.get("MTA_ROOT", "/opt/secure-your-server"))
@@ -128,7 +126,7 @@ class MtaInstance:
         self.stop()
 
 
-_running: "weakref.WeakSet[MtaInstance]" = weakref.WeakSet()
+_running = StopAtExit()  # stopped at exit if still running
 
 
 def require_root_and_user(what: str, binary: Path, user: str) -> None:
@@ -302,12 +300,3 @@ def start_with_port(start: Callable[[int], MtaInstance], sink_port: int) -> MtaI
 def tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
-
-@atexit.register
-def _stop_all() -> None:
-    """Safety net: no instance outlives the test process."""
-    for instance in list(_running):
-        try:
-            instance.stop()
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass

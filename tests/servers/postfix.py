@@ -37,7 +37,6 @@ may not reap it (it then shows as `[master] <defunct>`).
 
 from __future__ import annotations
 
-import atexit
 import grp
 import os
 import pwd
@@ -49,14 +48,13 @@ import subprocess
 import tempfile
 import threading
 import time
-import weakref
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from servers.netns import LOOPBACK_PLACE, Place
-from servers.processes import wait_until
+from servers.processes import StopAtExit, wait_until
 
 Kind = Literal["open", "closed", "starttls", "submission"]
 KINDS: tuple[str, ...] = ("open", "closed", "starttls", "submission")
@@ -245,7 +243,7 @@ def _make_certificate(conf: Path, myhostname: str) -> tuple[Path, Path]:
     return cert, key
 
 
-_running: "weakref.WeakSet[PostfixInstance]" = weakref.WeakSet()
+_running = StopAtExit()  # stopped at exit if still running
 
 
 @dataclass(eq=False)  # identity equality and hash (kept in a WeakSet while running)
@@ -554,12 +552,3 @@ def _wait_banner(instance: PostfixInstance, *, myhostname: str, timeout: float) 
     raise PostfixStartError(f"postfix {instance.kind} on {instance.host}:{port} gave no 220 banner within {timeout} s:"
                             f"\n{_tail(instance.log())}")
 
-
-@atexit.register
-def _stop_all() -> None:
-    """Safety net: no instance outlives the test process."""
-    for instance in list(_running):
-        try:
-            instance.stop()
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass

@@ -4,6 +4,7 @@ group listens on."""
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import os
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterable
 
 
@@ -163,3 +165,26 @@ def accepts(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+class StopAtExit:
+    """The instances a fixture module has running. Whatever is still running when the test process exits is
+    stopped: a safety net, so that no server outlives the tests (best effort: one failing stop does not keep the
+    others running)."""
+
+    def __init__(self) -> None:
+        self._instances: weakref.WeakSet = weakref.WeakSet()
+        atexit.register(self.stop_all)
+
+    def add(self, instance: object) -> None:
+        self._instances.add(instance)
+
+    def discard(self, instance: object) -> None:
+        self._instances.discard(instance)
+
+    def stop_all(self) -> None:
+        for instance in list(self._instances):
+            try:
+                instance.stop()  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - best effort at exit
+                pass

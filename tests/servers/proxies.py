@@ -41,7 +41,6 @@ LogFile, which it would open only after dropping privileges. Dante opens its log
 
 from __future__ import annotations
 
-import atexit
 import functools
 import grp
 import ipaddress
@@ -54,14 +53,13 @@ import subprocess
 import tempfile
 import threading
 import time
-import weakref
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Sequence
 
 from servers.netns import LOOPBACK_PLACE, Place
-from servers.processes import accepts, group_pids, kill_group, socket_inodes, wait_until
+from servers.processes import StopAtExit, accepts, group_pids, kill_group, socket_inodes, wait_until
 
 LOOPBACK = "127.0.0.1"
 SQUID = "/usr/sbin/squid"
@@ -121,7 +119,7 @@ class ProxyStopError(RuntimeError):
     """stop() could not free the instance's port or end its processes."""
 
 
-_running: "weakref.WeakSet[ProxyInstance]" = weakref.WeakSet()
+_running = StopAtExit()  # stopped at exit if still running
 
 
 @dataclass(eq=False)
@@ -1240,12 +1238,3 @@ class ProxySet:
         if errors:
             raise errors[0]
 
-
-@atexit.register
-def _stop_all() -> None:
-    """Safety net: no instance outlives the test process."""
-    for instance in list(_running):
-        try:
-            instance.stop()
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
