@@ -290,13 +290,14 @@ class Auditor:
              forbidden: Sequence[Forbidden] = ()) -> list[PlannedCheck]:
         """Checks per service and address (`hosts`: the same addresses for every service, or per service),
         and one `forbidden_address` row per address the guard refused."""
-        options = ProbeOptions.for_audit(self.settings, audit_id, audited_domain, canary=self.canary)
-        ports = {"relay": self.settings.relay_ports, "proxy": self.settings.proxy_ports}
+        options = ProbeOptions.for_audit(self.settings, audit_id, audited_domain, canary=self.canary,
+                                         cache=self.store)
+        ports = {"relay": self.settings.relay_ports, "proxy": self.settings.proxy_ports}  # blocklist: DNS only
         by_service = _by_service(hosts, services)
         planned: list[PlannedCheck] = []
         for service in services:
             for host in by_service.get(service, ()):
-                usable = [p for p in ports[service]
+                usable = [p for p in ports.get(service, [])
                           if not is_own_listener(host, p, self.listeners, self.own_addresses)]
                 planned.extend(self.planners[service](host, usable, options))
         planned.extend(_forbidden_row(item) for item in forbidden if item.service in services)

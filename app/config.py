@@ -134,6 +134,12 @@ class Settings(BaseSettings):
     retention_days: int = Field(default=90, ge=1)
     limits_storage: str = "memory://"
     partners_file: str = "data/partners.json"
+    # the public blocklists the blocklist service asks (issue 17): a TOML file, validated at start
+    blocklists_file: str = "data/blocklists.toml"
+    # how long one list's answer about an address is served again, to every process (the store's cache)
+    blocklist_cache_seconds: float = Field(default=900.0, ge=0)
+    # the time limit of all the lists' queries about one address together (they run in parallel)
+    blocklist_timeout: float = Field(default=8.0, gt=0, le=60)
     log_level: str = "INFO"
 
     @field_validator("allow_networks", "trusted_proxies", "dns_servers", "probe_addresses", mode="before")

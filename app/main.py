@@ -21,6 +21,7 @@ from app.config import Settings, get_settings
 from app.fairness import AddressSlots, ConnectionSlots
 from app.guides import GuideLibrary
 from app.listeners import Listeners, external_listeners, start_listeners
+from app.probes.blocklist import load_lists
 from app.retention import keep_purging
 from app.shared_slots import REDIS_TIMEOUT, MemorySlots, RedisSlots, Slots, is_redis, redis_client
 from app.store import Store
@@ -186,6 +187,7 @@ def create_app(settings: Settings | None = None, listeners: Sequence[Listener] =
     if not settings.public_url:
         settings = settings.model_copy(update={"public_url": "http://127.0.0.1:8000"})
     logs.configure(settings.log_level)
+    load_lists(settings.blocklists_file)  # a bad SECURE_BLOCKLISTS_FILE stops the start here, saying what is wrong
     app = FastAPI(title="Secure Your Server", version=__version__, lifespan=_lifespan(settings, listeners),
                   docs_url=None, redoc_url=None,
                   description="Test whether your own server is an open mail relay or an open proxy.")

@@ -21,7 +21,7 @@ from typing import TypeVar
 from app.admission import Decision, Facts
 from app.verdicts import CheckResult, Opening, TranscriptLine
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 UNFINISHED = ("queued", "running")
 T = TypeVar("T")
 
@@ -89,6 +89,7 @@ CREATE TABLE IF NOT EXISTS checks (
     public_key TEXT,  -- what `public` was made with (Derived.public_key); another key means it is stale
     guides TEXT,  -- JSON list of the matching guides' slugs, best first
     guides_key TEXT,  -- the guide library's digest `guides` was matched with
+    data TEXT,  -- JSON object: the row's own public facts (a blocklist row's list and answer); NULL: none
     PRIMARY KEY (audit_id, seq)
 );
 CREATE INDEX IF NOT EXISTS checks_tag ON checks(tag) WHERE tag IS NOT NULL;
@@ -127,6 +128,16 @@ CREATE TABLE IF NOT EXISTS observations (
     PRIMARY KEY (kind, key, source)
 );
 CREATE INDEX IF NOT EXISTS observations_at ON observations(at);
+-- what a blocklist answered about an address (schema 10), shared by every process for
+-- SECURE_BLOCKLIST_CACHE_SECONDS: `answer` is the probe's JSON (app/probes/blocklist.py); only real answers
+CREATE TABLE IF NOT EXISTS blocklist_answers (
+    address TEXT NOT NULL,
+    list TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (address, list)
+);
+CREATE INDEX IF NOT EXISTS blocklist_answers_at ON blocklist_answers(at);
 """ + "".join(f"{statement};\n" for statement in _PURGE_INDEXES)
 
 
@@ -152,6 +163,8 @@ _MIGRATIONS: dict[int, list[str]] = {
     8: ["ALTER TABLE audits ADD COLUMN owner TEXT"],
     # the listeners' observations, shared by processes: the `observations` table comes with _SCHEMA, run next
     9: [],
+    # a row's own public facts (blocklist rows); the blocklist answers' cache comes with _SCHEMA, run next
+    10: ["ALTER TABLE checks ADD COLUMN data TEXT"],
 }
 # An observation matters while an audit waits for it (SECURE_SINK_WAIT, an audit's deadline): an hour is plenty.
 # A late arrival confirms its row at once (Auditor.delivered), without this table.
@@ -263,7 +276,7 @@ def _check_from_row(row: sqlite3.Row, openings: dict[str, Opening]) -> StoredChe
         reason=row["reason"], confirmed=bool(row["confirmed"]),
         fingerprint=json.loads(row["fingerprint"]) if row["fingerprint"] else None,
         transcript=[*opening.lines, *own] if opening is not None else own, detail=row["detail"],
-        tag=row["tag"], opening=opening,
+        tag=row["tag"], opening=opening, data=json.loads(row["data"]) if row["data"] else None,
     )
     return StoredCheck(seq=row["seq"], finished_at=row["finished_at"], result=result, derived=_derived(row))
 
@@ -443,6 +456,7 @@ class Store:
         `derived`: what the site shows of it, if the caller made it already (otherwise made here)."""
         finished_at = time.time()
         fingerprint = json.dumps(result.fingerprint) if result.fingerprint is not None else None
+        data = json.dumps(result.data) if result.data is not None else None
         own = _lines_json(result.own_lines)
         opening = result.opening
         shown = _derived_values(derived or self.derived(result))
@@ -454,11 +468,11 @@ class Store:
                           (audit_id, opening.key, _lines_json(opening.lines)))
             c.execute(
                 "INSERT INTO checks(audit_id, seq, finished_at, service, host, port, name, verdict, reason,"
-                " confirmed, fingerprint, transcript, detail, tag, opening, public, public_key, guides, guides_key)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " confirmed, fingerprint, transcript, detail, tag, opening, public, public_key, guides, guides_key,"
+                " data) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (audit_id, seq, finished_at, result.service, result.host, result.port, result.name,
                  result.verdict.value, result.reason, int(result.confirmed), fingerprint, own, result.detail,
-                 result.tag, opening.key if opening is not None else None, *shown))
+                 result.tag, opening.key if opening is not None else None, *shown, data))
         await self._run(_insert)
         return finished_at
 
@@ -506,7 +520,7 @@ class Store:
                     openings = {}
                     query = ("SELECT seq, finished_at, service, host, port, name, verdict, reason, confirmed,"
                              " fingerprint, '[]' AS transcript, detail, tag, NULL AS opening, NULL AS public,"
-                             " NULL AS public_key, NULL AS guides, NULL AS guides_key FROM checks"
+                             " NULL AS public_key, NULL AS guides, NULL AS guides_key, data FROM checks"
                              " WHERE audit_id=? ORDER BY seq")
                 audit.checks = [_check_from_row(r, openings) for r in c.execute(query, (audit_id,))]
             return audit
@@ -525,7 +539,7 @@ class Store:
                 "SELECT seq, finished_at, service, host, port, name, verdict, reason, confirmed, fingerprint,"
                 " CASE WHEN public_key IS ?1 THEN '[]' ELSE transcript END AS transcript, detail, tag,"
                 " CASE WHEN public_key IS ?1 THEN NULL ELSE opening END AS opening, public, public_key, guides,"
-                " guides_key FROM checks WHERE audit_id=?2 ORDER BY seq", (public_key, audit_id)).fetchall()
+                " guides_key, data FROM checks WHERE audit_id=?2 ORDER BY seq", (public_key, audit_id)).fetchall()
             openings = _openings(c, audit_id) if any(r["opening"] for r in rows) else {}
             audit.checks = [_check_from_row(r, openings) for r in rows]
             return audit
@@ -608,6 +622,27 @@ class Store:
                 found.setdefault(row["key"], []).append(row["source"])
             return found
         return await self._run(_observed) if wanted else {}
+
+    # --- blocklist answers: a cache shared by every process (app/probes/blocklist.py) --------------------------
+    async def blocklist_answers(self, address: str, since: float) -> dict[str, tuple[str, float]]:
+        """The answers about `address` stored at `since` or later: list id -> (answer JSON, when)."""
+        def _get(c: sqlite3.Connection) -> dict[str, tuple[str, float]]:
+            rows = c.execute("SELECT list, answer, at FROM blocklist_answers WHERE address=? AND at>=?",
+                             (address, since))
+            return {row["list"]: (row["answer"], row["at"]) for row in rows}
+        return await self._run(_get)
+
+    async def remember_blocklist_answers(self, address: str, answers: Sequence[tuple[str, str]],
+                                         keep: float) -> None:
+        """Store the lists' answers about `address` (list id, answer JSON); answers older than `keep` seconds go in
+        the same transaction, so the table holds at most what the cache may serve."""
+        def _put(c: sqlite3.Connection) -> None:
+            now = time.time()
+            c.executemany("INSERT OR REPLACE INTO blocklist_answers(address, list, answer, at) VALUES (?,?,?,?)",
+                          [(address, list_id, answer, now) for list_id, answer in answers])
+            c.execute("DELETE FROM blocklist_answers WHERE at < ?", (now - keep,))
+        if answers:
+            await self._run(_put)
 
     # --- verifications --------------------------------------------------------------------------------------
     async def create_verification(self, id_hash: str, domain: str, token: str, requester: str,

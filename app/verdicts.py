@@ -20,9 +20,13 @@ class Verdict(StrEnum):
     INCONCLUSIVE = "inconclusive"
     UNREACHABLE = "unreachable"
     ERROR = "error"
+    # blocklist rows: what a public blocklist answered about the address
+    LISTED = "listed"
+    NOT_LISTED = "not_listed"
 
 
-SERVICES = ("relay", "proxy")
+SERVICES = ("relay", "proxy", "blocklist")
+PROBED = ("relay", "proxy")  # the services that connect to the server (the blocklist service asks DNS only)
 
 
 @dataclass(frozen=True)
@@ -94,13 +98,13 @@ _REASONS = [
            N_("Nothing to do: a closed port can be neither a relay nor a proxy.")),
     Reason("filtered", ("relay", "proxy"), N_("The port did not answer at all (probably a firewall drops it)."),
            N_("Nothing to do if you block it on purpose. If the service should be reachable, check the firewall.")),
-    Reason("forbidden_address", ("relay", "proxy"),
+    Reason("forbidden_address", ("relay", "proxy", "blocklist"),
            N_("This address is private or reserved, so we do not test it."),
            N_("Test a public address of your server.")),
-    Reason("host_limit", ("relay", "proxy"),
+    Reason("host_limit", ("relay", "proxy", "blocklist"),
            N_("We test only the first addresses of a domain in one test, and this one was not among them."),
            N_("Run the test from this server itself (your own address), or re-test once the others are fixed.")),
-    Reason("internal_error", ("relay", "proxy"), N_("Our test failed for a reason on our side."),
+    Reason("internal_error", ("relay", "proxy", "blocklist"), N_("Our test failed for a reason on our side."),
            N_("Re-test in a few minutes; if it persists, write to us.")),
     Reason("port_open", ("relay", "proxy"),
            N_("The port accepts connections. This version of the site checks reachability only, so it cannot tell "
@@ -113,10 +117,55 @@ _REASONS = [
            N_("Check what really listens on this port (a firewall or filter may be in the way), then re-test.")),
     Reason("dropped", ("relay", "proxy"), N_("Your server kept closing the connection in the middle of the test."),
            N_("It may limit how many connections or errors it accepts from one address. Re-test later.")),
-    Reason("audit_deadline", ("relay", "proxy"),
+    Reason("audit_deadline", ("relay", "proxy", "blocklist"),
            N_("The test ran out of time before this check finished."),
            N_("Re-test; if it happens again, your server may be slowing us down on purpose.")),
+    # blocklist (issue 17): what a list's answer means; the list's own meaning of its code is in the row
+    Reason("listed_spam", ("blocklist",),
+           N_("This list names your address as a source of spam (mail reached its traps or its users' reports)."),
+           N_("Find what sent the mail (an open relay, a hacked account or form), stop it, re-test here, then ask the "
+           "list for removal.")),
+    Reason("listed_exploited", ("blocklist",),
+           N_("This list names your address as an exploited or infected machine: an open proxy, malware or a "
+           "hacked device sent traffic from it."),
+           N_("Close the open proxy or clean the infected machine first, re-test here, then ask the list for "
+           "removal.")),
+    Reason("listed_proxy", ("blocklist",),
+           N_("This list names your address as an open proxy that strangers used."),
+           N_("Close the proxy (see the proxy result above), re-test here, then ask the list for removal.")),
+    Reason("listed_policy", ("blocklist",),
+           N_("This list names your address as part of a range that should not send mail directly (a dynamic or "
+           "end-user range). This is a policy, not a finding of abuse."),
+           N_("If this server sends mail itself, ask your provider for a static address with a proper name, or send "
+           "through your provider's mail server; the list's page explains the exception.")),
+    Reason("listed_reputation", ("blocklist",),
+           N_("This list gives your address a poor sending reputation, from the mail it saw come from it."),
+           N_("Find what sent the unwanted mail and stop it; the listing fades or can be removed once mail is clean.")),
+    Reason("listed_other", ("blocklist",),
+           N_("This list names your address, with an answer code it does not document for us."),
+           N_("Look the address up on the list's own page to see why.")),
+    Reason("not_listed", ("blocklist",), N_("This list does not name your address."), N_("Nothing to do.")),
+    Reason("list_refused_query", ("blocklist",),
+           N_("This list refuses queries from our resolver (for example a public or a busy resolver), so its answer "
+           "says nothing about your address."),
+           N_("Look the address up on the list's own page. The site's operator can point SECURE_DNS_SERVERS at a "
+           "resolver the list accepts.")),
+    Reason("list_timeout", ("blocklist",), N_("The list did not answer in time."),
+           N_("Re-test later, or look the address up on the list's own page.")),
+    Reason("list_failed", ("blocklist",),
+           N_("The list's DNS servers failed to answer (an error such as SERVFAIL)."),
+           N_("Re-test later, or look the address up on the list's own page.")),
+    Reason("list_bad_answer", ("blocklist",),
+           N_("The list answered with an address outside 127.0.0.0/8, which no list uses to name an address: the "
+           "list may be shut down or answering everything."),
+           N_("Nothing to do on your side; look the address up on the list's own page.")),
+    Reason("ipv6_not_queried", ("blocklist",),
+           N_("This list does not publish IPv6 addresses, so we did not ask it about this one."),
+           N_("Nothing to do.")),
 ]
+
+# a blocklist row that says nothing about the address and is no failure either: left out of the service summary
+NOT_ASKED = ("ipv6_not_queried",)
 
 REASONS: dict[str, Reason] = {r.code: r for r in _REASONS}
 
@@ -166,6 +215,9 @@ class CheckResult:
     transcript: list[TranscriptLine] = field(default_factory=list)
     detail: str = ""
     tag: str | None = None  # the proof tag of a relayed message we wait for at our sink
+    # public facts of the row beyond the common fields (a blocklist row's list, return codes, TXT text and removal
+    # page); JSON types only; None for relay and proxy rows
+    data: dict[str, Any] | None = None
     # internal, never in the public JSON: the shared beginning of `transcript`, whose first len(opening.lines)
     # lines are opening.lines; None: every line is the check's own
     opening: Opening | None = field(default=None, repr=False, compare=False)
@@ -192,7 +244,7 @@ class CheckResult:
             "verdict": self.verdict.value, "reason": self.reason, "confirmed": self.confirmed,
             "fingerprint": dict(self.fingerprint) if self.fingerprint is not None else None,
             "transcript": [*opening, *(line.to_dict() for line in self.own_lines)],
-            "detail": self.detail, "tag": self.tag,
+            "detail": self.detail, "tag": self.tag, "data": dict(self.data) if self.data is not None else None,
         }
 
 
@@ -231,6 +283,25 @@ def summarize(verdicts: Iterable[tuple[Verdict | str, str]]) -> Verdict:
     return Verdict.UNREACHABLE
 
 
+def summarize_blocklist(verdicts: Iterable[tuple[Verdict | str, str]]) -> Verdict:
+    """The blocklist service's rule: `listed` if any list names the address; else `inconclusive` if any list could
+    not answer (a timeout, a failure, a refused query, an error of ours); else `not_listed` if any list answered;
+    else `unreachable` (every address was refused by the guard). Lists that were not asked (IPv6) do not count."""
+    pairs = [(Verdict(v), r) for v, r in verdicts if r not in NOT_ASKED]
+    if any(v is Verdict.LISTED for v, _ in pairs):
+        return Verdict.LISTED
+    if any(v in (Verdict.INCONCLUSIVE, Verdict.ERROR) for v, _ in pairs):
+        return Verdict.INCONCLUSIVE
+    if any(v is Verdict.NOT_LISTED for v, _ in pairs):
+        return Verdict.NOT_LISTED
+    return Verdict.UNREACHABLE
+
+
+def summarize_service(service: str, verdicts: Iterable[tuple[Verdict | str, str]]) -> Verdict:
+    """The summary rule of one service (DESIGN.md): the blocklist service has its own."""
+    return summarize_blocklist(verdicts) if service == "blocklist" else summarize(verdicts)
+
+
 def summarize_audit(results: Iterable[tuple[str, Verdict | str, str]],
                     services: Iterable[str]) -> dict[str, str | None]:
     """Summary per service: None for a service that was not requested."""
@@ -238,4 +309,4 @@ def summarize_audit(results: Iterable[tuple[str, Verdict | str, str]],
     by_service: dict[str, list[tuple[Verdict | str, str]]] = {s: [] for s in SERVICES}
     for service, verdict, reason in results:
         by_service.setdefault(service, []).append((verdict, reason))
-    return {s: (summarize(by_service[s]).value if s in requested else None) for s in SERVICES}
+    return {s: (summarize_service(s, by_service[s]).value if s in requested else None) for s in SERVICES}

@@ -71,6 +71,10 @@ def settings(tmp_path: Path, refused_port: int, open_port: int) -> Settings:
         audit_deadline=20,
         target_cooldown=0,  # the cooldown tests turn it on
         verification_check_interval=0,  # the limit tests turn it on
+        # the blocklist service (on by default) asks a dead loopback port: never a DNS query off the machine;
+        # the blocklist tests point it at their own server (tests/fakes/dns.py)
+        dns_servers=[f"127.0.0.1:{free_port()}"],
+        blocklist_timeout=1,
     )
 
 

@@ -87,8 +87,10 @@ class ServedSite:
         self.url = f"http://{host}:{self.port}"
         self.db = tmp_path / "site.db"
         self.log = tmp_path / "site.log"
+        # the blocklist service asks a dead loopback port unless the test names its own DNS server: never a query
+        # off the machine
         full_env = {**os.environ, "SECURE_DATABASE_URL": f"sqlite:///{self.db}", "SECURE_PUBLIC_URL": self.url,
-                    **env}
+                    "SECURE_DNS_SERVERS": f"127.0.0.1:{free_port()}", "SECURE_BLOCKLIST_TIMEOUT": "1", **env}
         self._log_file = open(self.log, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve", "--host", host, "--port", str(self.port)],

@@ -73,7 +73,7 @@ async def test_a_crashing_check_becomes_an_error_row_not_a_lost_one(settings, st
     audit = await run_audit(auditor)
     by_port = {c.result.port: c.result for c in audit.checks}
     assert (by_port[20002].verdict, by_port[20002].reason) == (Verdict.ERROR, "internal_error")
-    assert audit.summary == {"relay": None, "proxy": "inconclusive"}
+    assert audit.summary == {"relay": None, "proxy": "inconclusive", "blocklist": None}
 
 
 async def test_a_unit_that_forgets_its_row_gets_an_error_row(settings, store):
@@ -144,7 +144,7 @@ async def test_real_reachability_audit_end_to_end(settings, store, open_port, re
     assert rows[("proxy", open_port, "proxy.reachable")] == (Verdict.INCONCLUSIVE, "port_open")
     relay = [v for (service, _, _), v in rows.items() if service == "relay"]
     assert relay == [(Verdict.UNREACHABLE, "refused")] * 22  # every variant gets its own row
-    assert audit.summary == {"relay": "unreachable", "proxy": "inconclusive"}
+    assert audit.summary == {"relay": "unreachable", "proxy": "inconclusive", "blocklist": None}
     assert [c.seq for c in audit.checks] == list(range(1, 24))
 
 

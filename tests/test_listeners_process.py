@@ -100,7 +100,7 @@ def test_an_arrival_at_the_listeners_process_confirms_the_rows_of_an_audit_run_e
     finally:
         instance.stop()
         listeners.stop()
-    assert data["status"] == "done" and data["summary"] == {"relay": "open", "proxy": None}
+    assert data["status"] == "done" and data["summary"] == {"relay": "open", "proxy": None, "blocklist": None}
     assert len(data["checks"]) == 22
     assert {(c["reason"], c["confirmed"]) for c in data["checks"]} == {("delivered", True)}
     assert {(c["reason"], c["confirmed"]) for c in seen_on_b["checks"]} == {("delivered", True)}
@@ -150,7 +150,7 @@ def test_a_proxy_check_run_on_one_site_sees_the_observation_of_the_listeners_can
     finally:
         listeners.stop()
     rows = {c["name"]: c for c in data["checks"]}
-    assert data["summary"] == {"relay": None, "proxy": "open"}
+    assert data["summary"] == {"relay": None, "proxy": "open", "blocklist": None}
     smtp = rows["proxy.connect_smtp"]
     assert smtp["verdict"] == "open" and smtp["reason"] == "token_returned" and smtp["confirmed"]
     # the mail canary runs in the listeners process only: its observation came to site A through the store

@@ -16,7 +16,7 @@ def test_proxy_audit_over_http_against_real_tinyproxy(tmp_path, proxies, kind, s
         assert response.status_code == 202
         data = wait_done_sync(site.url, response.json()["id"])
         page = httpx.get(data["url"], timeout=5).text
-    assert data["summary"] == {"relay": None, "proxy": summary}
+    assert data["summary"] == {"relay": None, "proxy": summary, "blocklist": None}
     rows = {c["name"]: c for c in data["checks"]}
     assert set(rows) == {"proxy.http_get", "proxy.connect_smtp", "proxy.connect_tls", "proxy.http_post",
                          "proxy.socks4", "proxy.socks4a", "proxy.socks5", "proxy.https_connect"}

@@ -28,7 +28,7 @@ async def test_open_relay_audit_is_open_and_confirmed(settings, store, sink):
     policy.sink = ("127.0.0.1", sink.port, PROBE_DOMAIN)
     async with fakes.FakeSmtpServer(policy) as server:
         _, audit = await audit_relay(settings, store, sink, server.port)
-    assert audit.summary == {"relay": "open", "proxy": None}
+    assert audit.summary == {"relay": "open", "proxy": None, "blocklist": None}
     assert len(audit.checks) == 22
     assert {(c.result.reason, c.result.confirmed) for c in audit.checks} == {("delivered", True)}
     assert "our sink received the tagged message" in audit.checks[0].result.transcript[-1].text
@@ -151,7 +151,7 @@ async def test_a_live_follower_sees_every_row_confirmed_before_done(settings, st
                 seen.append(event)
                 if event.kind == "done":
                     break
-    assert seen[-1].kind == "done" and seen[-1].data["summary"] == {"relay": "open", "proxy": None}
+    assert seen[-1].kind == "done" and seen[-1].data["summary"] == {"relay": "open", "proxy": None, "blocklist": None}
     checks = [e for e in seen if e.kind == "check"]
     final = {e.seq: e.data for e in checks}  # the last state sent for each row
     assert len(final) == 22

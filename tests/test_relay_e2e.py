@@ -31,7 +31,7 @@ def test_relay_audit_over_http_against_real_postfix(tmp_path, postfix_ok, kind, 
             page = httpx.get(data["url"], timeout=5).text
     finally:
         instance.stop()
-    assert data["summary"] == {"relay": summary, "proxy": None}
+    assert data["summary"] == {"relay": summary, "proxy": None, "blocklist": None}
     assert len(data["checks"]) == 22 and {c["reason"] for c in data["checks"]} == reasons
     assert all(c["confirmed"] is (kind == "open") for c in data["checks"])
     assert data["checks"][0]["fingerprint"]["product"] == "Postfix"

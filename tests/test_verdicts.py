@@ -24,18 +24,19 @@ def test_summary_rule(rows, expected):
 
 def test_reachability_rows_never_make_a_summary_open():
     rows = [("relay", I, "port_open"), ("relay", U, "refused"), ("proxy", U, "filtered")]
-    assert summarize_audit(rows, ["relay", "proxy"]) == {"relay": "inconclusive", "proxy": "unreachable"}
+    assert summarize_audit(rows, ["relay", "proxy"]) == {"relay": "inconclusive", "proxy": "unreachable",
+                                                         "blocklist": None}
 
 
 def test_service_not_requested_is_null():
-    assert summarize_audit([("relay", C, "relay_denied")], ["relay"]) == {"relay": "closed", "proxy": None}
+    assert summarize_audit([("relay", C, "relay_denied")], ["relay"]) == {"relay": "closed", "proxy": None, "blocklist": None}
 
 
 def test_every_reason_has_texts_and_services():
     for code, reason in REASONS.items():
         assert reason.code == code
         assert reason.explanation.strip() and reason.next_step.strip()
-        assert set(reason.services) <= {"relay", "proxy"}
+        assert set(reason.services) <= {"relay", "proxy", "blocklist"}
 
 
 def test_design_reason_codes_exist():

@@ -19,7 +19,12 @@ MAX_ANSWERS = 16
 
 
 class ResolveError(Exception):
-    """The lookup failed (timeout, SERVFAIL); the message says so plainly."""
+    """The lookup failed (timeout, SERVFAIL); the message says so plainly. `kind`: timeout | failed (the servers
+    answered with an error such as SERVFAIL, or refused) | error (anything else)."""
+
+    def __init__(self, message: str, kind: str = "error") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def _split_server(value: str) -> tuple[str, int]:
@@ -53,12 +58,16 @@ class Resolver:
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
         except dns.resolver.NoNameservers as exc:
-            raise ResolveError(f"the DNS servers for {name} failed to answer ({rdtype})") from exc
+            raise ResolveError(f"the DNS servers for {name} failed to answer ({rdtype})", "failed") from exc
         except (dns.exception.Timeout, dns.resolver.LifetimeTimeout) as exc:
-            raise ResolveError(f"the DNS lookup of {name} ({rdtype}) timed out") from exc
+            raise ResolveError(f"the DNS lookup of {name} ({rdtype}) timed out", "timeout") from exc
         except dns.exception.DNSException as exc:
             raise ResolveError(f"the DNS lookup of {name} ({rdtype}) failed: {type(exc).__name__}") from exc
         return list(answer)[:MAX_ANSWERS]
+
+    async def records(self, name: str, rdtype: str) -> list[Any]:
+        """The records of `rdtype` for `name` ([] when the name or the type does not exist), or ResolveError."""
+        return await self._query(name, rdtype)
 
     async def addresses(self, name: str) -> list[str]:
         """A then AAAA records, in order, without duplicates."""

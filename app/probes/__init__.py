@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from app.config import Settings
-from app.probes import proxy, reachability, smtp
+from app.probes import blocklist, proxy, reachability, smtp
 from app.probes.base import Emit, SlotFactory
+from app.probes.blocklist import AnswerCache, BlocklistOptions, MemoryCache
 from app.probes.proxy import CanaryTargets, ProxyOptions
 from app.probes.smtp import RelayOptions
 
@@ -26,13 +27,21 @@ class ProbeOptions:
     connect_timeout: float  # for reachability checks
     relay: RelayOptions
     proxy: ProxyOptions | None  # None: no canary configured, proxy ports get reachability only
+    blocklist: BlocklistOptions
 
     @classmethod
     def for_audit(cls, settings: Settings, audit_id: str, audited_domain: str | None = None,
-                  canary: CanaryTargets | None = None) -> ProbeOptions:
+                  canary: CanaryTargets | None = None, cache: AnswerCache | None = None) -> ProbeOptions:
+        """`cache`: where the blocklists' answers are kept (the store; without one, this process's memory)."""
+        lists = BlocklistOptions(blocklist.load_lists(settings.blocklists_file), tuple(settings.dns_servers),
+                                 settings.blocklist_timeout, settings.blocklist_cache_seconds, cache or _MEMORY)
         return cls(connect_timeout=settings.connect_timeout,
                    relay=RelayOptions.from_settings(settings, audit_id, audited_domain),
-                   proxy=ProxyOptions.from_settings(settings, canary) if canary is not None else None)
+                   proxy=ProxyOptions.from_settings(settings, canary) if canary is not None else None,
+                   blocklist=lists)
+
+
+_MEMORY = MemoryCache()
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,16 @@ def plan_proxy(host: str, ports: list[int], options: ProbeOptions) -> list[Plann
     return [unit(port) for port in ports]
 
 
+def plan_blocklist(host: str, ports: list[int], options: ProbeOptions) -> list[PlannedCheck]:
+    """One unit per address, promising a row per list; it asks DNS only, so it takes no slot of the address (the
+    ports do not matter)."""
+    lists = options.blocklist
+
+    async def run(emit: Emit, slot: SlotFactory) -> None:
+        await blocklist.run_address(emit, host, lists)
+    return [PlannedCheck("blocklist", host, 0, tuple(f"blocklist.{b.id}" for b in lists.lists), run)]
+
+
 _DESCRIPTIONS = {f"relay.{v.id}": f"{v.mail_from} -> {v.rcpt_to}: {v.explanation}" for v in smtp.VARIANTS}
 _DESCRIPTIONS.update({f"proxy.{c.id}": f"{c.protocol}: {c.explanation}" for c in proxy.PROXY_CHECKS})
 _DESCRIPTIONS.update({
@@ -101,11 +120,14 @@ def proxy_class(name: str) -> str | None:
 
 
 def describe_check(name: str) -> str:
-    """One line for the visitor: what a check tries."""
+    """One line for the visitor: what a check tries (a blocklist row: what the list lists)."""
+    if name.startswith("blocklist.") and name not in _DESCRIPTIONS:
+        return "Whether a public blocklist names the address."
     return _DESCRIPTIONS.get(name, "")
 
 
 PLANNERS: dict[str, Planner] = {
     "relay": plan_relay,
     "proxy": plan_proxy,
+    "blocklist": plan_blocklist,
 }

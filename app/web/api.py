@@ -26,14 +26,14 @@ from app.web.verifications import VerifierDep
 
 router = APIRouter(prefix="/api/v1", tags=["audits"])
 
-Service = Literal["relay", "proxy"]
+Service = Literal["relay", "proxy", "blocklist"]
 STREAM_RETRY_AFTER = 10  # seconds; a browser's EventSource retries on its own anyway
 ANY_JSON: TypeAdapter[Any] = TypeAdapter(Any)  # plain dicts and lists to JSON bytes, as FastAPI writes them
 
 
 class SelfAuditRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    checks: list[Service] = Field(default=["relay", "proxy"], min_length=1, max_length=2)
+    checks: list[Service] = Field(default=["relay", "proxy", "blocklist"], min_length=1, max_length=3)
 
 
 class AuditRequest(SelfAuditRequest):

@@ -13,7 +13,7 @@ from typing import Any
 
 from app.guides import FIX_ANCHOR, Guide
 from app.i18n import N_, _, ngettext
-from app.verdicts import REASONS, SERVICES, CheckResult, TranscriptLine, Verdict, summarize
+from app.verdicts import PROBED, REASONS, SERVICES, CheckResult, TranscriptLine, Verdict, summarize
 
 QUIET = (Verdict.CLOSED, Verdict.AUTH_REQUIRED, Verdict.UNREACHABLE)
 # reasons for which the port never got to hear a check: the whole port is one plain sentence
@@ -88,6 +88,8 @@ def blocks(rows: list[dict[str, Any]]) -> list[Block]:
     by_port: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for row in rows:
         check: CheckResult = row["check"]
+        if check.service not in PROBED:  # blocklist rows have their own section (app/web/listings.py)
+            continue
         by_port.setdefault((check.service, check.host, check.port), []).append(row)
     made = [_block(service, host, port, port_rows) for (service, host, port), port_rows in by_port.items()]
     # relay before proxy, and within a service the ports with something to do first

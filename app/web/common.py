@@ -12,7 +12,7 @@ from app.config import Settings
 from app.guides import FIX_ANCHOR, Guide, GuideLibrary, guide_url
 from app.probes import describe_check
 from app.store import Audit, Store
-from app.verdicts import CheckResult
+from app.verdicts import SERVICES, CheckResult
 
 AUDIT_ID = re.compile(r"^[A-Za-z0-9_-]{22}$")
 
@@ -39,6 +39,10 @@ def check_fields(result: CheckResult, matched: Sequence[Guide], settings: Settin
     """check_json with the matching guides already found (app/web/public.py stores it once per check)."""
     data = result.to_dict()
     del data["tag"]  # internal: how our sink recognises the check's relayed message
+    extra = data.pop("data") or {}
+    if result.service == "blocklist":  # a list's answer: no port; its codes, reason text and removal page
+        data["port"] = None
+        data.update({key: extra.get(key) for key in ("codes", "txt", "removal_url")})
     data["description"] = describe_check(result.name)
     data["guides"] = [{"slug": g.slug, "title": g.title,
                        "url": absolute_url(settings, guide_url(g, FIX_ANCHOR if g.service != "general" else ""))}
@@ -64,6 +68,6 @@ def audit_head(audit: Audit, settings: Settings, queue_position: int | None = No
         "retest_after": audit.created_at + cooldown if cooldown > 0 else None,
         "error": audit.error,
         "url": absolute_url(settings, f"/audits/{audit.id}"),
-        "summary": audit.summary or {"relay": None, "proxy": None},
+        "summary": {**dict.fromkeys(SERVICES), **(audit.summary or {})},
     }
 

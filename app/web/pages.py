@@ -27,7 +27,8 @@ from app.guides import FIX_ANCHOR, PRODUCT_SECTIONS, guide_url
 from app.i18n import N_
 from app.probes.canary import CHECK_ID
 from app.verdicts import REASONS, SERVICES
-from app.web import verifications
+from app.probes.blocklist import load_lists
+from app.web import listings, verifications
 from app.web.blocks import Block, NextStep, blocks, next_step
 from app.web.common import AUDIT_ID, absolute_url, load_audit
 from app.web.deps import AuditorDep, CanaryDep, GuidesDep, Requester, RequesterDep, SettingsDep, StoreDep, get_app_state
@@ -78,10 +79,10 @@ def _guide_link(guide: Any, audit_id: str = "") -> str:
 
 templates.env.globals["guide_url"] = _guide_link
 
-SERVICE_NAMES = {"relay": N_("Mail relay"), "proxy": N_("Proxy")}
+SERVICE_NAMES = {"relay": N_("Mail relay"), "proxy": N_("Proxy"), "blocklist": N_("Blocklists")}
 VERDICT_NAMES = {"open": N_("open"), "closed": N_("closed"), "auth_required": N_("login required"),
                  "inconclusive": N_("inconclusive"), "unreachable": N_("unreachable"), "error": N_("error"),
-                 "not tested": N_("not tested")}
+                 "not tested": N_("not tested"), "listed": N_("listed"), "not_listed": N_("not listed")}
 STATUS_NAMES = {"queued": N_("queued"), "running": N_("running"), "done": N_("done"), "failed": N_("failed"),
                 "interrupted": N_("interrupted")}
 
@@ -275,13 +276,14 @@ async def audit_page(request: Request, audit_id: str, store: StoreDep, auditor: 
     chain = await store.retest_chain(audit.id, limit=20)
     position = auditor.queue.position(audit.id) if audit.status == "queued" else None
     port_blocks = blocks(report.rows) if audit.finished else []  # live rows stay as they come until it is done
+    lists = listings.section(report.rows, load_lists(settings.blocklists_file), audit.summary or {})
     steps = _next_steps(report)
     permalink = absolute_url(settings, f"/audits/{audit.id}")
     return render(request, "audit.html", {
-        "eta": time_left(audit),
+        "eta": time_left(audit), "listings": lists, "explained_text": listings.explained_text,
         "audit": audit, "report": report, "rows": report.rows, "sentences": report.sentences, "why": report.why,
         "blocks": port_blocks, "steps": steps, "step_text": step_text, "permalink": permalink,
-        "summary_text": _summary_text(report, port_blocks, steps, settings) if audit.finished else "",
+        "summary_text": _summary_text(report, port_blocks, steps, settings, lists) if audit.finished else "",
         "chain": chain[1:], "queue_position": position,
         "can_retest": audit.finished and audit.target == "self",
     })
@@ -293,7 +295,8 @@ async def audit_summary(request: Request, audit_id: str, store: StoreDep, guides
     """The result as plain text, to paste into an email (the permalink included)."""
     use_language(request)
     report = await _report(request, store, guides, settings, audit_id)
-    text = _summary_text(report, blocks(report.rows), _next_steps(report), settings)
+    lists = listings.section(report.rows, load_lists(settings.blocklists_file), report.audit.summary or {})
+    text = _summary_text(report, blocks(report.rows), _next_steps(report), settings, lists)
     return PlainTextResponse(text, headers={"Cache-Control": "no-store"})
 
 
@@ -302,9 +305,10 @@ def _next_steps(report: Report) -> dict[str, NextStep | None]:
 
 
 def _summary_text(report: Report, port_blocks: list[Block], steps: dict[str, NextStep | None],
-                  settings: Settings) -> str:
+                  settings: Settings, lists: listings.Section | None = None) -> str:
     return summary_text(report, port_blocks, steps, absolute_url(settings, f"/audits/{report.audit.id}"),
-                        lambda path: absolute_url(settings, path), {k: i18n._(v) for k, v in VERDICT_NAMES.items()})
+                        lambda path: absolute_url(settings, path), {k: i18n._(v) for k, v in VERDICT_NAMES.items()},
+                        lists)
 
 
 def time_left(audit: Any) -> int | None:

@@ -11,7 +11,7 @@ from app.guides import GuideLibrary
 from app.i18n import N_, _
 from app.probes import describe_check, proxy_class
 from app.store import Audit
-from app.verdicts import CheckResult, Verdict
+from app.verdicts import NOT_ASKED, CheckResult, Verdict
 from app.web.public import guides_for
 
 SUMMARY_SENTENCES = {
@@ -27,29 +27,46 @@ SUMMARY_SENTENCES = {
     ("proxy", "closed"): N_("We found no open proxy."),
     ("proxy", "inconclusive"): N_("We could not reach a final answer for the proxy test:"),
     ("proxy", "unreachable"): N_("No proxy port answered, so your server cannot be an open proxy from the Internet."),
+    ("blocklist", "listed"): N_("Public blocklists name your address: mail from it is refused where they are used. "
+                             "Fix the cause first, then ask each list below for removal."),
+    ("blocklist", "not_listed"): N_("None of the public blocklists we ask names your address."),
+    ("blocklist", "inconclusive"): N_("Some blocklists could not give us an answer:"),
+    ("blocklist", "unreachable"): N_("We could not ask the blocklists about any of the addresses."),
 }
-CHANGE_LABELS = {"fixed": N_("fixed"), "still_open": N_("still open"), "newly_open": N_("newly open")}
+CHANGE_LABELS = {"fixed": N_("fixed"), "still_open": N_("still open"), "newly_open": N_("newly open"),
+                 "delisted": N_("no longer listed"), "still_listed": N_("still listed"),
+                 "newly_listed": N_("newly listed")}
 
 
 def check_key(result: CheckResult) -> tuple[str, str, int, str]:
     return result.service, result.host, result.port, result.name
 
 
+def _change(was: Verdict | None, now: Verdict, bad: Verdict, gone: str, still: str, new: str) -> str | None:
+    """What happened to a finding (`bad`: open, or listed) between two audits; an uncertain answer now says
+    nothing about whether it went away."""
+    if was is bad and now is not bad and now not in (Verdict.INCONCLUSIVE, Verdict.ERROR):
+        return gone
+    if was is bad and now is bad:
+        return still
+    return new if now is bad else None
+
+
 def changes_since(previous: Audit | None, current: Audit) -> dict[tuple[str, str, int, str], str]:
-    """Per check of `current`: fixed (open before, not now), still_open, newly_open (open now, not before)."""
+    """Per check of `current`: fixed (open before, not now), still_open, newly_open (open now, not before); a
+    blocklist row: delisted (listed before, not now), still_listed, newly_listed."""
     if previous is None:
         return {}
     before = {check_key(c.result): c.result.verdict for c in previous.checks}
     changes: dict[tuple[str, str, int, str], str] = {}
     for stored in current.checks:
         key, now = check_key(stored.result), stored.result.verdict
-        was = before.get(key)
-        if was is Verdict.OPEN and now is not Verdict.OPEN and now is not Verdict.INCONCLUSIVE:
-            changes[key] = "fixed"
-        elif was is Verdict.OPEN and now is Verdict.OPEN:
-            changes[key] = "still_open"
-        elif now is Verdict.OPEN:
-            changes[key] = "newly_open"
+        if stored.result.service == "blocklist":
+            change = _change(before.get(key), now, Verdict.LISTED, "delisted", "still_listed", "newly_listed")
+        else:
+            change = _change(before.get(key), now, Verdict.OPEN, "fixed", "still_open", "newly_open")
+        if change is not None:
+            changes[key] = change
     return changes
 
 
@@ -76,13 +93,15 @@ def build_report(audit: Audit, guides: GuideLibrary, previous: Audit | None, coo
         result = stored.result
         change = changes.get(check_key(result), "")
         report.rows.append({"check": result, "guides": guides_for(stored, guides),  # matched when stored
-                            "description": describe_check(result.name), "change": CHANGE_LABELS.get(change, "")})
+                            "description": describe_check(result.name), "change": CHANGE_LABELS.get(change, ""),
+                            "change_kind": change})
     for kind in changes.values():
         report.changes[kind] = report.changes.get(kind, 0) + 1
     for service in audit.services:
         report.sentences[service] = _sentence(audit, service)
         report.why[service] = sorted({c.result.reason for c in audit.checks if c.result.service == service
-                                      and c.result.verdict in (Verdict.INCONCLUSIVE, Verdict.ERROR)})
+                                      and c.result.verdict in (Verdict.INCONCLUSIVE, Verdict.ERROR)
+                                      and c.result.reason not in NOT_ASKED})
     if latest_of_target is not None and cooldown > 0 and latest_of_target + cooldown > time.time():
         report.retest_at = latest_of_target + cooldown
     return report

@@ -13,8 +13,10 @@ from pydantic import BaseModel, Field, RootModel
 from pydantic.json_schema import models_json_schema
 
 AuditStatus = Literal["queued", "running", "done", "failed", "interrupted"]
-VerdictName = Literal["open", "closed", "auth_required", "inconclusive", "unreachable", "error"]
-ServiceName = Literal["relay", "proxy"]
+VerdictName = Literal["open", "closed", "auth_required", "inconclusive", "unreachable", "error", "listed",
+                      "not_listed"]
+ServiceName = Literal["relay", "proxy", "blocklist"]
+ChangeName = Literal["fixed", "still_open", "newly_open", "delisted", "still_listed", "newly_listed"]
 
 
 class TranscriptLine(BaseModel):
@@ -38,7 +40,8 @@ class GuideLink(BaseModel):
 class Check(BaseModel):
     service: ServiceName
     host: str = Field(description="an address")
-    port: int = Field(description="0 for a row about an address that was not tested (relay.guard, proxy.guard)")
+    port: int | None = Field(description="0 for a row about an address that was not tested (relay.guard, proxy.guard); "
+                                         "null for a blocklist row (it asks DNS, not a port of the address)")
     name: str = Field(description="a stable id service.check, e.g. relay.v12, proxy.connect_smtp")
     verdict: VerdictName
     reason: str = Field(description="a reason code (GET /api/v1/reasons)")
@@ -48,13 +51,19 @@ class Check(BaseModel):
     detail: str
     description: str = Field(description="what the check tries, in one line")
     guides: list[GuideLink]
-    change: Literal["fixed", "still_open", "newly_open"] | None = Field(
-        default=None, description="only in a re-test (previous_id set): against the audit it repeats")
+    change: ChangeName | None = Field(
+        default=None, description="only in a re-test (previous_id set): against the audit it repeats; blocklist rows: "
+                                  "delisted, still_listed, newly_listed")
+    codes: list[str] | None = Field(default=None, description="blocklist rows only: the list's A records (return codes)")
+    txt: list[str] | None = Field(default=None, description="blocklist rows only: the list's TXT reason, when listed")
+    removal_url: str | None = Field(default=None, description="blocklist rows only: the list's lookup and removal page")
 
 
 class Summary(BaseModel):
     relay: VerdictName | None = Field(description="null when not requested or not finished")
     proxy: VerdictName | None
+    blocklist: VerdictName | None = Field(default=None, description="listed if any list names an address; "
+                                                                    "null when not requested (or an older audit)")
 
 
 class Audit(BaseModel):

@@ -86,10 +86,12 @@ async def resolve_domain(settings: Settings, domain: str,
     forbidden: list[Forbidden] = []
     try:
         for service in ordered:
-            if service == "relay":
+            if service in ("relay", "blocklist"):
                 mx = await resolver.mx(domain)
                 # no MX: the domain's own address (RFC 5321 section 5.1); a null MX: no mail at all
                 names = [domain] if mx is None else [host for _pref, host in mx]
+                # blocklists: the mail servers and the domain's own addresses (where its web and proxy answer)
+                names += [domain] if service == "blocklist" and domain not in names else []
             else:
                 names = [domain]
             addresses: list[str] = []

@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 
 from app.i18n import _, ngettext
 from app.web.blocks import Block, NextStep
+from app.web.listings import Section
+from app.web.listings import explained_text as explained
 from app.web.report import Report
 
 # C0, DEL and C1 controls, and the Unicode characters that reorder or break lines when the text is shown
@@ -19,7 +21,7 @@ UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u2
 LINE_MAX = 200
 TEXT_MAX = 16_000
 ARROWS = {"out": "->", "in": "<-"}
-SERVICE_NAMES = {"relay": "Mail relay", "proxy": "Proxy"}
+SERVICE_NAMES = {"relay": "Mail relay", "proxy": "Proxy", "blocklist": "Blocklists"}
 
 
 def clean(text: str, limit: int = LINE_MAX) -> str:
@@ -33,8 +35,9 @@ def _utc(timestamp: float | None) -> str:
 
 
 def summary_text(report: Report, port_blocks: list[Block], steps: Mapping[str, NextStep | None], permalink: str,
-                 link: Callable[[str], str], names: Mapping[str, str]) -> str:
-    """`link`: a site path made absolute; `names`: verdict -> its name in the visitor's language."""
+                 link: Callable[[str], str], names: Mapping[str, str], lists: Section | None = None) -> str:
+    """`link`: a site path made absolute; `names`: verdict -> its name in the visitor's language; `lists`: the
+    blocklist section (app/web/listings.py)."""
     audit = report.audit
     lines = [_("Secure Your Server: test result"), _("Permalink:") + " " + permalink,
              _("Address:") + " " + clean(", ".join(audit.hosts)),
@@ -52,11 +55,35 @@ def summary_text(report: Report, port_blocks: list[Block], steps: Mapping[str, N
     if report.changes:
         lines += [_("Since the previous test:") + " " + changes_text(report.changes), ""]
     lines += _evidence(port_blocks)
+    lines += _listings(lists) if lists is not None else []
     lines.append(_("Every port tested:"))
     lines += [f"- {b.host} {_('port')} {b.port} ({_(SERVICE_NAMES.get(b.service, b.service))}): {port_text(b)}"
               for b in port_blocks]
     lines += ["", _("See the full result, with every dialogue:") + " " + permalink]
     return _bounded("\n".join(lines) + "\n", permalink)
+
+
+def _listings(lists: Section) -> list[str]:
+    """Each listing with its codes and its removal page; the listings gone since the previous test; the lists
+    that do not name the address, by name."""
+    lines: list[str] = []
+    for listing in lists.listed:
+        check = listing.row["check"]
+        codes = ", ".join(f"{answer} ({code.part})" if code else answer for answer, code in listing.codes)
+        lines.append(_("Listed by %(list)s: %(host)s, %(codes)s") % {"list": clean(listing.name), "host": check.host,
+                                                                   "codes": clean(codes)})
+        lines += [f"  {clean(text)}" for text in listing.txt[:2]]
+        if listing.explained_by:
+            lines.append("  " + _("Our test found %(what)s, which explains this listing: fix it first.")
+                         % {"what": explained(listing)})
+        lines.append("  " + _("Removal:") + " " + clean(listing.removal_url))
+    for row in lists.gone:
+        lines.append(_("No longer listed since the previous test: %(name)s, %(host)s")
+                     % {"name": row["check"].name, "host": row["check"].host})
+    if lists.clear:
+        names = sorted({row["check"].name.removeprefix("blocklist.") for row in lists.clear})
+        lines.append(_("Not listed by:") + " " + ", ".join(names))
+    return [*lines, ""] if lines else []
 
 
 def _wrap(text: str) -> list[str]:

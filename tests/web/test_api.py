@@ -4,6 +4,8 @@ import json
 import pytest
 from support import running_app, wait_done
 
+TWO = {"checks": ["relay", "proxy"]}  # the probed services alone (the blocklist rows have their own tests)
+
 
 async def test_self_audit_runs_end_to_end(client, refused_port, open_port):
     response = await client.post("/api/v1/audits/self")
@@ -12,7 +14,7 @@ async def test_self_audit_runs_end_to_end(client, refused_port, open_port):
     assert body["status"] == "queued" and body["url"] == f"http://testserver/audits/{body['id']}"
     data = await wait_done(client, body["id"])
     assert data["status"] == "done" and data["target"] == "self" and data["hosts"] == ["127.0.0.1"]
-    assert data["summary"] == {"relay": "unreachable", "proxy": "inconclusive"}
+    assert data["summary"] == {"relay": "unreachable", "proxy": "inconclusive", "blocklist": "inconclusive"}
     rows = {(c["service"], c["port"]): c for c in data["checks"]}
     assert rows[("relay", refused_port)]["reason"] == "refused"
     assert rows[("proxy", open_port)]["verdict"] == "inconclusive"
@@ -125,7 +127,7 @@ async def test_unknown_or_malformed_ids_are_404(client, audit_id):
 
 
 async def test_events_replay_then_done(client):
-    audit_id = (await client.post("/api/v1/audits/self")).json()["id"]
+    audit_id = (await client.post("/api/v1/audits/self", json=TWO)).json()["id"]
     async with client.stream("GET", f"/api/v1/audits/{audit_id}/events") as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -151,7 +153,7 @@ async def test_the_sink_tag_stays_out_of_the_api_and_the_event_stream(client):
     from app.verdicts import CheckResult, TranscriptLine, Verdict
 
     tag = "k7tag0sinkproof"
-    audit_id = (await client.post("/api/v1/audits/self")).json()["id"]
+    audit_id = (await client.post("/api/v1/audits/self", json=TWO)).json()["id"]
     await wait_done(client, audit_id)
     store = client.app.state.sys.store
     await store.add_check(audit_id, 99, CheckResult(
@@ -224,7 +226,7 @@ async def test_openapi_lists_the_contract(client):
 async def test_concurrent_audits_from_one_requester_do_not_mix(settings):
     settings.max_running_per_requester = 5
     async with running_app(settings) as client:
-        ids = [(await client.post("/api/v1/audits/self")).json()["id"] for _ in range(4)]
+        ids = [(await client.post("/api/v1/audits/self", json=TWO)).json()["id"] for _ in range(4)]
         results = await asyncio.gather(*(wait_done(client, i) for i in ids))
         assert all(len(r["checks"]) == 23 for r in results)
 
