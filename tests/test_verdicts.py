@@ -64,3 +64,17 @@ def test_every_reason_a_probe_declares_is_in_the_table():
 
     for module in (smtp, proxy, reachability):
         assert set(module.REASONS) <= set(REASONS), module.__name__
+
+
+def test_the_blocklist_summary_rule():
+    from app.verdicts import summarize_blocklist
+
+    L, N = Verdict.LISTED, Verdict.NOT_LISTED
+    assert summarize_blocklist([(N, "not_listed"), (L, "listed_spam"), (I, "list_timeout")]) is L
+    assert summarize_blocklist([(N, "not_listed"), (I, "list_refused_query")]) is I
+    assert summarize_blocklist([(N, "not_listed"), (Verdict.ERROR, "internal_error")]) is I
+    assert summarize_blocklist([(N, "not_listed"), (I, "ipv6_not_queried")]) is N  # not asked: not counted
+    assert summarize_blocklist([(I, "ipv6_not_queried")]) is U
+    assert summarize_blocklist([(U, "forbidden_address")]) is U
+    assert summarize_audit([("blocklist", L, "listed_proxy"), ("proxy", Verdict.OPEN, "token_returned")],
+                           ["proxy", "blocklist"]) == {"relay": None, "proxy": "open", "blocklist": "listed"}
