@@ -314,7 +314,10 @@ class GuideLibrary:
 
     def for_check(self, result: CheckResult) -> list[Guide]:
         """Guides for a finding, best first: the product's own guide (product, then fingerprint match), then, for
-        an open finding, the service's general guides. Nothing for a closed or unreachable port."""
+        an open finding, the service's general guides. Nothing for a closed or unreachable port. A blocklist
+        listing: the general guides about blocklists ("Getting off blocklists")."""
+        if result.verdict is Verdict.LISTED:
+            return [g for g in self._general() if "blocklist" in g.products]
         if result.verdict not in (Verdict.OPEN, Verdict.INCONCLUSIVE, Verdict.AUTH_REQUIRED):
             return []
         product = (result.fingerprint or {}).get("product")
@@ -332,10 +335,13 @@ class GuideLibrary:
             # an open proxy that names no product: most likely malware, not software someone installed
             unknown = result.service == "proxy" and not product and not found
             wanted = ["unknown-proxy", "proxy"] if unknown else [result.service]
-            general = sorted((g for g in self.all() if g.service == "general"), key=lambda g: (g.weight, g.title))
+            general = self._general()
             for tag in wanted:
                 found += [g for g in general if tag in g.products and g not in found]
         return found
+
+    def _general(self) -> list[Guide]:
+        return sorted((g for g in self.all() if g.service == "general"), key=lambda g: (g.weight, g.title))
 
     def problems(self) -> list[str]:
         """Everything check-guides reports: front matter, sections, code blocks, links."""

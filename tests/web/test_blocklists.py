@@ -35,6 +35,8 @@ async def test_checks_blocklist_alone_gives_the_quick_answer(settings):
     assert zen["port"] is None and zen["verdict"] == "listed" and zen["reason"] == "listed_exploited"
     assert zen["codes"] == ["127.0.0.4"] and zen["txt"] == ["https://check.spamhaus.org/query/ip/127.0.0.1"]
     assert zen["removal_url"] == "https://check.spamhaus.org/"
+    assert [g["slug"] for g in zen["guides"]] == ["blocklists"]  # "Getting off blocklists"
+    assert rows["blocklist.spamcop"]["guides"] == []
     assert rows["blocklist.dronebl"]["reason"] == "listed_proxy"
     assert rows["blocklist.spamcop"]["verdict"] == "not_listed" and rows["blocklist.spamcop"]["codes"] == []
     # only our own DNS server was asked, only about the requester's address
