@@ -25,9 +25,9 @@ from app.access.domains import DomainError, normalise_domain
 from app.config import Settings
 from app.guides import FIX_ANCHOR, PRODUCT_SECTIONS, guide_url
 from app.i18n import N_
+from app.probes.blocklist import load_lists
 from app.probes.canary import CHECK_ID
 from app.verdicts import REASONS, SERVICES
-from app.probes.blocklist import load_lists
 from app.web import listings, verifications
 from app.web.blocks import Block, NextStep, blocks, next_step
 from app.web.common import AUDIT_ID, absolute_url, load_audit

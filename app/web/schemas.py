@@ -54,7 +54,7 @@ class Check(BaseModel):
     change: ChangeName | None = Field(
         default=None, description="only in a re-test (previous_id set): against the audit it repeats; blocklist rows: "
                                   "delisted, still_listed, newly_listed")
-    codes: list[str] | None = Field(default=None, description="blocklist rows only: the list's A records (return codes)")
+    codes: list[str] | None = Field(default=None, description="blocklist rows only: the A records (return codes)")
     txt: list[str] | None = Field(default=None, description="blocklist rows only: the list's TXT reason, when listed")
     removal_url: str | None = Field(default=None, description="blocklist rows only: the list's lookup and removal page")
 
