@@ -123,7 +123,7 @@ async def test_store_migrates_a_version_1_database(tmp_path):
     conn.close()
     store = Store(str(path))
     await store.open()
-    assert await store.schema_version() == SCHEMA_VERSION == 9
+    assert await store.schema_version() == SCHEMA_VERSION == 10
     audit = await store.get_audit("AAAAAAAAAAAAAAAAAAAAAA")
     assert audit.checks[0].result.reason == "refused" and audit.checks[0].result.tag is None
     # version 4: the old audit counts for its requester and for its address's budget

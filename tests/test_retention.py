@@ -146,12 +146,14 @@ async def test_a_schema_6_database_gets_the_purge_indexes(tmp_path):
     for name in ("audits_created", "audits_previous", "verifications_expires"):
         conn.execute(f"DROP INDEX {name}")
     conn.execute("ALTER TABLE audits DROP COLUMN owner")  # schema 8's, which a schema 6 database lacks
+    conn.execute("ALTER TABLE checks DROP COLUMN data")  # schema 10's
+    conn.execute("DROP TABLE blocklist_answers")
     conn.execute("UPDATE meta SET value='6' WHERE key='schema_version'")
     conn.commit()
     conn.close()
     store = Store(path)
     await store.open()
-    assert await store.schema_version() == SCHEMA_VERSION == 9
+    assert await store.schema_version() == SCHEMA_VERSION == 10
     await store.close()
     names = {row[0] for row in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"audits_created", "audits_previous", "verifications_expires"} <= names

@@ -123,12 +123,14 @@ async def test_a_schema_7_database_gets_owners_and_instances(tmp_path):
     conn = sqlite3.connect(path)
     conn.execute("DROP TABLE instances")
     conn.execute("ALTER TABLE audits DROP COLUMN owner")
+    conn.execute("ALTER TABLE checks DROP COLUMN data")  # schema 10's
+    conn.execute("DROP TABLE blocklist_answers")
     conn.execute("UPDATE meta SET value='7' WHERE key='schema_version'")
     conn.commit()
     conn.close()
     store = Store(path)
     await store.open()
-    assert await store.schema_version() == SCHEMA_VERSION == 9
+    assert await store.schema_version() == SCHEMA_VERSION == 10
     assert (await store.get_audit(old.id)).owner is None
     await store.beat("new")
     assert await store.interrupt_orphaned(30) == 1  # an audit from before owners: nobody runs it now
@@ -209,12 +211,43 @@ async def test_a_schema_8_database_gets_the_observations_table(tmp_path):
     await store.close()
     conn = sqlite3.connect(path)
     conn.execute("DROP TABLE observations")
+    conn.execute("ALTER TABLE checks DROP COLUMN data")  # schema 10's
+    conn.execute("DROP TABLE blocklist_answers")
     conn.execute("UPDATE meta SET value='8' WHERE key='schema_version'")
     conn.commit()
     conn.close()
     store = Store(path)
     await store.open()
-    assert await store.schema_version() == 9
+    assert await store.schema_version() == 10
     await store.record_observation("sink", "sys0123456789abcdef")
     assert await store.observed("sink", ["sys0123456789abcdef"]) == {"sys0123456789abcdef": [""]}
+    await store.close()
+
+
+async def test_a_schema_9_database_gets_row_data_and_the_blocklist_cache(tmp_path):
+    from app.verdicts import CheckResult, Verdict
+
+    path = str(tmp_path / "v9.db")
+    store = Store(path)
+    await store.open()
+    old = make_audit()
+    await store.create_audit(old)
+    await store.add_check(old.id, 1, CheckResult("relay", "192.0.2.1", 25, "relay.v1", Verdict.CLOSED,
+                                                 "relay_denied"))
+    await store.close()
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE checks DROP COLUMN data")
+    conn.execute("DROP TABLE blocklist_answers")
+    conn.execute("UPDATE meta SET value='9' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    store = Store(path)
+    await store.open()
+    assert await store.schema_version() == 10
+    assert (await store.get_audit(old.id)).checks[0].result.data is None  # an older row has no data
+    await store.add_check(old.id, 2, CheckResult("blocklist", "192.0.2.1", 0, "blocklist.psbl", Verdict.NOT_LISTED,
+                                                 "not_listed", data={"codes": [], "txt": []}))
+    assert (await store.get_audit(old.id)).checks[1].result.data == {"codes": [], "txt": []}
+    await store.remember_blocklist_answers("192.0.2.1", [("psbl", '{"status": "not_listed"}')], keep=900)
+    assert list(await store.blocklist_answers("192.0.2.1", 0)) == ["psbl"]
     await store.close()
