@@ -396,7 +396,8 @@ async def about(request: Request) -> HTMLResponse:
     from app.probes.proxy import PROXY_CHECKS
     from app.probes.smtp import VARIANTS
 
-    return render(request, "about.html", {"variants": VARIANTS, "proxy_checks": PROXY_CHECKS})
+    return render(request, "about.html", {"variants": VARIANTS, "proxy_checks": PROXY_CHECKS,
+                                          "blocklists": load_lists(get_app_state(request).settings.blocklists_file)})
 
 
 @router.get("/privacy", response_class=HTMLResponse)

@@ -223,6 +223,7 @@ async def test_about_page_lists_what_we_send(settings):
     async with running_app(settings) as client:
         page = (await client.get("/about")).text
     assert "198.51.100.25" in page and "probe.example.org" in page and "relay.v22" in page and "proxy.socks5" in page
+    assert "blocklist.spamhaus-zen" in page and "<code>dnsbl.dronebl.org</code>" in page and "15\n  minutes" in page
 
 
 async def test_start_page_offers_the_other_address_family(settings):
