@@ -19,6 +19,7 @@ import json
 import re
 import time
 import tomllib
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -42,7 +43,8 @@ LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 _ID = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
 _ZONE = re.compile(r"^(?=.{1,200}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$")
 _URL = re.compile(r"^https?://[^\s\"'<>]+$")
-_semaphore: asyncio.Semaphore | None = None
+# the in-flight bound, one per event loop (an asyncio primitive belongs to the loop it first waited in)
+_limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
 
 
 class BlocklistFileError(ValueError):
@@ -258,10 +260,11 @@ class Answer:
 
 
 def _limiter() -> asyncio.Semaphore:
-    global _semaphore
-    if _semaphore is None:
-        _semaphore = asyncio.Semaphore(MAX_QUERIES)
-    return _semaphore
+    loop = asyncio.get_running_loop()
+    limiter = _limiters.get(loop)
+    if limiter is None:
+        limiter = _limiters[loop] = asyncio.Semaphore(MAX_QUERIES)
+    return limiter
 
 
 async def _records(resolver: Resolver, name: str, rdtype: str) -> list[Any]:
