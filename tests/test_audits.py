@@ -1,9 +1,13 @@
 import asyncio
 
+import pytest
+
 from app.access.targets import Listener
 from app.audits import Auditor
 from app.probes import PlannedCheck, ProbeOptions
 from app.verdicts import CheckResult, Verdict
+
+pytestmark = pytest.mark.both_stores  # the API on SQLite and on PostgreSQL (tests/conftest.py)
 
 
 def fake_planner(behaviour, tracker=None):
