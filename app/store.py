@@ -621,7 +621,11 @@ class Store:
     async def get_audit(self, audit_id: str, with_checks: bool = True, transcripts: bool = True) -> Audit | None:
         """The audit; with its checks unless `with_checks` is false, and their transcripts unless `transcripts` is
         false (comparing verdicts with a previous audit needs no evidence). An opening shared by several rows is
-        read once and its lines are the same objects in each of them."""
+        read once and its lines are the same objects in each of them.
+
+        Read in this order (the audit, its checks, their openings): on PostgreSQL each statement sees what was
+        committed when it began, so a finished audit comes with all its checks, and each check with its opening
+        (stored in the same transaction as the first check that uses it)."""
         def _get(c: Conn) -> Audit | None:
             row = c.execute("SELECT * FROM audits WHERE id=?", (audit_id,)).fetchone()
             if row is None:
@@ -629,15 +633,15 @@ class Store:
             audit = _audit_from_row(row)
             if with_checks:
                 if transcripts:
-                    openings = _openings(c, audit_id)
                     query = "SELECT * FROM checks WHERE audit_id=? ORDER BY seq"
                 else:
-                    openings = {}
                     query = ("SELECT seq, finished_at, service, host, port, name, verdict, reason, confirmed,"
                              " fingerprint, '[]' AS transcript, detail, tag, NULL AS opening, NULL AS public,"
                              " NULL AS public_key, NULL AS guides, NULL AS guides_key FROM checks"
                              " WHERE audit_id=? ORDER BY seq")
-                audit.checks = [_check_from_row(r, openings) for r in c.execute(query, (audit_id,))]
+                rows = c.execute(query, (audit_id,)).fetchall()
+                openings = _openings(c, audit_id) if any(r["opening"] for r in rows) else {}
+                audit.checks = [_check_from_row(r, openings) for r in rows]
             return audit
         return await self._run(_get)
 

@@ -43,7 +43,7 @@ class Follower:
                         block, buffer = buffer.split("\n\n", 1)
                         if self._event(block, time.time()):
                             return
-        except BaseException as exc:  # the test reads it
+        except Exception as exc:  # the test reads it
             self.error = exc
 
     def _event(self, block: str, now: float) -> bool:
