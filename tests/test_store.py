@@ -345,3 +345,33 @@ async def test_a_watched_audit_changed_by_another_process_wakes_this_one_within_
         assert changes == []  # no longer watched
     finally:
         await other.close()
+
+
+async def test_a_lost_listen_connection_is_made_again_and_wakes_the_followers(postgres_server):
+    """PostgreSQL: the LISTEN session killed (a restart, a proxy's idle timeout), the store listens again within
+    about a second, wakes every watched audit once (what was sent meanwhile is lost) and hears later writes."""
+    import psycopg
+
+    location = postgres_server.new_database()
+    store, other = Store(location), Store(location)
+    await store.open()
+    await other.open()
+    try:
+        changes: list[str] = []
+        store.on_change = changes.append
+        audit = make_audit()
+        await other.create_audit(audit)
+        await store.watch(audit.id)
+        with psycopg.connect(postgres_server.admin_dsn, autocommit=True) as admin:
+            killed = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                   " WHERE query LIKE 'LISTEN%%' AND datname=%s",
+                                   (location.rsplit("/", 1)[1],)).fetchone()[0]
+        assert killed == 1
+        await wait_for(lambda: audit.id in changes, 5.0)
+        changes.clear()
+        await other.add_check(audit.id, 1, CheckResult("proxy", "192.0.2.7", 80, "proxy.a", Verdict.CLOSED,
+                                                        "refused"))
+        assert await wait_for(lambda: audit.id in changes) < 1.0
+    finally:
+        await other.close()
+        await store.close()
