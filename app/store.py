@@ -399,8 +399,8 @@ class Store:
 
         pool = ConnectionPool(self.path, min_size=self._pool_size, max_size=self._pool_size, open=False,
                               configure=configure, timeout=30, name="store")
-        pool.open(wait=True, timeout=30)
         try:
+            pool.open(wait=True, timeout=30)
             with pool.connection() as raw:
                 conn = PgConn(raw)
                 conn.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
