@@ -148,7 +148,9 @@ CREATE INDEX IF NOT EXISTS observations_at ON observations(at);
 """ + "".join(f"{statement};\n" for statement in _PURGE_INDEXES)
 
 
-# Statements that bring a database of version N-1 to version N (a new database gets _SCHEMA directly).
+# Statements that bring a database of version N-1 to version N (a new database gets _SCHEMA directly). Those up to
+# FIRST_POSTGRES_SCHEMA are SQLite's own; later ones run on both databases: write them in SQL both speak (`?`
+# placeholders and REAL are translated for PostgreSQL, see app/store_sql.py).
 _MIGRATIONS: dict[int, list[str]] = {
     2: ["ALTER TABLE checks ADD COLUMN tag TEXT"],
     3: ["ALTER TABLE audits ADD COLUMN target_key TEXT", "DROP INDEX IF EXISTS audits_target"],
@@ -314,14 +316,16 @@ def _found_version(c: Conn) -> int | None:
     return int(row["value"]) if row else None
 
 
-def _migrate(c: Conn, found: int | None, script: Callable[[str], object], schema: str) -> None:
-    """Bring a database of version `found` (None: a new one) to SCHEMA_VERSION, in the caller's transaction."""
+def _migrate(c: Conn, found: int | None, script: Callable[[str], object],
+             ddl: Callable[[str], str] = str) -> None:
+    """Bring a database of version `found` (None: a new one) to SCHEMA_VERSION, in the caller's transaction.
+    `ddl`: the database's own column types (postgres_schema on PostgreSQL), for the migrations and the schema."""
     if found is not None and found > SCHEMA_VERSION:
         raise RuntimeError(f"database schema {found} is newer than this code ({SCHEMA_VERSION})")
     for version in range(found or SCHEMA_VERSION, SCHEMA_VERSION):
         for statement in _MIGRATIONS[version + 1]:
-            c.execute(statement)
-    script(schema)
+            c.execute(ddl(statement))
+    script(ddl(_SCHEMA))
     c.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?)"
               " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(SCHEMA_VERSION),))
 
@@ -386,7 +390,7 @@ class Store:
             found = None
             if conn.execute("SELECT name FROM sqlite_master WHERE name='meta'").fetchone():
                 found = _found_version(conn)
-            _migrate(conn, found, conn.executescript, _SCHEMA)
+            _migrate(conn, found, conn.executescript)
         self._conn = conn
 
     def _open_postgres(self) -> None:
@@ -409,7 +413,7 @@ class Store:
                     found = _found_version(conn)
                 if found is not None and found < FIRST_POSTGRES_SCHEMA:
                     raise RuntimeError(f"database schema {found} predates PostgreSQL support")
-                _migrate(conn, found, raw.execute, postgres_schema(_SCHEMA))
+                _migrate(conn, found, raw.execute, postgres_schema)
                 raw.commit()
         except BaseException:
             pool.close()

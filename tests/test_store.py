@@ -375,3 +375,28 @@ async def test_a_lost_listen_connection_is_made_again_and_wakes_the_followers(po
     finally:
         await other.close()
         await store.close()
+
+
+@both_stores
+async def test_a_later_migration_runs_on_both_stores_with_their_own_types(store_location, monkeypatch):
+    """A migration after FIRST_POSTGRES_SCHEMA is written once, in `?` SQL: a REAL column it adds is 8 bytes on
+    PostgreSQL too (DOUBLE PRECISION), so a timestamp keeps its microseconds."""
+    from app import store as store_module
+
+    store = Store(store_location)
+    await store.open()
+    audit = make_audit()
+    await store.create_audit(audit)
+    await store.close()
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setitem(store_module._MIGRATIONS, SCHEMA_VERSION + 1, [
+        "ALTER TABLE audits ADD COLUMN reviewed_at REAL", "UPDATE audits SET reviewed_at=1796051411.7842212"])
+    newer = Store(store_location)
+    await newer.open()
+    try:
+        assert await newer.schema_version() == SCHEMA_VERSION + 1
+        value = await newer._run(lambda c: c.execute("SELECT reviewed_at FROM audits WHERE id=?",
+                                                     (audit.id,)).fetchone()[0])
+        assert value == 1796051411.7842212
+    finally:
+        await newer.close()
