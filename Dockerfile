@@ -1,4 +1,5 @@
-# Secure Your Server: one container running the site (uvicorn), its SQLite database under /app/var.
+# Secure Your Server: one container running the site (uvicorn), its SQLite database under /app/var; the same image
+# runs every part of the several-instance deployment in compose.yaml (serve, worker, listeners).
 #
 #   docker build -t secure-your-server .
 #   docker run -d --name sys -p 8000:8000 -v sys-data:/app/var --env-file secure.env secure-your-server
@@ -19,8 +20,11 @@ WORKDIR /app
 # 1. Dependencies first, in their own layer, so that a change to the code does not reinstall them.
 #    The list is read from pyproject.toml itself (tomllib is in the standard library), so it cannot drift.
 #    README.md comes along because pyproject.toml names it as the package's readme (setuptools needs it).
+#    EXTRAS names the optional extras installed beside them: PostgreSQL (the shared store and the job queue) and
+#    Redis (shared limits), for several instances (compose.yaml); `--build-arg EXTRAS=` leaves them out.
+ARG EXTRAS="postgres redis"
 COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
+RUN python -c "import os, tomllib; project = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = project['dependencies'] + [d for extra in os.environ['EXTRAS'].split() for d in project['optional-dependencies'][extra]]; open('/tmp/requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
  && pip install --no-cache-dir -r /tmp/requirements.txt \
  && rm -f /tmp/requirements.txt
 

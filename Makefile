@@ -20,7 +20,7 @@ LINT_STAMP  := $(VENV)/.installed-lint.stamp
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
 
-.PHONY: help run test lint bench bench-abuse bench-pages bench-retention mutation venv install install-test install-lint debian-packages clean distclean
+.PHONY: help run test lint bench bench-abuse bench-pages bench-retention bench-instances mutation venv install install-test install-lint debian-packages clean distclean
 
 help: ## List the targets
 	@echo "Usage: make TARGET [HOST=$(HOST)] [PORT=$(PORT)] [PYTEST_ARGS='...'] [PYTHON=$(PYTHON)]"
@@ -60,6 +60,9 @@ bench-pages: install-test ## Requests/s of an audit's JSON, its page, / and a gu
 
 bench-retention: install-test ## The retention purge on 10,000 and 100,000 expired audits, beside the old single statement
 	$(VENV_PYTHON) bench/retention.py
+
+bench-instances: install-test ## Pages/s and audits/min of one web process beside two (serve --workers; needs ab)
+	$(VENV_PYTHON) bench/instances.py
 
 mutation: install-test ## Mutation score of the trust-critical modules (mutmut; about 8 min on 2 cores)
 	$(PIP_INSTALL) -e '.[test,mutation]'

@@ -5,6 +5,7 @@ import pytest
 from support import running_app, wait_done
 
 TWO = {"checks": ["relay", "proxy"]}  # the probed services alone (the blocklist rows have their own tests)
+pytestmark = pytest.mark.both_stores  # the API on SQLite and on PostgreSQL (tests/conftest.py)
 
 
 async def test_self_audit_runs_end_to_end(client, refused_port, open_port):

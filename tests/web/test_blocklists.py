@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from fakes import proxy as proxy_fakes
 from fakes.dns import FakeDns
+import pytest
 from openapi_check import assert_fits, ref
 from support import free_port, running_app, wait_done
+
+pytestmark = pytest.mark.both_stores  # the rows and the cache on SQLite and on PostgreSQL
 
 ZEN = "1.0.0.127.zen.spamhaus.org"
 DRONEBL = "1.0.0.127.dnsbl.dronebl.org"
