@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import PROJECT_ROOT, __version__, logs
 from app.access.targets import Listener
-from app.audits import Auditor
+from app.audits import AuditJobs, Auditor
 from app.config import Settings, get_settings
 from app.fairness import AddressSlots, ConnectionSlots
 from app.guides import GuideLibrary
@@ -60,7 +60,7 @@ class SharedSlots:
             await self.client.aclose()
 
 
-async def _open_site(settings: Settings, listeners: Sequence[Listener],
+async def open_site(settings: Settings, listeners: Sequence[Listener],
                      shared: SharedSlots) -> tuple[AppState, Listeners]:
     """The guides and partners (read once), the store, the sink and canaries, and the auditor (which recovers what
     a crash left unfinished)."""
@@ -74,7 +74,7 @@ async def _open_site(settings: Settings, listeners: Sequence[Listener],
     else:
         own = await start_listeners(settings, secret, list(listeners))
     auditor = Auditor(settings, store, own.own, sink=own.arrivals, canary=own.targets, own_addresses=own.addresses,
-                      address_slots=shared.connections)
+                      address_slots=shared.connections, jobs=await _open_jobs(settings))
     if own.sink is not None:
         own.sink.on_delivery = auditor.delivered
     await auditor.recover()
@@ -82,12 +82,24 @@ async def _open_site(settings: Settings, listeners: Sequence[Listener],
                     canary=own.canary, shown=shown, partners=pages.load_partners(settings.partners_file)), own
 
 
+async def _open_jobs(settings: Settings) -> AuditJobs | None:
+    """With PostgreSQL as the store, the job queue that `worker` processes run audits from (app/jobs.py, which
+    imports procrastinate: only then)."""
+    from app.jobs import AuditQueue, uses_queue
+
+    if not uses_queue(settings):
+        return None
+    queue = AuditQueue(settings)
+    await queue.open()
+    return queue
+
+
 def _lifespan(settings: Settings, listeners: Sequence[Listener]) -> Lifespan:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         shared = SharedSlots(settings)
         app.state.event_streams = shared.streams
-        site, own = await _open_site(settings, listeners, shared)
+        site, own = await open_site(settings, listeners, shared)
         app.state.sys = site
         log.info("app.started", extra={"version": __version__, "database": settings.sqlite_path})
         # the purge runs beside the site, in short batches: never before or instead of serving (app/retention.py)
@@ -101,6 +113,8 @@ def _lifespan(settings: Settings, listeners: Sequence[Listener]) -> Lifespan:
                 task.cancel()
             await asyncio.gather(retention, heartbeat, return_exceptions=True)
             await site.auditor.shutdown()
+            if site.auditor.jobs is not None:
+                await site.auditor.jobs.close()
             await own.stop()
             await site.store.close()
             await shared.close()
