@@ -32,11 +32,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import procrastinate
-import psycopg
-from procrastinate import JobContext, RetryDecision, exceptions, jobs
-from procrastinate.schema import SchemaManager
-
 from app.audits import AuditRequest
 from app.config import Settings
 from app.logs import get_logger
@@ -90,26 +85,34 @@ def uses_queue(settings: Settings) -> bool:
     return settings.database_url.startswith(("postgresql://", "postgres://"))
 
 
-class HandBack(procrastinate.BaseRetryStrategy):
+def hand_back() -> Any:
     """procrastinate's retry strategy for our jobs: a run cut by its worker's stop (cancelled) goes back to the
-    queue at once, up to MAX_RUNS runs; anything else is not retried (Auditor.run_job catches its own errors)."""
+    queue at once, up to MAX_RUNS runs; anything else is not retried (Auditor.run_job catches its own errors).
+    (procrastinate, the `postgres` extra, is imported only here and below: where the queue is used.)"""
+    from procrastinate import BaseRetryStrategy, RetryDecision, exceptions, jobs
 
-    def get_retry_decision(self, *, exception: BaseException, job: jobs.Job) -> RetryDecision | None:
-        if not isinstance(exception, asyncio.CancelledError | exceptions.JobAborted) or job.attempts + 1 >= MAX_RUNS:
-            return None
-        return RetryDecision(retry_in={"seconds": 0})
+    class HandBack(BaseRetryStrategy):
+        def get_retry_decision(self, *, exception: BaseException, job: jobs.Job) -> RetryDecision | None:
+            if not isinstance(exception, asyncio.CancelledError | exceptions.JobAborted) \
+                    or job.attempts + 1 >= MAX_RUNS:
+                return None
+            return RetryDecision(retry_in={"seconds": 0})
+
+    return HandBack()
 
 
 class AuditQueue:
     """The job queue of the audits (see the module's doc). open() before use, close() after."""
 
     def __init__(self, settings: Settings) -> None:
+        import procrastinate
+
         self.settings = settings
         self.conninfo = settings.database_url
         self.capacity = settings.max_running_audits
-        self.app: procrastinate.App = procrastinate.App(connector=procrastinate.PsycopgConnector(
+        self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(
             conninfo=self.conninfo, min_size=1, max_size=4))
-        self._locks: psycopg.AsyncConnection[Any] | None = None  # holds our advisory locks (slots, retry)
+        self._locks: Any = None  # a psycopg.AsyncConnection: holds our advisory locks (running slots, retry)
         self._locks_lock = asyncio.Lock()
         self._held: set[int] = set()  # the running slots this worker holds
 
@@ -156,6 +159,7 @@ class AuditQueue:
     # --- workers ----------------------------------------------------------------------------------------------
     def register(self, run: RunAudit) -> None:
         """The task a worker runs: each job, under a site-wide slot, through `run` (Auditor.run_job)."""
+        from procrastinate import JobContext
 
         async def run_audit(context: JobContext, audit_id: str, requester_key: str,
                             request: dict[str, Any]) -> str:
@@ -166,14 +170,16 @@ class AuditQueue:
             async with self.slot():
                 return await run(parsed)
 
-        self.app.task(name=TASK, queue=QUEUE, pass_context=True, retry=HandBack())(run_audit)
+        self.app.task(name=TASK, queue=QUEUE, pass_context=True, retry=hand_back())(run_audit)
 
     async def fail(self, audit_id: str, why: str) -> None:
         log.error("audit.gave_up", extra={"audit": audit_id, "why": why})
         await self.app.connector.execute_query_async(_FAIL, now=time.time(), audit_id=audit_id,
                                                      error=f"interrupted: {why}")
 
-    async def _lock_connection(self) -> psycopg.AsyncConnection[Any]:
+    async def _lock_connection(self) -> Any:
+        import psycopg
+
         if self._locks is None or self._locks.closed:
             self._locks = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
         return self._locks
@@ -239,6 +245,9 @@ class AuditQueue:
 
 async def ensure_schema(conninfo: str) -> bool:
     """procrastinate's schema, applied if missing, under an advisory lock; True when this call applied it."""
+    import psycopg
+    from procrastinate.schema import SchemaManager
+
     async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as connection:
         await connection.execute("SELECT pg_advisory_lock(%s, %s)", (LOCKS, SCHEMA_LOCK))
         try:
