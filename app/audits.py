@@ -171,7 +171,7 @@ def _forbidden_row(item: Forbidden) -> PlannedCheck:
 
 @dataclass
 class Event:
-    kind: str  # "check" or "done"
+    kind: str  # "check", "done", or "stored": another process changed the audit in the store (read it again)
     seq: int
     data: Any
     derived: Derived | None = None  # a check's: what the site shows of it, made when it was stored
@@ -340,6 +340,8 @@ class Auditor:
         # this process among the site's instances: every audit it creates is its own (Audit.owner), and its
         # heartbeat (keep_alive) tells the other instances it still runs them
         self.instance_id = new_id()
+        # what other processes store of an audit this one follows but does not run: its followers read it again
+        store.on_change = self._stored_elsewhere
 
     async def recover(self, event: str = "audits.interrupted_at_start") -> int:
         """Beat once, then interrupt the audits whose instance is gone (no heartbeat for
@@ -565,14 +567,20 @@ class Auditor:
         await self.store.set_summary(audit_id, summary)
         log.info("audit.resummarized", extra={"audit": audit_id, "summary": summary})
 
+    def _stored_elsewhere(self, audit_id: str) -> None:
+        self.events.publish(audit_id, Event("stored", -1, None))
+
     async def follow(self, audit_id: str, keepalive: float = 15.0) -> AsyncIterator[Event | None]:
         """Every event of an audit: the stored checks first, then the live ones, then `done`.
 
         A row that changes after it was sent (our sink received its message: `confirmed`) is sent again with its
         final state, always before `done`. Yields None as a keep-alive when nothing happened for `keepalive` s.
+        An audit another process runs is watched in the store (Store.watch): each change it stores there wakes
+        the follower, who reads the audit again.
         """
         queue = self.events.subscribe(audit_id)  # before reading the store, so nothing falls in between
         sent = _SentStates()
+        watched = False
         try:
             while True:
                 audit = await self.store.get_audit(audit_id)
@@ -585,11 +593,17 @@ class Auditor:
                 if audit.finished:
                     yield Event("done", -1, {"status": audit.status, "summary": audit.summary})
                     return
+                if not watched and audit.owner != self.instance_id:
+                    await self.store.watch(audit_id)
+                    watched = True
+                    continue  # read it again: what was stored before the watch began
                 async with contextlib.aclosing(_live_events(queue, keepalive, sent)) as live:
                     async for live_event in live:
                         yield live_event
         finally:
             self.events.unsubscribe(audit_id, queue)
+            if watched:
+                self.store.unwatch(audit_id)
 
     async def shutdown(self) -> None:
         for job in self.queue.drain():  # never started: they can never finish now
@@ -624,10 +638,16 @@ class _SentStates:
 async def _live_events(queue: asyncio.Queue[Event], keepalive: float,
                        sent: _SentStates) -> AsyncGenerator[Event | None, None]:
     """The live check events that are news to the follower, until `done`; or one None when nothing happened for
-    `keepalive` s. Either way the follower then reads the store again."""
+    `keepalive` s. Either way the follower then reads the store again. Another process's change ("stored")
+    also sends it to the store, once for everything queued so far: each queued event was published after its row
+    was committed, so the store holds it."""
     try:
         while True:
             event = await asyncio.wait_for(queue.get(), keepalive)
+            if event.kind == "stored":
+                while not queue.empty():
+                    queue.get_nowait()
+                return
             if event.kind == "done":
                 return  # re-read the store: it holds every check in its final state, and the status
             if sent.news(event):

@@ -51,7 +51,8 @@ StrList = Annotated[list[str], NoDecode]
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SECURE_", extra="ignore")
 
-    database_url: str = "sqlite:///./var/secure-your-server.db"
+    database_url: str = "sqlite:///./var/secure-your-server.db"  # or postgresql://USER:PASSWORD@HOST:PORT/DATABASE
+    database_pool_size: int = Field(default=5, ge=1, le=100)  # PostgreSQL: connections (and threads) per process
     public_url: str = ""  # empty: http://HOST:PORT of `serve`
 
     secret_key: str = ""  # empty: generated once and kept in the database
@@ -165,6 +166,15 @@ class Settings(BaseSettings):
             raise ValueError("must be a fully qualified host name such as probe.example.org")
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        """sqlite:///PATH (one machine), or PostgreSQL, shared by every process of the site."""
+        value = value.strip()
+        if not re.match(r"^(sqlite:///.+|postgres(ql)?://\S+)$", value):
+            raise ValueError("must be sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
+        return value
+
     @field_validator("limits_storage")
     @classmethod
     def _limits_storage(cls, value: str) -> str:
@@ -217,6 +227,11 @@ class Settings(BaseSettings):
     @property
     def trusted_proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(n) for n in self.trusted_proxies]
+
+    @property
+    def database_location(self) -> str:
+        """What app.store.Store opens: the SQLite file's path, or the PostgreSQL URL as given."""
+        return self.database_url if self.database_url.startswith(("postgresql://", "postgres://")) else self.sqlite_path
 
     @property
     def sqlite_path(self) -> str:

@@ -28,7 +28,7 @@ async def run_listeners(settings: Settings, stop: asyncio.Event | None = None) -
     """Bind the configured sink and canaries and serve them until `stop` is set (by default: SIGTERM or SIGINT)."""
     stop = stop or _stop_on_signals()
     shown = Shown(GuideLibrary(PROJECT_ROOT / "guides"), settings)
-    store = Store(settings.sqlite_path, derive=shown.derive)
+    store = Store(settings.database_location, derive=shown.derive, pool_size=settings.database_pool_size)
     await store.open()
     try:
         secret = settings.secret_key or await store.secret()

@@ -24,6 +24,7 @@ from app.listeners import Listeners, external_listeners, start_listeners
 from app.retention import keep_purging
 from app.shared_slots import REDIS_TIMEOUT, MemorySlots, RedisSlots, Slots, is_redis, redis_client
 from app.store import Store
+from app.store_sql import redacted
 from app.web import api, pages
 from app.web.deps import AppState, AuditorDep, StoreDep
 from app.web.docs import install_docs
@@ -66,7 +67,8 @@ async def open_site(settings: Settings, listeners: Sequence[Listener],
     a crash left unfinished)."""
     guides = GuideLibrary(ROOT / "guides")
     shown = Shown(guides, settings)
-    store = Store(settings.sqlite_path, derive=shown.derive)  # each check's public JSON and guides, made once
+    # each check's public JSON and guides, made once
+    store = Store(settings.database_location, derive=shown.derive, pool_size=settings.database_pool_size)
     await store.open()
     secret = settings.secret_key or await store.secret()
     if settings.listeners == "external":  # another process binds them (secure-your-server listeners)
@@ -101,7 +103,7 @@ def _lifespan(settings: Settings, listeners: Sequence[Listener]) -> Lifespan:
         app.state.event_streams = shared.streams
         site, own = await open_site(settings, listeners, shared)
         app.state.sys = site
-        log.info("app.started", extra={"version": __version__, "database": settings.sqlite_path})
+        log.info("app.started", extra={"version": __version__, "database": redacted(settings.database_location)})
         # the purge runs beside the site, in short batches: never before or instead of serving (app/retention.py)
         retention = asyncio.create_task(keep_purging(site.store, settings.retention_days), name="retention")
         # this instance's heartbeat, and the sweep that interrupts the audits of instances that are gone

@@ -1,8 +1,11 @@
-"""Persistence: audits, checks and verifications in SQLite (WAL, schema version).
+"""Persistence: audits, checks and verifications in SQLite (WAL) or PostgreSQL, one schema version for both.
 
-All database work runs on one dedicated thread, so async code never blocks the event loop on disk I/O and the
-single connection is never shared between threads. Every write commits at once: a process killed at any moment
-loses nothing it has stored (WAL survives a process crash; only power loss may drop the last transaction).
+SQLite (the default, one machine): all database work runs on one dedicated thread, so async code never blocks the
+event loop on disk I/O and the single connection is never shared between threads. PostgreSQL (several processes or
+machines sharing the site, SECURE_DATABASE_URL=postgresql://...): the same queries run on a small pool of threads,
+each with a connection of its own (app/store_sql.py holds what differs). Every write commits at once: a process
+killed at any moment loses nothing it has stored (WAL survives a process crash; only power loss may drop the last
+transaction).
 """
 
 from __future__ import annotations
@@ -12,16 +15,31 @@ import json
 import secrets
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from app.admission import Decision, Facts
+from app.store_sql import (
+    DEFAULT_POOL_SIZE,
+    MIGRATION_LOCK,
+    POSTGRES,
+    SQLITE,
+    Conn,
+    DataVersionPoll,
+    PgConn,
+    PostgresListen,
+    is_postgres,
+    postgres_schema,
+    row_factory,
+)
 from app.verdicts import CheckResult, Opening, TranscriptLine
 
 SCHEMA_VERSION = 9
+FIRST_POSTGRES_SCHEMA = 9  # PostgreSQL came with schema 9: the migrations before it are SQLite's own (json_each)
 UNFINISHED = ("queued", "running")
 T = TypeVar("T")
 
@@ -158,6 +176,7 @@ _MIGRATIONS: dict[int, list[str]] = {
 OBSERVATION_SECONDS = 3600.0
 MAX_OBSERVATIONS = 20000
 MAX_SOURCES = 20  # per canary check id, as the in-memory record keeps
+ALL_ROWS = 2**62  # a LIMIT that bounds nothing (SQLite's LIMIT -1, PostgreSQL's LIMIT ALL)
 TRIM_EVERY = 100  # the count bound is enforced every TRIM_EVERY records of a process (a cheap write otherwise)
 
 
@@ -216,7 +235,7 @@ class Audit:
         return self.status not in UNFINISHED
 
 
-def _audit_from_row(row: sqlite3.Row) -> Audit:
+def _audit_from_row(row: Any) -> Audit:
     return Audit(
         id=row["id"], created_at=row["created_at"], status=row["status"], target=row["target"],
         requester=row["requester"], hosts=json.loads(row["hosts"]), services=json.loads(row["services"]),
@@ -227,12 +246,12 @@ def _audit_from_row(row: sqlite3.Row) -> Audit:
     )
 
 
-def _addresses_of(c: sqlite3.Connection, audit_id: str) -> list[str]:
+def _addresses_of(c: Conn, audit_id: str) -> list[str]:
     return [r[0] for r in c.execute("SELECT address FROM audit_addresses WHERE audit_id=? ORDER BY rowid",
                                     (audit_id,))]
 
 
-def _latest_covering(c: sqlite3.Connection, addresses: Sequence[str], since: float) -> Audit | None:
+def _latest_covering(c: Conn, addresses: Sequence[str], since: float) -> Audit | None:
     """The newest audit of any of the addresses since `since` that may be served again: never a failed or
     interrupted one (an error is not a result)."""
     if not addresses:
@@ -253,7 +272,7 @@ def _lines(text: str) -> list[TranscriptLine]:
     return [TranscriptLine(**line) for line in json.loads(text)]
 
 
-def _check_from_row(row: sqlite3.Row, openings: dict[str, Opening]) -> StoredCheck:
+def _check_from_row(row: Any, openings: dict[str, Opening]) -> StoredCheck:
     """A row's transcript is its shared opening (one object per audit, see _openings) followed by its own lines;
     rows stored before version 5, and rows without an opening, hold every line themselves."""
     own = _lines(row["transcript"])
@@ -268,7 +287,7 @@ def _check_from_row(row: sqlite3.Row, openings: dict[str, Opening]) -> StoredChe
     return StoredCheck(seq=row["seq"], finished_at=row["finished_at"], result=result, derived=_derived(row))
 
 
-def _derived(row: sqlite3.Row) -> Derived | None:
+def _derived(row: Any) -> Derived | None:
     if row["public_key"] is None:
         return None
     return Derived(public=row["public"], public_key=row["public_key"], guides=tuple(json.loads(row["guides"])),
@@ -281,7 +300,7 @@ def _derived_values(derived: Derived | None) -> tuple[str | None, str | None, st
     return derived.public, derived.public_key, json.dumps(list(derived.guides)), derived.guides_key
 
 
-def _openings(c: sqlite3.Connection, audit_id: str, key: str | None = None) -> dict[str, Opening]:
+def _openings(c: Conn, audit_id: str, key: str | None = None) -> dict[str, Opening]:
     """The shared openings of an audit (or the one with `key`), each read once."""
     if key is None:
         rows = c.execute("SELECT key, lines FROM openings WHERE audit_id=?", (audit_id,))
@@ -290,28 +309,72 @@ def _openings(c: sqlite3.Connection, audit_id: str, key: str | None = None) -> d
     return {row["key"]: Opening(row["key"], _lines(row["lines"])) for row in rows}
 
 
+def _found_version(c: Conn) -> int | None:
+    row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    return int(row["value"]) if row else None
+
+
+def _migrate(c: Conn, found: int | None, script: Callable[[str], object], schema: str) -> None:
+    """Bring a database of version `found` (None: a new one) to SCHEMA_VERSION, in the caller's transaction."""
+    if found is not None and found > SCHEMA_VERSION:
+        raise RuntimeError(f"database schema {found} is newer than this code ({SCHEMA_VERSION})")
+    for version in range(found or SCHEMA_VERSION, SCHEMA_VERSION):
+        for statement in _MIGRATIONS[version + 1]:
+            c.execute(statement)
+    script(schema)
+    c.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?)"
+              " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(SCHEMA_VERSION),))
+
+
 class Store:
-    def __init__(self, path: str, derive: Deriver | None = None) -> None:
-        """`derive`: what the site shows of a check (Derived), made by add_check and update_check as they store it."""
-        self.path = path
+    def __init__(self, location: str, derive: Deriver | None = None, pool_size: int = DEFAULT_POOL_SIZE) -> None:
+        """`location`: a SQLite file's path (or ":memory:"), or a PostgreSQL URL (postgresql://USER:PASSWORD@HOST:
+        PORT/DATABASE, also postgres://): then a pool of `pool_size` connections, each on its own thread.
+        `derive`: what the site shows of a check (Derived), made by add_check and update_check as they store it."""
+        self.path = location
         self.derive = derive
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self.dialect = POSTGRES if is_postgres(location) else SQLITE
+        workers = max(1, pool_size) if self.dialect is POSTGRES else 1
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
         self._conn: sqlite3.Connection | None = None
+        self._pool: Any = None  # PostgreSQL: psycopg_pool.ConnectionPool
+        self._pool_size = workers
         self._checkpointer: _Checkpointer | None = None  # the retention purge's, made on first use
         self._observations = 0  # recorded by this Store: every TRIM_EVERY-th trims the table to MAX_OBSERVATIONS
+        # live progress across processes (watch): what this process's followers wait for, and who tells them
+        self.origin = new_id()
+        self.on_change: Callable[[str], None] | None = None
+        self._watched: Counter[str] = Counter()
+        self._feed: DataVersionPoll | PostgresListen | None = None
+
+    @property
+    def postgres(self) -> bool:
+        return self.dialect is POSTGRES
 
     # --- plumbing -------------------------------------------------------------------------------------------
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, fn: Callable[[Conn], T]) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._call, fn)
 
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _call(self, fn: Callable[[Conn], T]) -> T:
+        if self._pool is not None:
+            with self._pool.connection() as raw:  # one transaction per call, committed before we return
+                try:
+                    result = fn(PgConn(raw))
+                    raw.commit()
+                except BaseException:
+                    raw.rollback()
+                    raise
+                return result
         if self._conn is None:
             raise RuntimeError("store is not open")
         with self._conn:  # one transaction per call, committed before we return
             return fn(self._conn)
 
     def _open(self) -> None:
+        if self.postgres:
+            self._open_postgres()
+            return
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=30)
@@ -322,30 +385,85 @@ class Store:
         with conn:
             found = None
             if conn.execute("SELECT name FROM sqlite_master WHERE name='meta'").fetchone():
-                row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-                found = int(row["value"]) if row else None
-            if found is not None and found > SCHEMA_VERSION:
-                raise RuntimeError(f"database schema {found} is newer than this code ({SCHEMA_VERSION})")
-            for version in range(found or SCHEMA_VERSION, SCHEMA_VERSION):
-                for statement in _MIGRATIONS[version + 1]:
-                    conn.execute(statement)
-            conn.executescript(_SCHEMA)
-            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
-                         (str(SCHEMA_VERSION),))
+                found = _found_version(conn)
+            _migrate(conn, found, conn.executescript, _SCHEMA)
         self._conn = conn
+
+    def _open_postgres(self) -> None:
+        """The pool, and the schema: made or migrated by one process at a time (an advisory lock held until the
+        migration commits), so that processes starting together never race to create the same table."""
+        from psycopg_pool import ConnectionPool
+
+        def configure(raw: Any) -> None:
+            raw.row_factory = row_factory
+
+        pool = ConnectionPool(self.path, min_size=self._pool_size, max_size=self._pool_size, open=False,
+                              configure=configure, timeout=30, name="store")
+        pool.open(wait=True, timeout=30)
+        try:
+            with pool.connection() as raw:
+                conn = PgConn(raw)
+                conn.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+                found = None
+                if conn.execute("SELECT to_regclass('meta')").fetchone()[0] is not None:
+                    found = _found_version(conn)
+                if found is not None and found < FIRST_POSTGRES_SCHEMA:
+                    raise RuntimeError(f"database schema {found} predates PostgreSQL support")
+                _migrate(conn, found, raw.execute, postgres_schema(_SCHEMA))
+                raw.commit()
+        except BaseException:
+            pool.close()
+            raise
+        self._pool = pool
 
     async def open(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
 
     async def close(self) -> None:
+        if self._feed is not None:
+            await self._feed.close()
+
         def _close() -> None:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
         await asyncio.get_running_loop().run_in_executor(self._executor, _close)
         self._executor.shutdown(wait=True)
         if self._checkpointer is not None:
             await self._checkpointer.close()
+
+    def _notify(self, c: Conn, audit_id: str) -> None:
+        """Tell the other processes (on commit) that the audit changed: PostgreSQL's NOTIFY; SQLite needs nothing
+        (they poll its data_version)."""
+        if self.dialect.notify is not None:
+            c.execute(self.dialect.notify, (f"{audit_id} {self.origin}",))
+
+    # --- live progress across processes ---------------------------------------------------------------------
+    async def watch(self, audit_id: str) -> None:
+        """From now on, a change another process makes to the audit calls on_change(audit_id) (PostgreSQL: within
+        milliseconds of its commit; SQLite: within POLL_EVERY s). Pair each watch with an unwatch."""
+        self._watched[audit_id] += 1
+        if self._feed is None:
+            if self.postgres:
+                self._feed = PostgresListen(self.path, self.origin, self._watched.keys, self._changed)
+            else:
+                self._feed = DataVersionPoll(self._data_version, self._watched.keys, self._changed)
+        await self._feed.start()
+
+    def unwatch(self, audit_id: str) -> None:
+        self._watched[audit_id] -= 1
+        if self._watched[audit_id] <= 0:
+            del self._watched[audit_id]
+
+    def _changed(self, audit_id: str) -> None:
+        if audit_id in self._watched and self.on_change is not None:
+            self.on_change(audit_id)
+
+    async def _data_version(self) -> int:
+        return await self._run(lambda c: int(c.execute("PRAGMA data_version").fetchone()[0]))
 
     # --- meta -----------------------------------------------------------------------------------------------
     async def schema_version(self) -> int:
@@ -354,7 +472,7 @@ class Store:
 
     async def secret(self) -> str:
         """The server secret, made once and kept, for HMACs (CSRF tokens, canary tokens)."""
-        def _secret(c: sqlite3.Connection) -> str:
+        def _secret(c: Conn) -> str:
             row = c.execute("SELECT value FROM meta WHERE key='secret'").fetchone()
             if row:
                 return str(row["value"])
@@ -369,7 +487,7 @@ class Store:
         await self._run(lambda c: self._insert_audit(c, audit, addresses))
 
     @staticmethod
-    def _insert_audit(c: sqlite3.Connection, audit: Audit, addresses: Sequence[str]) -> None:
+    def _insert_audit(c: Conn, audit: Audit, addresses: Sequence[str]) -> None:
         c.execute(
             "INSERT INTO audits(id, created_at, status, target, requester, verification_id, hosts, services,"
             " planned, previous_id, engine_version, target_key, requester_key, owner)"
@@ -377,18 +495,20 @@ class Store:
             (audit.id, audit.created_at, audit.status, audit.target, audit.requester, audit.verification_id,
              json.dumps(audit.hosts), json.dumps(audit.services), audit.planned, audit.previous_id,
              audit.engine_version, audit.target_key, audit.requester_key or audit.requester, audit.owner))
-        c.executemany("INSERT OR IGNORE INTO audit_addresses(audit_id, address, created_at) VALUES (?,?,?)",
+        c.executemany("INSERT INTO audit_addresses(audit_id, address, created_at) VALUES (?,?,?)"
+                      " ON CONFLICT DO NOTHING",
                       [(audit.id, address, audit.created_at) for address in addresses])
 
     async def admit(self, audit: Audit, addresses: Sequence[str], cooldown: float,
                     decide: Callable[[Facts], Decision]) -> Decision:
-        """Read every fact a limit needs and create the audit if `decide` allows it, in one write transaction
-        (BEGIN IMMEDIATE: also across processes sharing the database), so concurrent requests are counted
-        one after the other. `addresses` are the audit's budget keys."""
+        """Read every fact a limit needs and create the audit if `decide` allows it, in one write transaction that
+        no other admission overlaps, also across processes sharing the database (SQLite: BEGIN IMMEDIATE;
+        PostgreSQL: a site-wide advisory lock held until commit, see store_sql.POSTGRES), so concurrent requests
+        are counted one after the other. `addresses` are the audit's budget keys."""
         key = audit.requester_key or audit.requester
 
-        def _admit(c: sqlite3.Connection) -> Decision:
-            c.execute("BEGIN IMMEDIATE")
+        def _admit(c: Conn) -> Decision:
+            c.execute(self.dialect.admission_lock)
             now = time.time()
             marks = ",".join("?" * len(addresses))
             latest = _latest_covering(c, addresses, now - cooldown) if cooldown > 0 else None
@@ -412,27 +532,34 @@ class Store:
     async def latest_covering(self, audit_id: str, since: float) -> Audit | None:
         """The newest servable audit since `since` of any address that audit `audit_id` tested (the cooldown's
         subject): the audit itself, or a later one."""
-        def _latest(c: sqlite3.Connection) -> Audit | None:
+        def _latest(c: Conn) -> Audit | None:
             return _latest_covering(c, _addresses_of(c, audit_id), since)
         return await self._run(_latest)
 
     async def addresses_of(self, audit_id: str) -> list[str]:
         return await self._run(lambda c: _addresses_of(c, audit_id))
 
+    async def _write(self, audit_id: str, sql: str, parameters: Sequence[Any]) -> None:
+        """One statement changing an audit, and the other processes told of it (_notify), in one transaction."""
+        def _execute(c: Conn) -> None:
+            c.execute(sql, parameters)
+            self._notify(c, audit_id)
+        await self._run(_execute)
+
     async def mark_running(self, audit_id: str) -> None:
-        await self._run(lambda c: c.execute(
-            "UPDATE audits SET status='running', started_at=? WHERE id=? AND status='queued'", (time.time(), audit_id)))
+        await self._write(audit_id, "UPDATE audits SET status='running', started_at=? WHERE id=? AND status='queued'",
+                          (time.time(), audit_id))
 
     async def finish_audit(self, audit_id: str, status: str, summary: dict[str, str | None] | None,
                            error: str | None = None) -> None:
-        await self._run(lambda c: c.execute(
-            "UPDATE audits SET status=?, summary=?, error=?, finished_at=? WHERE id=?",
-            (status, json.dumps(summary) if summary is not None else None, error, time.time(), audit_id)))
+        await self._write(audit_id, "UPDATE audits SET status=?, summary=?, error=?, finished_at=? WHERE id=?",
+                          (status, json.dumps(summary) if summary is not None else None, error, time.time(),
+                           audit_id))
 
     async def set_summary(self, audit_id: str, summary: dict[str, str | None]) -> None:
         """A finished audit's summary after a later finding changed one of its checks (a late delivery)."""
-        await self._run(lambda c: c.execute("UPDATE audits SET summary=? WHERE id=? AND status='done'",
-                                            (json.dumps(summary), audit_id)))
+        await self._write(audit_id, "UPDATE audits SET summary=? WHERE id=? AND status='done'",
+                          (json.dumps(summary), audit_id))
 
     def derived(self, result: CheckResult) -> Derived | None:
         """What the site shows of `result` (None without a deriver): made once, stored with the row."""
@@ -447,7 +574,7 @@ class Store:
         opening = result.opening
         shown = _derived_values(derived or self.derived(result))
 
-        def _insert(c: sqlite3.Connection) -> None:
+        def _insert(c: Conn) -> None:
             if opening is not None and not c.execute("SELECT 1 FROM openings WHERE audit_id=? AND key=?",
                                                      (audit_id, opening.key)).fetchone():
                 c.execute("INSERT INTO openings(audit_id, key, lines) VALUES (?,?,?)",
@@ -459,6 +586,7 @@ class Store:
                 (audit_id, seq, finished_at, result.service, result.host, result.port, result.name,
                  result.verdict.value, result.reason, int(result.confirmed), fingerprint, own, result.detail,
                  result.tag, opening.key if opening is not None else None, *shown))
+            self._notify(c, audit_id)
         await self._run(_insert)
         return finished_at
 
@@ -467,21 +595,22 @@ class Store:
         What the site shows of it is made again (`derived`, or here), or cleared when there is no deriver."""
         own = _lines_json(result.own_lines)
         shown = _derived_values(derived or self.derived(result))
-        await self._run(lambda c: c.execute(
-            "UPDATE checks SET verdict=?, reason=?, confirmed=?, transcript=?, detail=?, public=?, public_key=?,"
-            " guides=?, guides_key=? WHERE audit_id=? AND seq=?",
-            (result.verdict.value, result.reason, int(result.confirmed), own, result.detail, *shown, audit_id, seq)))
+        await self._write(audit_id,
+                          "UPDATE checks SET verdict=?, reason=?, confirmed=?, transcript=?, detail=?, public=?,"
+                          " public_key=?, guides=?, guides_key=? WHERE audit_id=? AND seq=?",
+                          (result.verdict.value, result.reason, int(result.confirmed), own, result.detail, *shown,
+                           audit_id, seq))
 
     async def set_derived(self, audit_id: str, rows: Sequence[tuple[int, Derived]]) -> None:
         """What the site shows of rows that were read without it, or stale: made again by a reader. A row that
         meanwhile got it with the same keys (update_check) keeps its own, which is newer."""
         await self._run(lambda c: c.executemany(
             "UPDATE checks SET public=?, public_key=?, guides=?, guides_key=? WHERE audit_id=? AND seq=?"
-            " AND (public_key IS NOT ? OR guides_key IS NOT ?)",
+            " AND (public_key IS DISTINCT FROM ? OR guides_key IS DISTINCT FROM ?)",
             [(*_derived_values(d), audit_id, seq, d.public_key, d.guides_key) for seq, d in rows]))
 
     async def find_check_by_tag(self, tag: str) -> tuple[str, StoredCheck] | None:
-        def _find(c: sqlite3.Connection) -> tuple[str, StoredCheck] | None:
+        def _find(c: Conn) -> tuple[str, StoredCheck] | None:
             row = c.execute("SELECT * FROM checks WHERE tag=?", (tag,)).fetchone()
             if row is None:
                 return None
@@ -493,7 +622,7 @@ class Store:
         """The audit; with its checks unless `with_checks` is false, and their transcripts unless `transcripts` is
         false (comparing verdicts with a previous audit needs no evidence). An opening shared by several rows is
         read once and its lines are the same objects in each of them."""
-        def _get(c: sqlite3.Connection) -> Audit | None:
+        def _get(c: Conn) -> Audit | None:
             row = c.execute("SELECT * FROM audits WHERE id=?", (audit_id,)).fetchone()
             if row is None:
                 return None
@@ -516,16 +645,17 @@ class Store:
         """The audit with its checks as the API shows them: a row whose public JSON was made with `public_key`
         comes with it and without its transcript (the JSON holds it); any other row comes whole, so that the
         reader can make it again (and store it: set_derived)."""
-        def _get(c: sqlite3.Connection) -> Audit | None:
+        def _get(c: Conn) -> Audit | None:
             row = c.execute("SELECT * FROM audits WHERE id=?", (audit_id,)).fetchone()
             if row is None:
                 return None
             audit = _audit_from_row(row)
             rows = c.execute(
                 "SELECT seq, finished_at, service, host, port, name, verdict, reason, confirmed, fingerprint,"
-                " CASE WHEN public_key IS ?1 THEN '[]' ELSE transcript END AS transcript, detail, tag,"
-                " CASE WHEN public_key IS ?1 THEN NULL ELSE opening END AS opening, public, public_key, guides,"
-                " guides_key FROM checks WHERE audit_id=?2 ORDER BY seq", (public_key, audit_id)).fetchall()
+                " CASE WHEN public_key IS NOT DISTINCT FROM ? THEN '[]' ELSE transcript END AS transcript, detail, tag,"
+                " CASE WHEN public_key IS NOT DISTINCT FROM ? THEN NULL ELSE opening END AS opening, public,"
+                " public_key, guides, guides_key FROM checks WHERE audit_id=? ORDER BY seq",
+                (public_key, public_key, audit_id)).fetchall()
             openings = _openings(c, audit_id) if any(r["opening"] for r in rows) else {}
             audit.checks = [_check_from_row(r, openings) for r in rows]
             return audit
@@ -556,25 +686,30 @@ class Store:
         """Audits whose process is gone can never finish now: the unfinished audits whose owner has not beaten for
         `stale` seconds (or has no row, or which have no owner: made before schema 8) become `interrupted`, and the
         rows of those gone instances are removed. An audit of a live instance is never touched."""
-        def _interrupt(c: sqlite3.Connection) -> int:
+        def _interrupt(c: Conn) -> int:
             now = time.time()
-            cur = c.execute(
+            ids = c.execute(
                 "UPDATE audits SET status='interrupted', finished_at=?, error='the site restarted during this audit'"
                 " WHERE status IN ('queued', 'running') AND (owner IS NULL OR owner NOT IN"
-                " (SELECT id FROM instances WHERE last_seen >= ?))", (now, now - stale))
+                " (SELECT id FROM instances WHERE last_seen >= ?)) RETURNING id", (now, now - stale)).fetchall()
             c.execute("DELETE FROM instances WHERE last_seen < ?", (now - stale,))
-            return cur.rowcount
+            for row in ids:
+                self._notify(c, row[0])
+            return len(ids)
         return await self._run(_interrupt)
 
     async def leave(self, instance_id: str) -> int:
         """A clean stop: the instance's own unfinished audits become `interrupted` (no one else's), and its row
         goes."""
-        def _leave(c: sqlite3.Connection) -> int:
-            cur = c.execute(
+        def _leave(c: Conn) -> int:
+            ids = c.execute(
                 "UPDATE audits SET status='interrupted', finished_at=?, error='the site shut down'"
-                " WHERE status IN ('queued', 'running') AND owner=?", (time.time(), instance_id))
+                " WHERE status IN ('queued', 'running') AND owner=? RETURNING id",
+                (time.time(), instance_id)).fetchall()
             c.execute("DELETE FROM instances WHERE id=?", (instance_id,))
-            return cur.rowcount
+            for row in ids:
+                self._notify(c, row[0])
+            return len(ids)
         return await self._run(_leave)
 
     # --- observations: what the listeners saw, for every process ------------------------------------------------
@@ -584,23 +719,24 @@ class Store:
         self._observations += 1
         trim = self._observations % TRIM_EVERY == 1 % TRIM_EVERY
 
-        def _record(c: sqlite3.Connection) -> None:
+        def _record(c: Conn) -> None:
             now = time.time()
             count = c.execute("SELECT COUNT(*) FROM observations WHERE kind=? AND key=?", (kind, key)).fetchone()[0]
             if count < MAX_SOURCES:
-                c.execute("INSERT OR IGNORE INTO observations(kind, key, source, via, at) VALUES (?,?,?,?,?)",
+                c.execute("INSERT INTO observations(kind, key, source, via, at) VALUES (?,?,?,?,?)"
+                          " ON CONFLICT DO NOTHING",
                           (kind, key, source, via, now))
             c.execute("DELETE FROM observations WHERE at < ?", (now - OBSERVATION_SECONDS,))
             if trim:
                 c.execute("DELETE FROM observations WHERE rowid IN (SELECT rowid FROM observations"
-                          " ORDER BY at DESC, rowid DESC LIMIT -1 OFFSET ?)", (MAX_OBSERVATIONS,))
+                          " ORDER BY at DESC, rowid DESC LIMIT ? OFFSET ?)", (ALL_ROWS, MAX_OBSERVATIONS))
         await self._run(_record)
 
     async def observed(self, kind: str, keys: Iterable[str]) -> dict[str, list[str]]:
         """The keys among `keys` seen by a listener, each with its sources (sorted)."""
         wanted = sorted(set(keys))[:1000]
 
-        def _observed(c: sqlite3.Connection) -> dict[str, list[str]]:
+        def _observed(c: Conn) -> dict[str, list[str]]:
             found: dict[str, list[str]] = {}
             marks = ",".join("?" * len(wanted))
             for row in c.execute(f"SELECT key, source FROM observations WHERE kind=? AND key IN ({marks})"
@@ -617,7 +753,7 @@ class Store:
             " (?,?,?,?,?,?)", (id_hash, domain, token, requester, time.time(), expires_at)))
 
     async def get_verification(self, id_hash: str) -> dict[str, object] | None:
-        def _get(c: sqlite3.Connection) -> dict[str, object] | None:
+        def _get(c: Conn) -> dict[str, object] | None:
             row = c.execute("SELECT * FROM verifications WHERE id_hash=?", (id_hash,)).fetchone()
             return dict(row) if row else None
         return await self._run(_get)
@@ -636,8 +772,9 @@ class Store:
         """Copy the WAL's committed pages into the database file now; the seconds it took. After each purge batch,
         so that no later commit meets a WAL of thousands of pages and checkpoints them all at once (SQLite's
         automatic checkpoint, at 1000 pages, inside that commit). It runs on a connection and thread of its own:
-        its writes and fsyncs never hold the store's thread, which goes on serving meanwhile."""
-        if self.path == ":memory:":
+        its writes and fsyncs never hold the store's thread, which goes on serving meanwhile. Nothing to do on
+        PostgreSQL (its own checkpointer and autovacuum take care of it)."""
+        if self.path == ":memory:" or self.postgres:
             return 0.0
         if self._checkpointer is None:
             self._checkpointer = _Checkpointer(self.path)
@@ -686,7 +823,7 @@ class PurgeBatch:
     done: bool  # nothing expired is left
 
 
-def _purge_batch(c: sqlite3.Connection, cutoff: float, limit: int, budget: float) -> PurgeBatch:
+def _purge_batch(c: Conn, cutoff: float, limit: int, budget: float) -> PurgeBatch:
     """Delete up to `limit` expired audits, a quarter of them per statement, stopping early once `budget` seconds
     of deleting have gone (after one statement at least), then commit. Expired verifications (small rows) go
     first, up to `limit * 16`."""
