@@ -140,15 +140,13 @@ class AuditRequest:
 class AuditJobs(Protocol):
     """The job queue that runs audits in worker processes (app/jobs.py, with PostgreSQL as the store)."""
 
+    # an SQL condition on `audits`: its job can still run (waiting, or running: a dead worker's is put back), so
+    # recovery must not interrupt it
+    spared: str
+
     async def defer(self, request: AuditRequest) -> None: ...
 
     async def position(self, audit_id: str) -> int | None: ...
-
-    async def claim(self, audit_id: str, owner: str) -> bool: ...
-
-    async def interrupt_orphaned(self, stale: float) -> int: ...
-
-    async def leave(self, instance_id: str) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -348,8 +346,11 @@ class Auditor:
         SECURE_INSTANCE_STALE_SECONDS): never an audit of a live instance, this one's or another's."""
         await self.store.beat(self.instance_id)
         stale = self.settings.instance_stale_seconds
-        # with the job queue, an audit whose job is waiting, running or to be retried is not orphaned (app/jobs.py)
-        count = await (self.jobs or self.store).interrupt_orphaned(stale)
+        # with the job queue, an audit whose job is waiting, running or to be put back is not orphaned (app/jobs.py)
+        if self.jobs is None:
+            count = await self.store.interrupt_orphaned(stale)
+        else:
+            count = await self.store.interrupt_orphaned(stale, self.jobs.spared)
         if count:
             log.warning(event, extra={"count": count, "instance": self.instance_id})
         return count
@@ -473,8 +474,7 @@ class Auditor:
         run stored kept (their checks are not run again), the rest run; this instance becomes its owner. Returns
         what became of it: `done`/`failed`, or `skipped` (no longer unfinished: nothing to do)."""
         audit = await self.store.get_audit(request.audit_id)
-        if audit is None or audit.finished or self.jobs is None or not await self.jobs.claim(audit.id,
-                                                                                             self.instance_id):
+        if audit is None or audit.finished or not await self.store.claim(audit.id, self.instance_id):
             log.info("audit.job_skipped", extra={"audit": request.audit_id})
             return "skipped"
         if audit.checks:
@@ -613,11 +613,9 @@ class Auditor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self.jobs is not None:  # the queue holds our audits' jobs: other workers run them, nothing is interrupted
-            await self.jobs.leave(self.instance_id)
-            return
-        # anything of ours still unfinished (none, unless a task ended oddly), and our row: never another's audits
-        await self.store.leave(self.instance_id)
+        # anything of ours still unfinished (none, unless a task ended oddly), and our row: never another's audits;
+        # with the job queue nothing is interrupted: the queue holds our audits' jobs, other workers run them
+        await self.store.leave(self.instance_id, interrupt=self.jobs is None)
 
 
 class _SentStates:

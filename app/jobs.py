@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from app.audits import AuditRequest
 from app.config import Settings
 from app.logs import get_logger
+from app.store import Store
 
 log = get_logger("jobs")
 
@@ -61,21 +61,9 @@ _POSITION = (
     " AND (o.priority > j.priority OR (o.priority = j.priority AND o.id < j.id))) AS position"
     " FROM procrastinate_jobs j WHERE j.queue_name = 'audits' AND j.args->>'audit_id' = %(audit_id)s"
     " AND j.status = 'todo' ORDER BY j.id DESC LIMIT 1")
-_CLAIM = ("UPDATE audits SET status = 'running', owner = %(owner)s, started_at = COALESCE(started_at, %(now)s)"
-          " WHERE id = %(audit_id)s AND status IN ('queued', 'running') RETURNING id")
-# an unfinished audit whose owner stopped beating, and whose job will never run again (none waiting or running)
-_INTERRUPT = (
-    "UPDATE audits SET status = 'interrupted', finished_at = %(now)s,"
-    " error = 'the site restarted during this audit'"
-    " WHERE status IN ('queued', 'running')"
-    " AND (owner IS NULL OR owner NOT IN (SELECT id FROM instances WHERE last_seen >= %(since)s))"
-    " AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs j WHERE j.queue_name = 'audits'"
-    " AND j.args->>'audit_id' = audits.id AND j.status IN ('todo', 'doing'))"
-    " RETURNING id")
-_FORGET_GONE = "DELETE FROM instances WHERE last_seen < %(since)s"
-_LEAVE = "DELETE FROM instances WHERE id = %(instance)s"
-_FAIL = ("UPDATE audits SET status = 'failed', finished_at = %(now)s, error = %(error)s"
-         " WHERE id = %(audit_id)s AND status IN ('queued', 'running')")
+# an audit whose job can still run: waiting, or running (a dead worker's is put back): recovery spares it
+SPARED = ("EXISTS (SELECT 1 FROM procrastinate_jobs j WHERE j.queue_name = 'audits'"
+          " AND j.args->>'audit_id' = audits.id AND j.status IN ('todo', 'doing'))")
 
 RunAudit = Callable[[AuditRequest], Awaitable[str]]
 
@@ -104,10 +92,13 @@ def hand_back() -> Any:
 class AuditQueue:
     """The job queue of the audits (see the module's doc). open() before use, close() after."""
 
-    def __init__(self, settings: Settings) -> None:
+    spared = SPARED
+
+    def __init__(self, settings: Settings, store: Store) -> None:
         import procrastinate
 
         self.settings = settings
+        self.store = store
         self.conninfo = settings.database_url
         self.capacity = settings.max_running_audits
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(
@@ -139,23 +130,6 @@ class AuditQueue:
         rows = await self.app.connector.execute_query_all_async(_POSITION, audit_id=audit_id)
         return int(rows[0]["position"]) if rows else None
 
-    # --- instances: the store's tables, read together with the jobs ---------------------------------------
-    async def claim(self, audit_id: str, owner: str) -> bool:
-        """The audit is this worker's now (status `running`, owner); False when it is no longer unfinished."""
-        rows = await self.app.connector.execute_query_all_async(_CLAIM, owner=owner, now=time.time(),
-                                                                audit_id=audit_id)
-        return bool(rows)
-
-    async def interrupt_orphaned(self, stale: float) -> int:
-        now = time.time()
-        rows = await self.app.connector.execute_query_all_async(_INTERRUPT, now=now, since=now - stale)
-        await self.app.connector.execute_query_async(_FORGET_GONE, since=now - stale)
-        return len(rows)
-
-    async def leave(self, instance_id: str) -> None:
-        """A clean stop: our row goes; nothing is interrupted (the queue holds the jobs, other workers run them)."""
-        await self.app.connector.execute_query_async(_LEAVE, instance=instance_id)
-
     # --- workers ----------------------------------------------------------------------------------------------
     def register(self, run: RunAudit) -> None:
         """The task a worker runs: each job, under a site-wide slot, through `run` (Auditor.run_job)."""
@@ -165,7 +139,9 @@ class AuditQueue:
                             request: dict[str, Any]) -> str:
             parsed = AuditRequest.from_json(request)
             if context.job.attempts >= MAX_RUNS:  # put back after every run died: it must not kill the next one
-                await self.fail(parsed.audit_id, f"its worker stopped {context.job.attempts} times")
+                audit = await self.store.get_audit(parsed.audit_id, with_checks=False)
+                if audit is not None and not audit.finished:
+                    await self.fail(parsed.audit_id, f"its worker stopped {context.job.attempts} times")
                 return "failed"
             async with self.slot():
                 return await run(parsed)
@@ -174,8 +150,7 @@ class AuditQueue:
 
     async def fail(self, audit_id: str, why: str) -> None:
         log.error("audit.gave_up", extra={"audit": audit_id, "why": why})
-        await self.app.connector.execute_query_async(_FAIL, now=time.time(), audit_id=audit_id,
-                                                     error=f"interrupted: {why}")
+        await self.store.finish_audit(audit_id, "failed", None, f"interrupted: {why}")
 
     async def _lock_connection(self) -> Any:
         import psycopg

@@ -76,7 +76,7 @@ async def open_site(settings: Settings, listeners: Sequence[Listener],
     else:
         own = await start_listeners(settings, secret, list(listeners))
     auditor = Auditor(settings, store, own.own, sink=own.arrivals, canary=own.targets, own_addresses=own.addresses,
-                      address_slots=shared.connections, jobs=await _open_jobs(settings))
+                      address_slots=shared.connections, jobs=await _open_jobs(settings, store))
     if own.sink is not None:
         own.sink.on_delivery = auditor.delivered
     await auditor.recover()
@@ -84,14 +84,14 @@ async def open_site(settings: Settings, listeners: Sequence[Listener],
                     canary=own.canary, shown=shown, partners=pages.load_partners(settings.partners_file)), own
 
 
-async def _open_jobs(settings: Settings) -> AuditJobs | None:
+async def _open_jobs(settings: Settings, store: Store) -> AuditJobs | None:
     """With PostgreSQL as the store, the job queue that `worker` processes run audits from (app/jobs.py, which
     imports procrastinate: only then)."""
     from app.jobs import AuditQueue, uses_queue
 
     if not uses_queue(settings):
         return None
-    queue = AuditQueue(settings)
+    queue = AuditQueue(settings, store)
     await queue.open()
     return queue
 

@@ -21,28 +21,16 @@ PORTS = [20001, 20002, 20003, 20004]
 class FakeJobs:
     """The queue as the Auditor sees it, in memory."""
 
+    spared = "id = 'never'"
+
     def __init__(self) -> None:
         self.deferred: list[AuditRequest] = []
-        self.claims: list[tuple[str, str]] = []
-        self.left: list[str] = []
-        self.swept: list[float] = []
 
     async def defer(self, request: AuditRequest) -> None:
         self.deferred.append(request)
 
     async def position(self, audit_id: str) -> int | None:
         return 1 + [r.audit_id for r in self.deferred].index(audit_id)
-
-    async def claim(self, audit_id: str, owner: str) -> bool:
-        self.claims.append((audit_id, owner))
-        return True
-
-    async def interrupt_orphaned(self, stale: float) -> int:
-        self.swept.append(stale)
-        return 0
-
-    async def leave(self, instance_id: str) -> None:
-        self.left.append(instance_id)
 
     async def close(self) -> None:
         pass
@@ -103,7 +91,7 @@ async def test_a_resumed_run_keeps_the_stored_rows_runs_only_the_rest_and_number
     assert len(set(keys)) == len(keys)  # no row twice
     assert [c.result.detail for c in done.checks[:3]] == ["kept from run 1"] * 3  # the first run's rows stay
     assert done.summary == {"relay": None, "proxy": "open"}  # the kept rows count in the summary
-    assert jobs.claims == [(audit.id, worker.instance_id)]
+    assert done.owner == worker.instance_id  # the worker that finished it owns it
 
 
 async def test_a_job_for_a_finished_audit_runs_nothing(settings, store):
@@ -112,7 +100,7 @@ async def test_a_job_for_a_finished_audit_runs_nothing(settings, store):
     await store.finish_audit(audit.id, "interrupted", None, "gone")
     worker = Auditor(settings, store, planners={"proxy": counting_planner(ran)}, jobs=jobs)
     assert await worker.run_job(request) == "skipped"
-    assert not ran and not jobs.claims
+    assert not ran and (await store.get_audit(audit.id)).owner != worker.instance_id
 
 
 async def test_a_stopping_worker_leaves_its_audit_running_for_the_next_one_and_interrupts_nothing(settings, store):
@@ -131,16 +119,22 @@ async def test_a_stopping_worker_leaves_its_audit_running_for_the_next_one_and_i
     await worker.shutdown()
     stored = await store.get_audit(audit.id)
     assert stored.status == "running" and stored.error is None  # the job goes back to the queue: not interrupted
-    assert jobs.left == [worker.instance_id]
+    assert stored.owner == worker.instance_id  # until the next worker claims it
 
 
-async def test_with_the_queue_recovery_and_queue_position_ask_the_queue(settings, store):
+async def test_with_the_queue_recovery_spares_what_the_queue_says_and_queue_position_asks_it(settings, store):
     jobs, ran = FakeJobs(), []
     audit, _ = await queued_audit(settings, store, jobs, ran)
-    auditor = Auditor(settings, store, jobs=jobs)
-    await auditor.recover()
-    assert jobs.swept == [settings.instance_stale_seconds]
-    assert await auditor.queue_position(audit.id) == 1
+    orphan, _ = await queued_audit(settings, store, jobs, ran)
+    await store.beat("gone")
+    await store.claim(audit.id, "gone")
+    await store.claim(orphan.id, "gone")
+    auditor = Auditor(settings.model_copy(update={"instance_stale_seconds": 0.001}), store, jobs=jobs)
+    jobs.spared = f"id = '{audit.id}'"
+    await asyncio.sleep(0.01)
+    assert await auditor.recover() == 1
+    assert [(await store.get_audit(a.id)).status for a in (audit, orphan)] == ["running", "interrupted"]
+    assert await auditor.queue_position(orphan.id) == 2
 
 
 # --- the queue's SQL, against the real PostgreSQL --------------------------------------------------------------
@@ -151,10 +145,20 @@ def pg_settings(settings, postgres_server):
 
 
 @pytest.fixture
-async def queue(pg_settings):
+async def pg_store(pg_settings):
+    from app.store import Store
+
+    store = Store(pg_settings.database_location)
+    await store.open()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def queue(pg_settings, pg_store):
     from app.jobs import AuditQueue
 
-    queue = AuditQueue(pg_settings)
+    queue = AuditQueue(pg_settings, pg_store)
     await queue.open()
     yield queue
     await queue.close()
@@ -192,14 +196,16 @@ async def test_one_address_is_not_audited_by_two_workers_at_once(queue):
     job = await manager.fetch_job(["audits"], worker_id)
     assert job.task_kwargs["audit_id"] == "first"
     assert await manager.fetch_job(["audits"], worker_id) is None
-    await manager.finish_job(job, status=__import__("procrastinate").jobs.Status.SUCCEEDED, delete_job=False)
+    from procrastinate.jobs import Status
+
+    await manager.finish_job(job, status=Status.SUCCEEDED, delete_job=False)
     assert (await manager.fetch_job(["audits"], worker_id)).task_kwargs["audit_id"] == "second"
 
 
 async def test_the_running_slots_are_counted_across_workers_and_freed_when_a_worker_goes(pg_settings, queue):
     from app.jobs import AuditQueue
 
-    other = AuditQueue(pg_settings)  # a second worker
+    other = AuditQueue(pg_settings, queue.store)  # a second worker
     await other.open()
     try:
         async with queue.slot(), queue.slot():  # the site's two slots, on this worker
@@ -229,35 +235,31 @@ async def test_a_dead_workers_job_is_put_back_once_and_a_live_workers_is_not(que
     assert sorted((r["status"], r["attempts"]) for r in rows) == [("doing", 0), ("todo", 1)]
 
 
-async def test_recovery_spares_an_audit_whose_job_can_still_run(queue):
+def stored_audit(audit_id: str, owner: str) -> Audit:
+    return Audit(id=audit_id, created_at=time.time(), status="running", target="self", requester="192.0.2.7",
+                 hosts=["192.0.2.7"], services=["relay"], planned=1, engine_version="test", owner=owner)
+
+
+async def test_recovery_spares_an_audit_whose_job_can_still_run(queue, pg_store):
     """Only an audit whose owner is gone AND whose job will never run again is interrupted."""
-    connector = queue.app.connector
-    await connector.execute_query_async(
-        "CREATE TABLE IF NOT EXISTS instances (id TEXT PRIMARY KEY, started_at DOUBLE PRECISION,"
-        " last_seen DOUBLE PRECISION)")
-    await connector.execute_query_async(
-        "CREATE TABLE IF NOT EXISTS audits (id TEXT PRIMARY KEY, status TEXT, owner TEXT, started_at DOUBLE"
-        " PRECISION, finished_at DOUBLE PRECISION, error TEXT)")
-    now = time.time()
-    await connector.execute_query_async(
-        "INSERT INTO instances VALUES ('alive', %(now)s, %(now)s), ('gone', 0, 0)", now=now)
+    from procrastinate.jobs import Status
+
+    await pg_store.beat("alive")
     for audit_id, owner in [("queued_job", "gone"), ("stalled_job", "gone"), ("no_job", "gone"),
                             ("live_owner", "alive"), ("failed_job", "gone")]:
-        await connector.execute_query_async(
-            "INSERT INTO audits(id, status, owner) VALUES (%(id)s, 'running', %(owner)s)", id=audit_id, owner=owner)
+        await pg_store.create_audit(stored_audit(audit_id, owner))
     manager = queue.app.job_manager
     for n, audit_id in enumerate(["stalled_job", "failed_job", "queued_job"]):
         await queue.defer(request_for(audit_id, audit_id, f"192.0.2.{n}"))
     worker = await manager.register_worker()
     await manager.fetch_job(["audits"], worker)  # stalled_job: doing, its worker about to vanish
     failed = await manager.fetch_job(["audits"], worker)
-    await manager.finish_job(failed, status=__import__("procrastinate").jobs.Status.FAILED, delete_job=False)
+    await manager.finish_job(failed, status=Status.FAILED, delete_job=False)
     await manager.unregister_worker(worker)
-    assert await queue.interrupt_orphaned(30.0) == 2
-    rows = await connector.execute_query_all_async("SELECT id, status FROM audits ORDER BY id")
-    assert {r["id"]: r["status"] for r in rows} == {
-        "failed_job": "interrupted", "live_owner": "running", "no_job": "interrupted", "queued_job": "running",
-        "stalled_job": "running"}
-    assert await queue.claim("stalled_job", "me") and not await queue.claim("no_job", "me")
-    rows = await connector.execute_query_all_async("SELECT id FROM instances")
-    assert [r["id"] for r in rows] == ["alive"]  # the gone instance's row is forgotten
+    assert await pg_store.interrupt_orphaned(30.0, queue.spared) == 2
+    statuses = {a: (await pg_store.get_audit(a, with_checks=False)).status
+                for a in ("failed_job", "live_owner", "no_job", "queued_job", "stalled_job")}
+    assert statuses == {"failed_job": "interrupted", "live_owner": "running", "no_job": "interrupted",
+                        "queued_job": "running", "stalled_job": "running"}
+    assert await pg_store.claim("stalled_job", "me") and not await pg_store.claim("no_job", "me")
+    assert (await pg_store.get_audit("stalled_job", with_checks=False)).owner == "me"
