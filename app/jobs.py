@@ -46,7 +46,7 @@ STALLED = 15.0  # a worker silent this long is gone: its running jobs go back to
 RETRY_EVERY = 5.0  # seconds between two looks for stalled jobs
 SLOT_WAIT = 0.5  # seconds between two tries for a site-wide running slot
 STOP_GRACE = 5.0  # seconds a stopping worker lets its audits run before handing them back to the queue
-FETCH_EVERY = 2.0  # seconds between two polls for jobs, besides LISTEN/NOTIFY
+FETCH_EVERY = 1.0  # seconds between two polls for jobs, besides LISTEN/NOTIFY (a job held back by its address)
 # advisory lock keys (two 32-bit ints): our namespace, then what is locked
 LOCKS = 0x5EC5
 SCHEMA_LOCK, RETRY_LOCK, SLOT_BASE = 1, 2, 1000
