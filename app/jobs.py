@@ -174,17 +174,33 @@ class AuditQueue:
     async def slot(self) -> AsyncIterator[int]:
         """One of the site's SECURE_MAX_RUNNING_AUDITS running slots, waited for (every SLOT_WAIT s)."""
         while True:
-            # a session may take an advisory lock it holds again: the slots this worker holds are skipped here
-            for slot in (n for n in range(self.capacity) if n not in self._held):
+            slot = await self._take_slot()
+            if slot is None:
+                await asyncio.sleep(SLOT_WAIT)
+                continue
+            try:
+                yield slot
+            finally:
+                await asyncio.shield(self._unlock(SLOT_BASE + slot))
+                self._held.discard(slot)
+            return
+
+    async def _take_slot(self) -> int | None:
+        """A free slot, locked; None when every slot is taken. A session may take an advisory lock it holds again:
+        the slots this worker holds, or is trying, are skipped (reserved before the await, so that two of its jobs
+        never try the same one)."""
+        for slot in range(self.capacity):
+            if slot in self._held:
+                continue
+            self._held.add(slot)
+            try:
                 if await self._try_lock(SLOT_BASE + slot):
-                    self._held.add(slot)
-                    try:
-                        yield slot
-                    finally:
-                        self._held.discard(slot)
-                        await asyncio.shield(self._unlock(SLOT_BASE + slot))
-                    return
-            await asyncio.sleep(SLOT_WAIT)
+                    return slot
+            except BaseException:
+                self._held.discard(slot)
+                raise
+            self._held.discard(slot)
+        return None
 
     async def retry_stalled(self) -> int:
         """Put the jobs of gone workers (no heartbeat for STALLED s) back in the queue: one worker at a time."""

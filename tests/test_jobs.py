@@ -219,6 +219,25 @@ async def test_the_running_slots_are_counted_across_workers_and_freed_when_a_wor
         await other.close()
 
 
+async def test_the_jobs_of_one_worker_never_share_a_slot(queue):
+    """One worker's connection holds all its slots, and a session may take a lock it holds again: four jobs of
+    one worker trying at once get the two slots, one each; the other two wait for them."""
+    entered: list[int] = []
+    release = asyncio.Event()
+
+    async def job() -> None:
+        async with queue.slot() as slot:
+            entered.append(slot)
+            await release.wait()
+
+    jobs = [asyncio.create_task(job()) for _ in range(4)]
+    await asyncio.sleep(1.5)  # three tries of the waiting jobs
+    assert sorted(entered) == [0, 1]
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*jobs), 10)
+    assert len(entered) == 4 and set(entered) == {0, 1}  # the waiting two ran then
+
+
 async def test_a_dead_workers_job_is_put_back_once_and_a_live_workers_is_not(queue):
     manager = queue.app.job_manager
     for audit_id, address in [("dead", "192.0.2.1"), ("live", "192.0.2.2")]:

@@ -11,6 +11,7 @@ greeting), so an audit runs for as long as a test needs; a refused port beside i
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import selectors
@@ -137,8 +138,12 @@ def _folder(tmp_path: Path, name: str) -> Path:
     return folder
 
 
+REDIS_DATABASES = itertools.count(1)  # one Redis database per test: a killed worker's leases (60 s) stay behind
+
+
 def site_env(postgres_server, redis_server, held: HeldPort, refused_port: int, **more: str) -> dict[str, str]:
-    return {"SECURE_DATABASE_URL": postgres_server.new_database(), "SECURE_LIMITS_STORAGE": redis_server.url,
+    redis_url = redis_server.url_for(next(REDIS_DATABASES) % 16)
+    return {"SECURE_DATABASE_URL": postgres_server.new_database(), "SECURE_LIMITS_STORAGE": redis_url,
             "SECURE_LISTENERS": "external", "SECURE_SECRET_KEY": "test-secret-shared-by-every-process",
             "SECURE_ALLOW_NETWORKS": "127.0.0.0/8", "SECURE_RELAY_PORTS": f"{refused_port},{held.port}",
             "SECURE_PROXY_PORTS": "", "SECURE_CONNECT_TIMEOUT": "5", "SECURE_SMTP_COMMAND_TIMEOUT": "120",
