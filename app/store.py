@@ -148,7 +148,9 @@ CREATE INDEX IF NOT EXISTS observations_at ON observations(at);
 """ + "".join(f"{statement};\n" for statement in _PURGE_INDEXES)
 
 
-# Statements that bring a database of version N-1 to version N (a new database gets _SCHEMA directly).
+# Statements that bring a database of version N-1 to version N (a new database gets _SCHEMA directly). Those up to
+# FIRST_POSTGRES_SCHEMA are SQLite's own; later ones run on both databases: write them in SQL both speak (`?`
+# placeholders and REAL are translated for PostgreSQL, see app/store_sql.py).
 _MIGRATIONS: dict[int, list[str]] = {
     2: ["ALTER TABLE checks ADD COLUMN tag TEXT"],
     3: ["ALTER TABLE audits ADD COLUMN target_key TEXT", "DROP INDEX IF EXISTS audits_target"],
@@ -314,14 +316,16 @@ def _found_version(c: Conn) -> int | None:
     return int(row["value"]) if row else None
 
 
-def _migrate(c: Conn, found: int | None, script: Callable[[str], object], schema: str) -> None:
-    """Bring a database of version `found` (None: a new one) to SCHEMA_VERSION, in the caller's transaction."""
+def _migrate(c: Conn, found: int | None, script: Callable[[str], object],
+             ddl: Callable[[str], str] = str) -> None:
+    """Bring a database of version `found` (None: a new one) to SCHEMA_VERSION, in the caller's transaction.
+    `ddl`: the database's own column types (postgres_schema on PostgreSQL), for the migrations and the schema."""
     if found is not None and found > SCHEMA_VERSION:
         raise RuntimeError(f"database schema {found} is newer than this code ({SCHEMA_VERSION})")
     for version in range(found or SCHEMA_VERSION, SCHEMA_VERSION):
         for statement in _MIGRATIONS[version + 1]:
-            c.execute(statement)
-    script(schema)
+            c.execute(ddl(statement))
+    script(ddl(_SCHEMA))
     c.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?)"
               " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(SCHEMA_VERSION),))
 
@@ -386,7 +390,7 @@ class Store:
             found = None
             if conn.execute("SELECT name FROM sqlite_master WHERE name='meta'").fetchone():
                 found = _found_version(conn)
-            _migrate(conn, found, conn.executescript, _SCHEMA)
+            _migrate(conn, found, conn.executescript)
         self._conn = conn
 
     def _open_postgres(self) -> None:
@@ -399,8 +403,8 @@ class Store:
 
         pool = ConnectionPool(self.path, min_size=self._pool_size, max_size=self._pool_size, open=False,
                               configure=configure, timeout=30, name="store")
-        pool.open(wait=True, timeout=30)
         try:
+            pool.open(wait=True, timeout=30)
             with pool.connection() as raw:
                 conn = PgConn(raw)
                 conn.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
@@ -409,7 +413,7 @@ class Store:
                     found = _found_version(conn)
                 if found is not None and found < FIRST_POSTGRES_SCHEMA:
                     raise RuntimeError(f"database schema {found} predates PostgreSQL support")
-                _migrate(conn, found, raw.execute, postgres_schema(_SCHEMA))
+                _migrate(conn, found, raw.execute, postgres_schema)
                 raw.commit()
         except BaseException:
             pool.close()
@@ -632,7 +636,11 @@ class Store:
     async def get_audit(self, audit_id: str, with_checks: bool = True, transcripts: bool = True) -> Audit | None:
         """The audit; with its checks unless `with_checks` is false, and their transcripts unless `transcripts` is
         false (comparing verdicts with a previous audit needs no evidence). An opening shared by several rows is
-        read once and its lines are the same objects in each of them."""
+        read once and its lines are the same objects in each of them.
+
+        Read in this order (the audit, its checks, their openings): on PostgreSQL each statement sees what was
+        committed when it began, so a finished audit comes with all its checks, and each check with its opening
+        (stored in the same transaction as the first check that uses it)."""
         def _get(c: Conn) -> Audit | None:
             row = c.execute("SELECT * FROM audits WHERE id=?", (audit_id,)).fetchone()
             if row is None:
@@ -640,15 +648,15 @@ class Store:
             audit = _audit_from_row(row)
             if with_checks:
                 if transcripts:
-                    openings = _openings(c, audit_id)
                     query = "SELECT * FROM checks WHERE audit_id=? ORDER BY seq"
                 else:
-                    openings = {}
                     query = ("SELECT seq, finished_at, service, host, port, name, verdict, reason, confirmed,"
                              " fingerprint, '[]' AS transcript, detail, tag, NULL AS opening, NULL AS public,"
                              " NULL AS public_key, NULL AS guides, NULL AS guides_key FROM checks"
                              " WHERE audit_id=? ORDER BY seq")
-                audit.checks = [_check_from_row(r, openings) for r in c.execute(query, (audit_id,))]
+                rows = c.execute(query, (audit_id,)).fetchall()
+                openings = _openings(c, audit_id) if any(r["opening"] for r in rows) else {}
+                audit.checks = [_check_from_row(r, openings) for r in rows]
             return audit
         return await self._run(_get)
 

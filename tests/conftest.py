@@ -59,10 +59,44 @@ def silent_port() -> Iterator[int]:
     server.close()
 
 
+STORES = ("sqlite", "postgresql")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "both_stores: run the test on SQLite and on PostgreSQL (fixture store_kind)")
+
+
+def pytest_generate_tests(metafunc):
+    """A test (or module: pytestmark) marked both_stores runs once per store, when it uses one (store_kind: through
+    `settings`, `store` or `store_location`). Its PostgreSQL database is a fresh one of the session's cluster."""
+    if metafunc.definition.get_closest_marker("both_stores") and "store_kind" in metafunc.fixturenames:
+        metafunc.parametrize("store_kind", STORES, indirect=True)
+
+
 @pytest.fixture
-def settings(tmp_path: Path, refused_port: int, open_port: int) -> Settings:
+def store_kind(request) -> str:
+    """`sqlite` unless the test is marked both_stores (then each in turn)."""
+    return getattr(request, "param", "sqlite")
+
+
+def new_location(request, kind: str, path: Path) -> str:
+    """A fresh database: the SQLite file `path`, or a new database of the session's PostgreSQL (its URL)."""
+    if kind == "postgresql":
+        return request.getfixturevalue("postgres_server").new_database()
+    return str(path)
+
+
+@pytest.fixture
+def store_location(request, store_kind: str, tmp_path: Path) -> str:
+    """Where the `store` fixture's database is (a SQLite path or a PostgreSQL URL), for a second Store on it."""
+    return new_location(request, store_kind, tmp_path / "db.sqlite")
+
+
+@pytest.fixture
+def settings(request, store_kind: str, tmp_path: Path, refused_port: int, open_port: int) -> Settings:
+    location = new_location(request, store_kind, tmp_path / "test.db")
     return Settings(
-        database_url=f"sqlite:///{tmp_path / 'test.db'}",
+        database_url=location if store_kind == "postgresql" else f"sqlite:///{location}",
         public_url="http://testserver",
         allow_networks=["127.0.0.0/8"],
         relay_ports=[refused_port],
@@ -81,10 +115,10 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
-async def store(tmp_path: Path):
+async def store(store_location: str):
     from app.store import Store
 
-    store = Store(str(tmp_path / "db.sqlite"))
+    store = Store(store_location)
     await store.open()
     yield store
     await store.close()

@@ -1,9 +1,13 @@
 import asyncio
 
+import pytest
+
 from app.access.targets import Listener
 from app.audits import Auditor
 from app.probes import PlannedCheck, ProbeOptions
 from app.verdicts import CheckResult, Verdict
+
+pytestmark = pytest.mark.both_stores  # the API on SQLite and on PostgreSQL (tests/conftest.py)
 
 
 def fake_planner(behaviour, tracker=None):
@@ -186,6 +190,45 @@ async def test_follow_replays_stored_checks_then_live_ones_then_done(settings, s
                 break
     assert [(e.kind, e.seq) for e in late] == [("check", 1), ("check", 2), ("check", 3), ("done", -1)]
     assert {e.seq: e.data.port for e in late[:3]} == {1: 20001, **{e.seq: e.data.port for e in live[:2]}}
+
+
+async def test_follow_of_another_processs_audit_is_woken_by_its_writes(settings, store, store_location):
+    """Two Auditors on two Stores of one database, as two processes: B follows an audit A runs. B watches the store
+    only for it (never for its own audits), each of A's rows reaches B's follower within a second of being stored
+    (without the wake-up B would wait for its 5 s keep-alive), and the watch ends with the follow."""
+    from app.store import Store
+
+    settings.proxy_ports = [20001, 20002]
+    gates = {20001: asyncio.Event(), 20002: asyncio.Event()}
+    other = Store(store_location)
+    await other.open()
+    try:
+        a = Auditor(settings, other, planners={"proxy": fake_planner(lambda port: gates[port])})
+        b = Auditor(settings, store, planners={"proxy": fake_planner(lambda port: 0.0)})
+        own = await run_audit(b)
+        async with asyncio.timeout(5):
+            assert [e.kind async for e in b.follow(own.id, keepalive=5)] == ["check", "check", "done"]
+        assert not store._watched  # its own audit: nothing to watch
+        audit = await a.start(target="self", requester="127.0.0.1", hosts=["127.0.0.1"], services=["proxy"])
+        follower = b.follow(audit.id, keepalive=5)
+        pending = asyncio.ensure_future(anext(follower))
+        await asyncio.sleep(0.3)
+        assert not pending.done() and list(store._watched) == [audit.id]
+        seen = []
+        for port in (20001, 20002):
+            gates[port].set()
+            async with asyncio.timeout(1.0):
+                event = await pending
+            seen.append((event.kind, event.data.port))
+            pending = asyncio.ensure_future(anext(follower))
+        async with asyncio.timeout(1.0):
+            event = await pending
+        seen.append((event.kind, event.data["status"]))
+        await follower.aclose()
+        assert seen == [("check", 20001), ("check", 20002), ("done", "done")]
+        assert not store._watched
+    finally:
+        await other.close()
 
 
 async def test_shutdown_marks_running_audits_interrupted(settings, store):

@@ -45,10 +45,19 @@ def test_parse_listen(text, expected):
     assert parse_listen(text) == expected
 
 
-def test_only_sqlite_urls():
+def test_database_urls_sqlite_or_postgresql():
     assert Settings(database_url="sqlite:////tmp/x.db").sqlite_path == "/tmp/x.db"
+    assert Settings(database_url="sqlite:////tmp/x.db").database_location == "/tmp/x.db"
     with pytest.raises(ValueError):
         _ = Settings(database_url="postgresql://x/y").sqlite_path
+    for url in ("postgresql://u:p@db:5432/site", "postgres://u@db/site?sslmode=require"):
+        assert Settings(database_url=url).database_location == url
+    for bad in ("mysql://u:p@db/site", "sqlite://relative.db", "sqlite:///", "postgresql://", "x.db"):
+        with pytest.raises(ValidationError):
+            Settings(database_url=bad)
+    assert Settings().database_pool_size == 5
+    with pytest.raises(ValidationError):
+        Settings(database_pool_size=0)
 
 
 def test_public_url_must_be_a_bare_origin():

@@ -45,6 +45,11 @@ def count(store_path: str, sql: str) -> int:
         conn.close()
 
 
+async def stored_count(store: Store, sql: str) -> int:
+    """A count read through the store itself (SQLite or PostgreSQL)."""
+    return await store._run(lambda c: int(c.execute(sql).fetchone()[0]))
+
+
 ORPHANS = "SELECT " + " + ".join(f"(SELECT COUNT(*) FROM {table} WHERE audit_id NOT IN (SELECT id FROM audits))"
                      for table in ("checks", "openings", "audit_addresses"))
 
@@ -62,6 +67,7 @@ async def seed(store: Store, expired: int, recent: int) -> tuple[list[str], list
     return old, kept
 
 
+@pytest.mark.both_stores
 async def test_everything_expired_goes_with_its_rows_and_everything_recent_stays(store):
     old, kept = await seed(store, expired=12, recent=3)
     for days in (200, 95, 5):  # verifications: two expired before the cutoff, one still valid
@@ -74,16 +80,16 @@ async def test_everything_expired_goes_with_its_rows_and_everything_recent_stays
     assert [len(audit.checks[0].result.opening.lines) for audit in survivors] == [2, 2, 2]
     assert survivors[0].previous_id is None  # its predecessor expired: the link went with it
     assert survivors[1].previous_id == kept[0]  # a link between kept audits stays
-    path = store.path
-    assert count(path, ORPHANS) == 0
-    assert count(path, "SELECT COUNT(*) FROM checks") == 9
-    assert count(path, "SELECT COUNT(*) FROM openings") == 3
-    assert count(path, "SELECT COUNT(*) FROM audit_addresses") == 3
-    assert count(path, "SELECT COUNT(*) FROM verifications") == 1
+    assert await stored_count(store, ORPHANS) == 0
+    assert await stored_count(store, "SELECT COUNT(*) FROM checks") == 9
+    assert await stored_count(store, "SELECT COUNT(*) FROM openings") == 3
+    assert await stored_count(store, "SELECT COUNT(*) FROM audit_addresses") == 3
+    assert await stored_count(store, "SELECT COUNT(*) FROM verifications") == 1
     again = await retention.purge(store, time.time() - 90 * DAY)
     assert (again.audits, again.verifications, again.batches) == (0, 0, 1)
 
 
+@pytest.mark.both_stores
 async def test_unfinished_audits_are_never_purged(store):
     audit = Audit(id=new_id(), created_at=time.time() - 200 * DAY, status="queued", target="self",
                   requester="192.0.2.9", hosts=["192.0.2.9"], services=["relay"], planned=1,
@@ -94,6 +100,7 @@ async def test_unfinished_audits_are_never_purged(store):
     assert report.audits == 0 and (await store.get_audit(audit.id)).status == "running"
 
 
+@pytest.mark.both_stores
 async def test_many_expired_audits_go_in_several_batches(store):
     await seed(store, expired=9, recent=1)
     sizes: list[int] = []
@@ -117,6 +124,7 @@ async def test_the_batch_size_follows_the_measured_cost():
 
 
 async def test_other_store_calls_run_between_two_batches(store):
+    """SQLite: a batch holds the store's only thread; PostgreSQL's pool has other connections meanwhile."""
     _, kept = await seed(store, expired=6, recent=1)
     batches_seen: list[int] = []
     read_after: list[int] = []
@@ -177,6 +185,7 @@ async def test_the_purge_statements_use_indexes(store):
     conn.close()
 
 
+@pytest.mark.both_stores
 async def test_the_periodic_purge_keeps_going_after_a_failed_batch(store, monkeypatch):
     old, kept = await seed(store, expired=3, recent=1)
     real = store.purge_batch
@@ -251,6 +260,7 @@ async def test_the_site_answers_healthz_while_a_purge_is_in_progress(settings, m
         assert (await client.get(f"/api/v1/audits/{old[0]}")).status_code == 404
 
 
+@pytest.mark.both_stores
 @pytest.mark.parametrize("target", [0.0, retention.HOLD_TARGET])
 async def test_a_purge_of_nothing_is_one_batch(store, target):
     report = await retention.purge(store, time.time() - 90 * DAY, target=target)

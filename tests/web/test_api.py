@@ -4,6 +4,8 @@ import json
 import pytest
 from support import running_app, wait_done
 
+pytestmark = pytest.mark.both_stores  # the API on SQLite and on PostgreSQL (tests/conftest.py)
+
 
 async def test_self_audit_runs_end_to_end(client, refused_port, open_port):
     response = await client.post("/api/v1/audits/self")

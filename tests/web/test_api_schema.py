@@ -16,6 +16,8 @@ from app.config import Settings
 from app.main import create_app
 from app.verdicts import CheckResult, TranscriptLine, Verdict
 
+pytestmark = pytest.mark.both_stores  # the API on SQLite and on PostgreSQL (tests/conftest.py)
+
 AUDIT = "/api/v1/audits/{audit_id}"
 INTERNAL = {"tag", "requester", "requester_key", "verification_id", "id_hash", "opening", "target_key"}
 

@@ -3,7 +3,10 @@
 import asyncio
 import time
 
+import pytest
 from support import running_app, wait_done
+
+pytestmark = pytest.mark.both_stores  # the API on SQLite and on PostgreSQL (tests/conftest.py)
 
 
 async def test_inside_the_cooldown_the_latest_audit_is_served_again(settings):
