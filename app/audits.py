@@ -495,7 +495,7 @@ class Auditor:
             started = time.monotonic()
             results = await self._run_checks(audit.id, planned, stored)
             summary = summarize_audit(((r.service, r.verdict, r.reason) for r in results), audit.services)
-            await self.store.finish_audit(audit.id, "done", summary)
+            await self.store.finish_audit(audit.id, "done", summary, owner=self._fence)
             log.info("audit.done", extra={"audit": audit.id, "summary": summary, "checks": len(results),
                                           "seconds": round(time.monotonic() - started, 3)})
             self.events.publish(audit.id, Event("done", -1, {"status": "done", "summary": summary}))
@@ -509,9 +509,16 @@ class Auditor:
             raise
         except Exception as exc:  # a bug of ours: say so, never leave the audit hanging
             log.exception("audit.failed", extra={"audit": audit.id})
-            await self.store.finish_audit(audit.id, "failed", None, f"internal error: {type(exc).__name__}")
+            await self.store.finish_audit(audit.id, "failed", None, f"internal error: {type(exc).__name__}",
+                                          owner=self._fence)
             self.events.publish(audit.id, Event("done", -1, {"status": "failed", "summary": None}))
             return "failed"
+
+    @property
+    def _fence(self) -> str | None:
+        """With the job queue, an audit ends only while it is still ours (another worker may have taken it over
+        when this one was taken for dead); without it, every audit this process runs is its own."""
+        return self.instance_id if self.jobs is not None else None
 
     async def _run_checks(self, audit_id: str, planned: list[PlannedCheck],
                           stored: Sequence[StoredCheck] = ()) -> list[CheckResult]:

@@ -566,10 +566,13 @@ class Store:
                           (time.time(), audit_id))
 
     async def finish_audit(self, audit_id: str, status: str, summary: dict[str, str | None] | None,
-                           error: str | None = None) -> None:
-        await self._write(audit_id, "UPDATE audits SET status=?, summary=?, error=?, finished_at=? WHERE id=?",
+                           error: str | None = None, owner: str | None = None) -> None:
+        """`owner`: only if the audit is still that instance's (a worker taken for dead whose audit another worker
+        took over must not end it)."""
+        fence, fenced = (" AND owner=?", (owner,)) if owner is not None else ("", ())
+        await self._write(audit_id, "UPDATE audits SET status=?, summary=?, error=?, finished_at=? WHERE id=?" + fence,
                           (status, json.dumps(summary) if summary is not None else None, error, time.time(),
-                           audit_id))
+                           audit_id, *fenced))
 
     async def set_summary(self, audit_id: str, summary: dict[str, str | None]) -> None:
         """A finished audit's summary after a later finding changed one of its checks (a late delivery)."""

@@ -122,6 +122,23 @@ async def test_a_stopping_worker_leaves_its_audit_running_for_the_next_one_and_i
     assert stored.owner == worker.instance_id  # until the next worker claims it
 
 
+async def test_a_worker_taken_for_dead_does_not_end_the_audit_another_worker_took_over(settings, store):
+    jobs, ran = FakeJobs(), []
+    audit, request = await queued_audit(settings, store, jobs, ran)
+    hold = asyncio.Event()
+    slow = Auditor(settings, store, planners={"proxy": counting_planner(ran, hold)}, jobs=jobs)
+    first = asyncio.create_task(slow.run_job(request))
+    for _ in range(200):
+        if len(ran) == len(PORTS):
+            break
+        await asyncio.sleep(0.01)
+    assert await store.claim(audit.id, "the-next-worker")  # its job was put back and taken meanwhile
+    hold.set()
+    await asyncio.wait_for(first, 10)
+    stored = await store.get_audit(audit.id, with_checks=False)
+    assert (stored.status, stored.owner) == ("running", "the-next-worker")  # not ended by the first worker
+
+
 async def test_with_the_queue_recovery_spares_what_the_queue_says_and_queue_position_asks_it(settings, store):
     jobs, ran = FakeJobs(), []
     audit, _ = await queued_audit(settings, store, jobs, ran)
