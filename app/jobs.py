@@ -226,12 +226,13 @@ class AuditQueue:
             except Exception:  # the database went away a moment: the next round tries again
                 log.exception("job.stalled_retry_failed")
 
-    async def work(self, concurrency: int, name: str) -> None:
-        """Run jobs until SIGTERM / SIGINT; running audits then get STOP_GRACE s, and are handed back."""
+    async def work(self, concurrency: int, name: str, signals: bool = True) -> None:
+        """Run jobs until SIGTERM / SIGINT (`signals`), or until cancelled; running audits then get STOP_GRACE s,
+        and are handed back."""
         await self.app.run_worker_async(
             queues=[QUEUE], name=name, concurrency=concurrency, update_heartbeat_interval=HEARTBEAT,
             stalled_worker_timeout=STALLED, shutdown_graceful_timeout=STOP_GRACE,
-            fetch_job_polling_interval=FETCH_EVERY, install_signal_handlers=True)
+            fetch_job_polling_interval=FETCH_EVERY, install_signal_handlers=signals)
 
 
 async def ensure_schema(conninfo: str) -> bool:

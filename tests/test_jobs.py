@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from app.audits import AuditRequest, Auditor, Forbidden
+from app.audits import Auditor, AuditRequest, Forbidden
 from app.probes import PlannedCheck
 from app.store import Audit
 from app.verdicts import CheckResult, Verdict

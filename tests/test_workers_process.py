@@ -12,13 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
-import os
 import selectors
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +22,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-from support import ROOT, ServedSite, wait_done_sync
+from support import AuditWorker, ServedSite, wait_done_sync
 from test_instances import HeldPort
 
 STALE = 2.0  # SECURE_INSTANCE_STALE_SECONDS: the recovery sweep runs every 2 s, well inside a worker's stall
@@ -88,43 +83,13 @@ class SilentPorts:
         self._thread.join(timeout=5)
 
 
-class Worker:
-    """`secure-your-server worker` in its own process, as an operator runs it."""
-
-    def __init__(self, folder: Path, env: dict[str, str]) -> None:
-        folder.mkdir()
-        self.log = folder / "worker.log"
-        self._log_file = open(self.log, "wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], cwd=ROOT,
-                                        env={**os.environ, **env}, stdout=self._log_file, stderr=subprocess.STDOUT)
-        self.instance = self._wait_started()
-
-    def _wait_started(self, seconds: float = 30.0) -> str:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"the worker exited: {self.log.read_text()[-2000:]}"
-            for line in self.log.read_text().splitlines():
-                with contextlib.suppress(ValueError):
-                    entry = json.loads(line)
-                    if entry.get("event") == "worker.started":
-                        return str(entry["instance"])
-            time.sleep(0.1)
-        raise AssertionError(f"the worker did not start: {self.log.read_text()[-2000:]}")
-
-    def stop(self, kill: bool = False) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            self.process.wait(timeout=30)
-        self._log_file.close()
-
-
 @contextlib.contextmanager
 def site(tmp_path: Path, env: dict[str, str], webs: int = 2, workers: int = 2) -> Iterator[tuple[list, list]]:
-    started: list[ServedSite | Worker] = []
+    started: list[ServedSite | AuditWorker] = []
     try:
         web = [ServedSite(_folder(tmp_path, f"web{n}"), env) for n in range(webs)]
         started += web
-        work = [Worker(tmp_path / f"worker{n}", env) for n in range(workers)]
+        work = [AuditWorker(tmp_path / f"worker{n}", env) for n in range(workers)]
         started += work
         yield web, work
     finally:
