@@ -232,7 +232,8 @@ class AuditQueue:
         await self.app.run_worker_async(
             queues=[QUEUE], name=name, concurrency=concurrency, update_heartbeat_interval=HEARTBEAT,
             stalled_worker_timeout=STALLED, shutdown_graceful_timeout=STOP_GRACE,
-            fetch_job_polling_interval=FETCH_EVERY, install_signal_handlers=signals)
+            fetch_job_polling_interval=FETCH_EVERY, install_signal_handlers=signals,
+            delete_jobs="successful")  # the table keeps only jobs waiting, running, or that failed (few)
 
 
 async def ensure_schema(conninfo: str) -> bool:

@@ -94,6 +94,17 @@ async def test_a_resumed_run_keeps_the_stored_rows_runs_only_the_rest_and_number
     assert done.owner == worker.instance_id  # the worker that finished it owns it
 
 
+async def test_an_audit_whose_job_cannot_be_deferred_fails_at_once(settings, store):
+    class Broken(FakeJobs):
+        async def defer(self, request: AuditRequest) -> None:
+            raise OSError("the queue's database is gone")
+
+    auditor = Auditor(settings, store, jobs=Broken())
+    audit = await auditor.start(target="self", requester="127.0.0.1", hosts=["127.0.0.1"], services=["proxy"])
+    stored = await store.get_audit(audit.id, with_checks=False)
+    assert (audit.status, stored.status, stored.error) == ("failed", "failed", "internal error: OSError")
+
+
 async def test_a_job_for_a_finished_audit_runs_nothing(settings, store):
     jobs, ran = FakeJobs(), []
     audit, request = await queued_audit(settings, store, jobs, ran)
@@ -299,3 +310,33 @@ async def test_recovery_spares_an_audit_whose_job_can_still_run(queue, pg_store)
                         "queued_job": "running", "stalled_job": "running"}
     assert await pg_store.claim("stalled_job", "me") and not await pg_store.claim("no_job", "me")
     assert (await pg_store.get_audit("stalled_job", with_checks=False)).owner == "me"
+
+
+async def test_a_job_whose_workers_died_every_time_fails_its_audit_instead_of_running_again(queue, pg_store):
+    from app.jobs import MAX_RUNS
+
+    await pg_store.create_audit(stored_audit("poison", "gone"))
+    await pg_store.create_audit(stored_audit("fine", "gone"))
+    await queue.defer(request_for("poison", "A", "192.0.2.1"))
+    await queue.defer(request_for("fine", "B", "192.0.2.2"))
+    await queue.app.connector.execute_query_async(
+        "UPDATE procrastinate_jobs SET attempts = %(n)s WHERE args->>'audit_id' = 'poison'", n=MAX_RUNS)
+    ran: list[str] = []
+
+    async def run(request: AuditRequest) -> str:
+        ran.append(request.audit_id)
+        return "done"
+
+    queue.register(run)
+    worker = asyncio.create_task(queue.work(2, "test-worker", signals=False))
+    try:
+        for _ in range(200):
+            if ran and (await pg_store.get_audit("poison", with_checks=False)).finished:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+    poison = await pg_store.get_audit("poison", with_checks=False)
+    assert ran == ["fine"]
+    assert (poison.status, poison.error) == ("failed", f"interrupted: its worker stopped {MAX_RUNS} times")
