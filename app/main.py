@@ -20,6 +20,7 @@ from app.audits import AuditJobs, Auditor
 from app.config import Settings, get_settings
 from app.fairness import AddressSlots, ConnectionSlots
 from app.guides import GuideLibrary
+from app.listener_process import record_arrival
 from app.listeners import Listeners, external_listeners, start_listeners
 from app.retention import keep_purging
 from app.shared_slots import REDIS_TIMEOUT, MemorySlots, RedisSlots, Slots, is_redis, redis_client
@@ -71,14 +72,15 @@ async def open_site(settings: Settings, listeners: Sequence[Listener],
     store = Store(settings.database_location, derive=shown.derive, pool_size=settings.database_pool_size)
     await store.open()
     secret = settings.secret_key or await store.secret()
+    jobs = await _open_jobs(settings, store)
     if settings.listeners == "external":  # another process binds them (secure-your-server listeners)
         own = await external_listeners(settings, secret, list(listeners), store)
-    else:
-        own = await start_listeners(settings, secret, list(listeners))
+    else:  # with the job queue, what they see goes to the store too: the workers wait for it there
+        own = await start_listeners(settings, secret, list(listeners), journal=store if jobs is not None else None)
     auditor = Auditor(settings, store, own.own, sink=own.arrivals, canary=own.targets, own_addresses=own.addresses,
-                      address_slots=shared.connections, jobs=await _open_jobs(settings, store))
+                      address_slots=shared.connections, jobs=jobs)
     if own.sink is not None:
-        own.sink.on_delivery = auditor.delivered
+        own.sink.on_delivery = auditor.delivered if jobs is None else record_arrival(store, auditor)
     await auditor.recover()
     return AppState(settings=settings, store=store, auditor=auditor, guides=guides, secret=secret,
                     canary=own.canary, shown=shown, partners=pages.load_partners(settings.partners_file)), own
