@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import selectors
 import socket
 import threading
@@ -216,3 +217,35 @@ def test_sixty_audits_across_two_web_processes_all_end_done_within_the_site_wide
     assert max(samples) == 3  # audits ran side by side, never more than the site's cap (2 workers x 3 jobs)
     assert ran_on == {w.instance for w in _workers}  # both workers ran some
     assert any(isinstance(p, int) and p > 1 for p in positions)  # queued audits said where they stood
+
+
+def test_a_serve_with_its_own_sink_confirms_the_relayed_probes_of_an_audit_a_worker_runs(
+        tmp_path, postgres_server, postfix_ok):
+    """One `serve` binding the sink itself (SECURE_LISTENERS=embedded) and one worker: the worker waits for the
+    arrivals in the store, where that serve records them. A real open Postfix relays every probe to the sink."""
+    from servers.postfix import start_postfix
+    from support import free_port
+
+    sink_port = free_port()
+    env = {"SECURE_DATABASE_URL": postgres_server.new_database(), "SECURE_ALLOW_NETWORKS": "127.0.0.0/8",
+           "SECURE_LOG_LEVEL": "INFO", "SECURE_TARGET_COOLDOWN": "0", "SECURE_PROXY_PORTS": "",
+           "SECURE_SINK_LISTEN": f"127.0.0.1:{sink_port}", "SECURE_PROBE_DOMAIN": "sink.test.example",
+           "SECURE_PROBE_HELO": "probe.test.example", "SECURE_SINK_WAIT": "10",
+           "SECURE_SECRET_KEY": "test-secret-shared-by-every-process"}
+    instance = start_postfix(tmp_path, "open", sink_port=sink_port)
+    env["SECURE_RELAY_PORTS"] = str(instance.port)
+    try:
+        with ServedSite(_folder(tmp_path, "web"), env) as web, AuditWorker(tmp_path / "worker", env) as worker:
+            response = httpx.post(web.url + "/api/v1/audits", json={"target": "self", "checks": ["relay"]}, timeout=5)
+            audit_id = response.json()["id"]
+            data = wait_done_sync(web.url, audit_id, seconds=90)
+    finally:
+        instance.stop()
+    assert data["status"] == "done" and data["summary"] == {"relay": "open", "proxy": None}
+    assert len(data["checks"]) == data["planned"] == 22
+    assert {(c["reason"], c["confirmed"]) for c in data["checks"]} == {("delivered", True)}
+    assert query(env, "SELECT owner FROM audits WHERE id = %s", audit_id)[0][0] == worker.instance
+    assert "sink.started" in web.log.read_text() and "sink.started" not in worker.log.read_text()
+    # the worker saw every arrival (through the store) before it summed the audit up: none waited out SINK_WAIT
+    deliveries = [json.loads(line) for line in worker.log.read_text().splitlines() if '"audit.deliveries"' in line]
+    assert [(d["expected"] + d["local"], d["arrived"]) for d in deliveries] == [(22, 22)]
