@@ -340,3 +340,13 @@ async def test_a_job_whose_workers_died_every_time_fails_its_audit_instead_of_ru
     poison = await pg_store.get_audit("poison", with_checks=False)
     assert ran == ["fine"]
     assert (poison.status, poison.error) == ("failed", f"interrupted: its worker stopped {MAX_RUNS} times")
+
+
+def test_a_worker_refuses_to_start_on_sqlite(settings, capsys):
+    from app.cli import main
+
+    assert settings.database_url.startswith("sqlite:///")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SECURE_DATABASE_URL", settings.database_url)
+        assert main(["worker"]) == 2
+    assert "SECURE_DATABASE_URL=postgresql://" in capsys.readouterr().err
