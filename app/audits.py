@@ -17,7 +17,7 @@ import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from app import ENGINE_VERSION
 from app.access.addresses import budget_key
@@ -31,7 +31,7 @@ from app.probes import PLANNERS, PlannedCheck, Planner, ProbeOptions
 from app.probes.base import SlotFactory
 from app.probes.proxy import CanaryTargets
 from app.probes.smtp import TAGGED_REASONS
-from app.store import Audit, Derived, Store, new_id
+from app.store import Audit, Derived, Store, StoredCheck, new_id
 from app.verdicts import CheckResult, TranscriptLine, Verdict, summarize_audit
 
 log = get_logger("audits")
@@ -96,6 +96,61 @@ class Forbidden:
     reason: str = "forbidden_address"
 
 
+@dataclass(frozen=True)
+class AuditRequest:
+    """What a worker needs to plan an admitted audit's checks again as the web process planned them (with the job
+    queue, app/jobs.py: the job carries it as JSON; a resumed run plans from it again)."""
+
+    audit_id: str
+    requester_key: str
+    hosts: Mapping[str, Sequence[str]]  # per service
+    services: tuple[str, ...]
+    addresses: tuple[str, ...]  # the budget keys of the tested addresses
+    audited_domain: str | None = None
+    forbidden: tuple[Forbidden, ...] = ()
+    listeners: tuple[Listener, ...] = ()  # the planning process's own listeners: never tested, wherever it runs
+    own_addresses: tuple[str, ...] = ()  # and the addresses where its listeners on 0.0.0.0 / :: answer
+
+    def to_json(self) -> dict[str, Any]:
+        return {"audit_id": self.audit_id, "requester_key": self.requester_key,
+                "hosts": {service: list(hosts) for service, hosts in self.hosts.items()},
+                "services": list(self.services), "addresses": list(self.addresses),
+                "audited_domain": self.audited_domain,
+                "forbidden": [[f.service, f.address, f.why, f.reason] for f in self.forbidden],
+                "listeners": [[listener.host, listener.port] for listener in self.listeners],
+                "own_addresses": list(self.own_addresses)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> AuditRequest:
+        """The request a job carries; anything malformed raises ValueError (the job is ours, but checked)."""
+        try:
+            hosts = {str(service): [str(h) for h in values] for service, values in dict(data["hosts"]).items()}
+            forbidden = tuple(Forbidden(*(str(part) for part in item)) for item in data["forbidden"])
+            domain = data["audited_domain"]
+            listeners = tuple(Listener(str(host), int(port)) for host, port in data["listeners"])
+            return cls(audit_id=str(data["audit_id"]), requester_key=str(data["requester_key"]), hosts=hosts,
+                       services=tuple(str(s) for s in data["services"]),
+                       addresses=tuple(str(a) for a in data["addresses"]),
+                       audited_domain=None if domain is None else str(domain), forbidden=forbidden,
+                       listeners=listeners, own_addresses=tuple(str(a) for a in data["own_addresses"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed audit request: {exc}") from exc
+
+
+class AuditJobs(Protocol):
+    """The job queue that runs audits in worker processes (app/jobs.py, with PostgreSQL as the store)."""
+
+    # an SQL condition on `audits`: its job can still run (waiting, or running: a dead worker's is put back), so
+    # recovery must not interrupt it
+    spared: str
+
+    async def defer(self, request: AuditRequest) -> None: ...
+
+    async def position(self, audit_id: str) -> int | None: ...
+
+    async def close(self) -> None: ...
+
+
 def _by_service(hosts: Sequence[str] | Mapping[str, Sequence[str]],
                 services: Sequence[str]) -> Mapping[str, Sequence[str]]:
     return hosts if isinstance(hosts, Mapping) else {service: hosts for service in services}
@@ -151,7 +206,9 @@ class AuditRun:
     `inconclusive` (`audit_deadline`) when the deadline cut it."""
 
     def __init__(self, audit_id: str, planned: Sequence[PlannedCheck], store: Store, events: EventHub,
-                 address_slots: ConnectionSlots) -> None:
+                 address_slots: ConnectionSlots, stored: Sequence[StoredCheck] = ()) -> None:
+        """`stored`: the rows a previous run of this audit stored (a worker that died or stopped): they are kept,
+        count against the evidence budget, and their checks are not run again; new rows follow their seq."""
         self.audit_id = audit_id
         self.planned = planned
         self.store = store
@@ -159,17 +216,33 @@ class AuditRun:
         self.address_slots = address_slots
         self.results: dict[int, CheckResult] = {}  # seq -> the result as stored
         self.budget = EvidenceBudget()
-        self._seq = 0
+        for check in sorted(stored, key=lambda c: c.seq):
+            self.results[check.seq] = check.result
+            self.budget.admit(check.result)
+        self._seq = max(self.results, default=0)
         self._record_lock = asyncio.Lock()
-        self._emitted: dict[int, set[str]] = {id(unit): set() for unit in planned}  # id(unit) -> names emitted
+        kept = {_check_key(result) for result in self.results.values()}
+        # id(unit) -> names emitted (or stored by a previous run)
+        self._emitted: dict[int, set[str]] = {
+            id(unit): {name for name in unit.names if (unit.service, unit.host, unit.port, name) in kept}
+            for unit in planned}
+        self._kept = {id(unit): frozenset(self._emitted[id(unit)]) for unit in planned}
         self._writes: set[asyncio.Future[None]] = set()  # rows being stored
 
     async def run(self, deadline: float) -> None:
-        """Every unit at once; at the deadline the unfinished ones are cancelled and their missing rows filled."""
-        tasks = {asyncio.create_task(self._run_unit(unit)): unit for unit in self.planned}
+        """Every unit with a row still missing, at once (a unit whose every row was stored by a previous run is
+        not run again); at the deadline the unfinished ones are cancelled and their missing rows filled."""
+        tasks = {asyncio.create_task(self._run_unit(unit)): unit for unit in self.planned
+                 if any(True for _ in self._missing(unit))}
         if not tasks:
             return
-        _done, pending = await asyncio.wait(tasks, timeout=deadline)
+        try:
+            _done, pending = await asyncio.wait(tasks, timeout=deadline)
+        except asyncio.CancelledError:  # the process stops (or a worker hands the audit back): no unit outlives it
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         for task in pending:
             task.cancel()
         if pending:
@@ -196,6 +269,8 @@ class AuditRun:
     async def _emit(self, unit: PlannedCheck, result: CheckResult) -> None:
         """A unit's row: stored once per promised name; a repeated or unpromised name is a bug, logged, dropped."""
         emitted = self._emitted[id(unit)]
+        if result.name in self._kept[id(unit)]:  # stored by a previous run of the audit: that row stays
+            return
         if result.name in emitted or result.name not in unit.names:
             log.error("check.unexpected_row", extra={"audit": self.audit_id, "check": result.name})
             return
@@ -242,8 +317,11 @@ class Auditor:
     def __init__(self, settings: Settings, store: Store, listeners: Sequence[Listener] = (),
                  planners: dict[str, Planner] | None = None, sink: Arrivals | None = None,
                  canary: CanaryTargets | None = None, own_addresses: Sequence[str | IPAddress] = (),
-                 address_slots: ConnectionSlots | None = None) -> None:
+                 address_slots: ConnectionSlots | None = None, jobs: AuditJobs | None = None) -> None:
+        """`jobs`: the job queue (PostgreSQL): admitted audits are deferred to it and run by `worker` processes
+        (run_job); without it this process runs them itself, through its FairQueue."""
         self.settings = settings
+        self.jobs = jobs
         # where listeners on 0.0.0.0 / :: answer: what start_listeners found (it includes what the settings name),
         # or, for an Auditor built without it (tests, tools), what the settings name
         self.own_addresses = tuple(own_addresses) or site_addresses(settings)
@@ -256,7 +334,7 @@ class Auditor:
         self.queue = FairQueue(settings.max_running_audits)
         # site-wide per address: this process's, or every process's through Redis (app.shared_slots)
         self.address_slots = address_slots or AddressSlots(settings.max_connections_per_host)
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[str, asyncio.Task[str]] = {}
         # this process among the site's instances: every audit it creates is its own (Audit.owner), and its
         # heartbeat (keep_alive) tells the other instances it still runs them
         self.instance_id = new_id()
@@ -267,7 +345,12 @@ class Auditor:
         """Beat once, then interrupt the audits whose instance is gone (no heartbeat for
         SECURE_INSTANCE_STALE_SECONDS): never an audit of a live instance, this one's or another's."""
         await self.store.beat(self.instance_id)
-        count = await self.store.interrupt_orphaned(self.settings.instance_stale_seconds)
+        stale = self.settings.instance_stale_seconds
+        # with the job queue, an audit whose job is waiting, running or to be put back is not orphaned (app/jobs.py)
+        if self.jobs is None:
+            count = await self.store.interrupt_orphaned(stale)
+        else:
+            count = await self.store.interrupt_orphaned(stale, self.jobs.spared)
         if count:
             log.warning(event, extra={"count": count, "instance": self.instance_id})
         return count
@@ -289,9 +372,12 @@ class Auditor:
 
     def plan(self, hosts: Sequence[str] | Mapping[str, Sequence[str]], services: Sequence[str],
              audit_id: str = "", audited_domain: str | None = None,
-             forbidden: Sequence[Forbidden] = ()) -> list[PlannedCheck]:
+             forbidden: Sequence[Forbidden] = (), listeners: Sequence[Listener] = (),
+             own_addresses: Sequence[str] = ()) -> list[PlannedCheck]:
         """Checks per service and address (`hosts`: the same addresses for every service, or per service),
-        and one `forbidden_address` row per address the guard refused."""
+        and one `forbidden_address` row per address the guard refused. `listeners`: besides this process's own,
+        those of the process that planned the audit first (a worker plans a web process's audit again)."""
+        own, addresses = [*self.listeners, *listeners], [*self.own_addresses, *own_addresses]
         options = ProbeOptions.for_audit(self.settings, audit_id, audited_domain, canary=self.canary,
                                          cache=self.store)
         ports = {"relay": self.settings.relay_ports, "proxy": self.settings.proxy_ports}  # blocklist: DNS only
@@ -300,7 +386,7 @@ class Auditor:
         for service in services:
             for host in by_service.get(service, ()):
                 usable = [p for p in ports.get(service, [])
-                          if not is_own_listener(host, p, self.listeners, self.own_addresses)]
+                          if not is_own_listener(host, p, own, addresses)]
                 planned.extend(self.planners[service](host, usable, options))
         planned.extend(_forbidden_row(item) for item in forbidden if item.service in services)
         return planned
@@ -308,7 +394,7 @@ class Auditor:
     def _prepare(self, *, target: str, requester: str, hosts: Sequence[str] | Mapping[str, Sequence[str]],
                  services: Sequence[str], previous_id: str | None, verification_id: str | None,
                  audited_domain: str | None, forbidden: Sequence[Forbidden],
-                 requester_key: str | None) -> tuple[Audit, list[PlannedCheck], list[str]]:
+                 requester_key: str | None) -> tuple[Audit, list[PlannedCheck], AuditRequest]:
         audit_id = new_id()
         planned = self.plan(hosts, services, audit_id, audited_domain, forbidden)
         by_service = _by_service(hosts, services)
@@ -318,19 +404,25 @@ class Auditor:
                       hosts=all_hosts, services=list(services), planned=sum(len(c.names) for c in planned),
                       engine_version=ENGINE_VERSION, previous_id=previous_id, verification_id=verification_id,
                       requester_key=requester_key or requester, owner=self.instance_id)
-        return audit, planned, list(dict.fromkeys(budget_key(a) for a in tested))
+        request = AuditRequest(audit_id=audit_id, requester_key=audit.requester_key or requester,
+                               hosts={s: list(by_service.get(s, ())) for s in services}, services=tuple(services),
+                               addresses=tuple(dict.fromkeys(budget_key(a) for a in tested)),
+                               audited_domain=audited_domain, forbidden=tuple(forbidden),
+                               listeners=tuple(self.listeners),
+                               own_addresses=tuple(str(a) for a in self.own_addresses))
+        return audit, planned, request
 
     async def start(self, *, target: str, requester: str, hosts: Sequence[str] | Mapping[str, Sequence[str]],
                     services: Sequence[str], previous_id: str | None = None, verification_id: str | None = None,
                     audited_domain: str | None = None, forbidden: Sequence[Forbidden] = (),
                     requester_key: str | None = None) -> Audit:
         """Create and queue an audit without any limit (tests and tools; the site goes through admit())."""
-        audit, planned, addresses = self._prepare(
+        audit, planned, request = self._prepare(
             target=target, requester=requester, hosts=hosts, services=services, previous_id=previous_id,
             verification_id=verification_id, audited_domain=audited_domain, forbidden=forbidden,
             requester_key=requester_key)
-        await self.store.create_audit(audit, addresses)
-        self._enqueue(audit, planned, addresses, len(forbidden))
+        await self.store.create_audit(audit, request.addresses)
+        await self._enqueue(audit, planned, request)
         return audit
 
     async def admit(self, *, target: str, requester: str, requester_key: str,
@@ -339,57 +431,99 @@ class Auditor:
                     verification_id: str | None = None, audited_domain: str | None = None,
                     forbidden: Sequence[Forbidden] = ()) -> tuple[Decision, Audit | None]:
         """Decide every limit and create the audit in one store transaction; queue it when admitted."""
-        audit, planned, addresses = self._prepare(
+        audit, planned, request = self._prepare(
             target=target, requester=requester, hosts=hosts, services=services, previous_id=previous_id,
             verification_id=verification_id, audited_domain=audited_domain, forbidden=forbidden,
             requester_key=requester_key)
-        decision = await self.store.admit(audit, addresses, self.settings.target_cooldown, decide)
+        decision = await self.store.admit(audit, request.addresses, self.settings.target_cooldown, decide)
         if decision.outcome != "create":
             log.info("audit.refused" if decision.outcome == "refused" else "audit.cached",
                      extra={"target": target, "requester": requester, "code": decision.code,
                             "latest": decision.latest.id if decision.latest else None})
             return decision, None
-        self._enqueue(audit, planned, addresses, len(forbidden))
+        await self._enqueue(audit, planned, request)
         return decision, audit
 
-    def _enqueue(self, audit: Audit, planned: list[PlannedCheck], addresses: list[str], forbidden: int) -> None:
+    async def _enqueue(self, audit: Audit, planned: list[PlannedCheck], request: AuditRequest) -> None:
+        """To the job queue (a worker runs it), or to this process's FairQueue."""
         log.info("audit.created", extra={"audit": audit.id, "target": audit.target, "requester": audit.requester,
                                          "hosts": audit.hosts, "services": audit.services, "planned": audit.planned,
-                                         "forbidden": forbidden, "previous": audit.previous_id})
+                                         "forbidden": len(request.forbidden), "previous": audit.previous_id})
+        if self.jobs is not None:
+            try:
+                await self.jobs.defer(request)
+            except Exception as exc:  # the queue's database failed: the audit can never run, say so
+                log.exception("audit.defer_failed", extra={"audit": audit.id})
+                await self.store.finish_audit(audit.id, "failed", None, f"internal error: {type(exc).__name__}")
+                audit.status = "failed"
+            return
 
         def start() -> None:
             task = asyncio.create_task(self._run(audit, planned), name=f"audit-{audit.id}")
             self._tasks[audit.id] = task
             task.add_done_callback(lambda _t: self._done(audit.id))
-        self.queue.add(Job(audit.id, audit.requester_key or audit.requester, frozenset(addresses), start))
+        self.queue.add(Job(audit.id, request.requester_key, frozenset(request.addresses), start))
+
+    async def queue_position(self, audit_id: str) -> int | None:
+        """A queued audit's place in line (1: the next to run): in the job queue, or in this process's FairQueue."""
+        if self.jobs is not None:
+            return await self.jobs.position(audit_id)
+        return self.queue.position(audit_id)
+
+    async def run_job(self, request: AuditRequest) -> str:
+        """A worker runs a job of the queue: the audit's checks planned again from `request`, the rows a previous
+        run stored kept (their checks are not run again), the rest run; this instance becomes its owner. Returns
+        what became of it: `done`/`failed`, or `skipped` (no longer unfinished: nothing to do)."""
+        audit = await self.store.get_audit(request.audit_id)
+        if audit is None or audit.finished or not await self.store.claim(audit.id, self.instance_id):
+            log.info("audit.job_skipped", extra={"audit": request.audit_id})
+            return "skipped"
+        if audit.checks:
+            log.warning("audit.resumed", extra={"audit": audit.id, "kept": len(audit.checks),
+                                                "instance": self.instance_id})
+        planned = self.plan(request.hosts, request.services, audit.id, request.audited_domain, request.forbidden,
+                            request.listeners, request.own_addresses)
+        return await self._run(audit, planned, audit.checks)
 
     def _done(self, audit_id: str) -> None:
         self._tasks.pop(audit_id, None)
         self.queue.finished(audit_id)
 
-    async def _run(self, audit: Audit, planned: list[PlannedCheck]) -> None:
+    async def _run(self, audit: Audit, planned: list[PlannedCheck], stored: Sequence[StoredCheck] = ()) -> str:
         try:
             await self.store.mark_running(audit.id)
             log.info("audit.running", extra={"audit": audit.id})
             started = time.monotonic()
-            results = await self._run_checks(audit.id, planned)
+            results = await self._run_checks(audit.id, planned, stored)
             summary = summarize_audit(((r.service, r.verdict, r.reason) for r in results), audit.services)
-            await self.store.finish_audit(audit.id, "done", summary)
+            await self.store.finish_audit(audit.id, "done", summary, owner=self._fence)
             log.info("audit.done", extra={"audit": audit.id, "summary": summary, "checks": len(results),
                                           "seconds": round(time.monotonic() - started, 3)})
             self.events.publish(audit.id, Event("done", -1, {"status": "done", "summary": summary}))
+            return "done"
         except asyncio.CancelledError:
+            if self.jobs is not None:  # a worker stops: its job goes back to the queue, another worker resumes it
+                raise
             # the site is shutting down: what ran is stored, the rest can never finish
             await asyncio.shield(self.store.finish_audit(audit.id, "interrupted", None, "the site shut down"))
             self.events.publish(audit.id, Event("done", -1, {"status": "interrupted", "summary": None}))
             raise
         except Exception as exc:  # a bug of ours: say so, never leave the audit hanging
             log.exception("audit.failed", extra={"audit": audit.id})
-            await self.store.finish_audit(audit.id, "failed", None, f"internal error: {type(exc).__name__}")
+            await self.store.finish_audit(audit.id, "failed", None, f"internal error: {type(exc).__name__}",
+                                          owner=self._fence)
             self.events.publish(audit.id, Event("done", -1, {"status": "failed", "summary": None}))
+            return "failed"
 
-    async def _run_checks(self, audit_id: str, planned: list[PlannedCheck]) -> list[CheckResult]:
-        run = AuditRun(audit_id, planned, self.store, self.events, self.address_slots)
+    @property
+    def _fence(self) -> str | None:
+        """With the job queue, an audit ends only while it is still ours (another worker may have taken it over
+        when this one was taken for dead); without it, every audit this process runs is its own."""
+        return self.instance_id if self.jobs is not None else None
+
+    async def _run_checks(self, audit_id: str, planned: list[PlannedCheck],
+                          stored: Sequence[StoredCheck] = ()) -> list[CheckResult]:
+        run = AuditRun(audit_id, planned, self.store, self.events, self.address_slots, stored)
         await run.run(self.settings.audit_deadline)
         await self._await_deliveries(audit_id, run.results)
         return list(run.results.values())
@@ -487,8 +621,9 @@ class Auditor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        # anything of ours still unfinished (none, unless a task ended oddly), and our row: never another's audits
-        await self.store.leave(self.instance_id)
+        # anything of ours still unfinished (none, unless a task ended oddly), and our row: never another's audits;
+        # with the job queue nothing is interrupted: the queue holds our audits' jobs, other workers run them
+        await self.store.leave(self.instance_id, interrupt=self.jobs is None)
 
 
 class _SentStates:
@@ -529,6 +664,10 @@ async def _live_events(queue: asyncio.Queue[Event], keepalive: float,
 
 def _state(result: CheckResult) -> tuple[str, str, bool]:
     return (str(result.verdict), result.reason, result.confirmed)
+
+
+def _check_key(result: CheckResult) -> tuple[str, str, int, str]:
+    return (result.service, result.host, result.port, result.name)
 
 
 def _row(unit: PlannedCheck, name: str, verdict: Verdict, reason: str, note: str) -> CheckResult:

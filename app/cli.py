@@ -1,4 +1,4 @@
-"""`secure-your-server serve [--workers N] | listeners | check-guides`."""
+"""`secure-your-server serve [--workers N] | worker [--concurrency N] | listeners | check-guides`."""
 
 from __future__ import annotations
 
@@ -114,6 +114,13 @@ def listeners() -> int:
     return 0
 
 
+def worker(concurrency: int) -> int:
+    from app import worker as audit_worker
+    from app.config import get_settings
+
+    return audit_worker.main(get_settings(), concurrency)
+
+
 def check_guides() -> int:
     from app import PROJECT_ROOT
     from app.guides import GuideError, GuideLibrary
@@ -145,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--workers", type=int, default=1,
                            help="web processes sharing the port (one per core); above 1, the sink and canaries run "
                                 "in one listeners process of their own")
+    worker_cmd = commands.add_parser("worker", help="run audits from the job queue (SECURE_DATABASE_URL=postgresql://)")
+    worker_cmd.add_argument("--concurrency", type=int, default=0,
+                            help="audits this worker runs at once (default: SECURE_MAX_RUNNING_AUDITS; the site-wide "
+                                 "cap holds whatever the number of workers)")
     commands.add_parser("listeners", help="run only the sink and the canaries (SECURE_LISTENERS=external)")
     commands.add_parser("check-guides", help="parse every guide and list it")
     args = parser.parse_args(argv)
@@ -152,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args.host, args.port, max(1, args.workers))
     if args.command == "listeners":
         return listeners()
+    if args.command == "worker":
+        return worker(max(0, args.concurrency))
     return check_guides()
 
 

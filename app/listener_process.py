@@ -35,7 +35,7 @@ async def run_listeners(settings: Settings, stop: asyncio.Event | None = None) -
         own = await start_listeners(settings, secret, [], journal=store)
         auditor = Auditor(settings, store, own.own, own_addresses=own.addresses)
         if own.sink is not None:
-            own.sink.on_delivery = _arrived(store, auditor)
+            own.sink.on_delivery = record_arrival(store, auditor)
         log.info("listeners.ready", extra={"listeners": [f"{o.host}:{o.port}" for o in own.own]})
         try:
             await stop.wait()
@@ -46,7 +46,9 @@ async def run_listeners(settings: Settings, stop: asyncio.Event | None = None) -
     log.info("listeners.stopped")
 
 
-def _arrived(store: Store, auditor: Auditor) -> Callable[[str], Awaitable[None]]:
+def record_arrival(store: Store, auditor: Auditor) -> Callable[[str], Awaitable[None]]:
+    """What the sink does with a tagged message when other processes wait for it (here; and in `serve` with the job
+    queue, whose audits run in workers): recorded for them, and its row confirmed if stored already."""
     async def arrived(tag: str) -> None:
         await store.record_observation("sink", tag)  # for the audit still waiting for it, in any process
         await auditor.delivered(tag)  # its row, if stored already (the waiting process confirms it otherwise)

@@ -16,10 +16,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import PROJECT_ROOT, __version__, logs
 from app.access.targets import Listener
-from app.audits import Auditor
+from app.audits import AuditJobs, Auditor
 from app.config import Settings, get_settings
 from app.fairness import AddressSlots, ConnectionSlots
 from app.guides import GuideLibrary
+from app.listener_process import record_arrival
 from app.listeners import Listeners, external_listeners, start_listeners
 from app.probes.blocklist import load_lists
 from app.retention import keep_purging
@@ -62,7 +63,7 @@ class SharedSlots:
             await self.client.aclose()
 
 
-async def _open_site(settings: Settings, listeners: Sequence[Listener],
+async def open_site(settings: Settings, listeners: Sequence[Listener],
                      shared: SharedSlots) -> tuple[AppState, Listeners]:
     """The guides and partners (read once), the store, the sink and canaries, and the auditor (which recovers what
     a crash left unfinished)."""
@@ -72,17 +73,30 @@ async def _open_site(settings: Settings, listeners: Sequence[Listener],
     store = Store(settings.database_location, derive=shown.derive, pool_size=settings.database_pool_size)
     await store.open()
     secret = settings.secret_key or await store.secret()
+    jobs = await _open_jobs(settings, store)
     if settings.listeners == "external":  # another process binds them (secure-your-server listeners)
         own = await external_listeners(settings, secret, list(listeners), store)
-    else:
-        own = await start_listeners(settings, secret, list(listeners))
+    else:  # with the job queue, what they see goes to the store too: the workers wait for it there
+        own = await start_listeners(settings, secret, list(listeners), journal=store if jobs is not None else None)
     auditor = Auditor(settings, store, own.own, sink=own.arrivals, canary=own.targets, own_addresses=own.addresses,
-                      address_slots=shared.connections)
+                      address_slots=shared.connections, jobs=jobs)
     if own.sink is not None:
-        own.sink.on_delivery = auditor.delivered
+        own.sink.on_delivery = auditor.delivered if jobs is None else record_arrival(store, auditor)
     await auditor.recover()
     return AppState(settings=settings, store=store, auditor=auditor, guides=guides, secret=secret,
                     canary=own.canary, shown=shown, partners=pages.load_partners(settings.partners_file)), own
+
+
+async def _open_jobs(settings: Settings, store: Store) -> AuditJobs | None:
+    """With PostgreSQL as the store, the job queue that `worker` processes run audits from (app/jobs.py, which
+    imports procrastinate: only then)."""
+    from app.jobs import AuditQueue, uses_queue
+
+    if not uses_queue(settings):
+        return None
+    queue = AuditQueue(settings, store)
+    await queue.open()
+    return queue
 
 
 def _lifespan(settings: Settings, listeners: Sequence[Listener]) -> Lifespan:
@@ -90,7 +104,7 @@ def _lifespan(settings: Settings, listeners: Sequence[Listener]) -> Lifespan:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         shared = SharedSlots(settings)
         app.state.event_streams = shared.streams
-        site, own = await _open_site(settings, listeners, shared)
+        site, own = await open_site(settings, listeners, shared)
         app.state.sys = site
         log.info("app.started", extra={"version": __version__, "database": redacted(settings.database_location)})
         # the purge runs beside the site, in short batches: never before or instead of serving (app/retention.py)
@@ -104,6 +118,8 @@ def _lifespan(settings: Settings, listeners: Sequence[Listener]) -> Lifespan:
                 task.cancel()
             await asyncio.gather(retention, heartbeat, return_exceptions=True)
             await site.auditor.shutdown()
+            if site.auditor.jobs is not None:
+                await site.auditor.jobs.close()
             await own.stop()
             await site.store.close()
             await shared.close()

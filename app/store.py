@@ -563,15 +563,29 @@ class Store:
             self._notify(c, audit_id)
         await self._run(_execute)
 
+    async def claim(self, audit_id: str, owner: str) -> bool:
+        """A worker takes an audit of the job queue (new, or one a dead worker left): it becomes `running` and
+        `owner`'s; False when the audit is no longer unfinished (nothing to run)."""
+        def _claim(c: Conn) -> bool:
+            row = c.execute("UPDATE audits SET status='running', owner=?, started_at=COALESCE(started_at, ?)"
+                            " WHERE id=? AND status IN ('queued', 'running') RETURNING id",
+                            (owner, time.time(), audit_id)).fetchone()
+            self._notify(c, audit_id)
+            return row is not None
+        return await self._run(_claim)
+
     async def mark_running(self, audit_id: str) -> None:
         await self._write(audit_id, "UPDATE audits SET status='running', started_at=? WHERE id=? AND status='queued'",
                           (time.time(), audit_id))
 
     async def finish_audit(self, audit_id: str, status: str, summary: dict[str, str | None] | None,
-                           error: str | None = None) -> None:
-        await self._write(audit_id, "UPDATE audits SET status=?, summary=?, error=?, finished_at=? WHERE id=?",
+                           error: str | None = None, owner: str | None = None) -> None:
+        """`owner`: only if the audit is still that instance's (a worker taken for dead whose audit another worker
+        took over must not end it)."""
+        fence, fenced = (" AND owner=?", (owner,)) if owner is not None else ("", ())
+        await self._write(audit_id, "UPDATE audits SET status=?, summary=?, error=?, finished_at=? WHERE id=?" + fence,
                           (status, json.dumps(summary) if summary is not None else None, error, time.time(),
-                           audit_id))
+                           audit_id, *fenced))
 
     async def set_summary(self, audit_id: str, summary: dict[str, str | None]) -> None:
         """A finished audit's summary after a later finding changed one of its checks (a late delivery)."""
@@ -704,26 +718,34 @@ class Store:
             "INSERT INTO instances(id, started_at, last_seen) VALUES (?,?,?)"
             " ON CONFLICT(id) DO UPDATE SET last_seen=excluded.last_seen", (instance_id, now, now)))
 
-    async def interrupt_orphaned(self, stale: float) -> int:
+    async def interrupt_orphaned(self, stale: float, spared: str = "") -> int:
         """Audits whose process is gone can never finish now: the unfinished audits whose owner has not beaten for
         `stale` seconds (or has no row, or which have no owner: made before schema 8) become `interrupted`, and the
-        rows of those gone instances are removed. An audit of a live instance is never touched."""
+        rows of those gone instances are removed. An audit of a live instance is never touched. `spared`: an SQL
+        condition on `audits` (no parameters) under which an orphan is not interrupted either: the job queue's,
+        whose job for it can still run (app/jobs.py)."""
+        spare = f" AND NOT ({spared})" if spared else ""
+
         def _interrupt(c: Conn) -> int:
             now = time.time()
             ids = c.execute(
                 "UPDATE audits SET status='interrupted', finished_at=?, error='the site restarted during this audit'"
                 " WHERE status IN ('queued', 'running') AND (owner IS NULL OR owner NOT IN"
-                " (SELECT id FROM instances WHERE last_seen >= ?)) RETURNING id", (now, now - stale)).fetchall()
+                " (SELECT id FROM instances WHERE last_seen >= ?))" + spare + " RETURNING id",
+                (now, now - stale)).fetchall()
             c.execute("DELETE FROM instances WHERE last_seen < ?", (now - stale,))
             for row in ids:
                 self._notify(c, row[0])
             return len(ids)
         return await self._run(_interrupt)
 
-    async def leave(self, instance_id: str) -> int:
-        """A clean stop: the instance's own unfinished audits become `interrupted` (no one else's), and its row
-        goes."""
+    async def leave(self, instance_id: str, interrupt: bool = True) -> int:
+        """A clean stop: the instance's own unfinished audits become `interrupted` (no one else's; none when not
+        `interrupt`: the job queue holds them, other workers run them), and its row goes."""
         def _leave(c: Conn) -> int:
+            if not interrupt:
+                c.execute("DELETE FROM instances WHERE id=?", (instance_id,))
+                return 0
             ids = c.execute(
                 "UPDATE audits SET status='interrupted', finished_at=?, error='the site shut down'"
                 " WHERE status IN ('queued', 'running') AND owner=? RETURNING id",

@@ -54,11 +54,29 @@ def free_port() -> int:
 async def running_app(settings: Settings, peer: str = "127.0.0.1") -> AsyncIterator[httpx.AsyncClient]:
     """The app with its lifespan, and a client whose requests come from `peer`."""
     app = create_app(settings)
-    async with app.router.lifespan_context(app):
+    async with app.router.lifespan_context(app), audit_worker(app):
         transport = httpx.ASGITransport(app=app, client=(peer, 40000))
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
             client.app = app  # type: ignore[attr-defined]
             yield client
+
+
+@asynccontextmanager
+async def audit_worker(app) -> AsyncIterator[None]:
+    """With PostgreSQL the app defers its audits to the job queue (app/jobs.py): a worker runs them here, in the
+    test's event loop, as `secure-your-server worker` does in its own process. Nothing with SQLite."""
+    auditor = app.state.sys.auditor
+    queue = auditor.jobs
+    if queue is None:
+        yield
+        return
+    queue.register(auditor.run_job)
+    worker = asyncio.create_task(queue.work(auditor.settings.max_running_audits, "test-worker", signals=False))
+    try:
+        yield
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
 
 
 async def wait_done(client: httpx.AsyncClient, audit_id: str, seconds: float = 20.0) -> dict:
@@ -123,6 +141,53 @@ class ServedSite:
         self._log_file.close()
 
     def __enter__(self) -> "ServedSite":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class AuditWorker:
+    """`secure-your-server worker` in its own process, as an operator runs it."""
+
+    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+        """`env` on top of ours (SECURE_DATABASE_URL=postgresql://...); its log in `folder` (made here). Its
+        instance id (audits.owner) is read from its log: `instance`; SECURE_LOG_LEVEL must let INFO through."""
+        import subprocess
+        import sys
+
+        folder.mkdir()
+        self.log = folder / "worker.log"
+        self._log_file = open(self.log, "wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], cwd=ROOT,
+                                        env={**os.environ, **env}, stdout=self._log_file, stderr=subprocess.STDOUT)
+        self.instance = self._wait_started()
+
+    def _wait_started(self, seconds: float = 30.0) -> str:
+        import json
+        import time
+
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"the worker exited: {self.log.read_text()[-2000:]}"
+            for line in self.log.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    if entry.get("event") == "worker.started":
+                        return str(entry["instance"])
+            time.sleep(0.1)
+        raise AssertionError(f"the worker did not start: {self.log.read_text()[-2000:]}")
+
+    def stop(self, kill: bool = False) -> None:
+        import signal
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            self.process.wait(timeout=30)
+        self._log_file.close()
+
+
+    def __enter__(self) -> "AuditWorker":
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,5 +1,6 @@
 """Live progress across instances (issue 16, item 4): two real `serve` processes on one database; an audit started
-on A and followed on B (its event stream) reaches B's client within a second of each row being stored by A.
+on A and followed on B (its event stream) reaches B's client within a second of each row being stored by A (on
+PostgreSQL: by the worker process that runs A's audits).
 
 On PostgreSQL A's writes send NOTIFY and B's LISTEN connection wakes its follower; on SQLite B polls the file's
 data_version every 0.25 s while it follows an audit it does not run. Without either, B's follower would read the
@@ -9,13 +10,14 @@ once, a port that drops SYNs at the connect timeout (2.5 s).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 
 import httpx
 import pytest
-from support import ServedSite, wait_done_sync
+from support import AuditWorker, ServedSite, wait_done_sync
 
 pytestmark = pytest.mark.both_stores
 
@@ -84,7 +86,10 @@ def test_an_audit_run_on_one_instance_is_followed_live_on_another(tmp_path, sett
            "SECURE_PROXY_PORTS": f"{refused_port},{silent_port}", "SECURE_CONNECT_TIMEOUT": "2.5"}
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-    with ServedSite(tmp_path / "a", env) as a, ServedSite(tmp_path / "b", env) as b:
+    # on PostgreSQL the audits run in a worker process (app/jobs.py): the rows are stored there, followed on B
+    worker = AuditWorker(tmp_path / "worker", {**env, "SECURE_LOG_LEVEL": "INFO"}) \
+        if location.startswith("postgresql://") else contextlib.nullcontext()
+    with worker, ServedSite(tmp_path / "a", env) as a, ServedSite(tmp_path / "b", env) as b:
         audit_id = httpx.post(a.url + "/api/v1/audits/self", timeout=5).json()["id"]
         follower = Follower(f"{b.url}/api/v1/audits/{audit_id}/events")
         data = wait_done_sync(a.url, audit_id, seconds=60)

@@ -123,7 +123,7 @@ async def get_audit(audit_id: str, store: StoreDep, auditor: AuditorDep, shown: 
     audit = await shown.load(store, audit_id) if AUDIT_ID.match(audit_id) else None
     if audit is None:
         raise HTTPException(404, "No audit with this id.")
-    position = auditor.queue.position(audit.id) if audit.status == "queued" else None
+    position = await auditor.queue_position(audit.id) if audit.status == "queued" else None
     changes = None
     if audit.previous_id:  # per check: fixed, still_open or newly_open against the audit it repeats
         since = changes_since(await store.get_audit(audit.previous_id, transcripts=False), audit)

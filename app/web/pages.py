@@ -274,7 +274,7 @@ async def audit_page(request: Request, audit_id: str, store: StoreDep, auditor: 
     report = await _report(request, store, guides, settings, audit_id)
     audit = report.audit
     chain = await store.retest_chain(audit.id, limit=20)
-    position = auditor.queue.position(audit.id) if audit.status == "queued" else None
+    position = await auditor.queue_position(audit.id) if audit.status == "queued" else None
     port_blocks = blocks(report.rows) if audit.finished else []  # live rows stay as they come until it is done
     lists = listings.section(report.rows, load_lists(settings.blocklists_file), audit.summary or {})
     steps = _next_steps(report)
