@@ -18,7 +18,13 @@ async def work(settings: Settings, concurrency: int = 0) -> int:
     site-wide cap holds whatever the sum, app/jobs.py)."""
     from app.jobs import AuditQueue, uses_queue
     from app.main import SharedSlots, open_site
+    from app.probes.blocklist import BlocklistFileError, load_lists
 
+    try:
+        load_lists(settings.blocklists_file)  # the worker runs the blocklist checks: a bad file stops it here
+    except BlocklistFileError as exc:
+        print(f"secure-your-server worker: {exc}", file=sys.stderr)
+        return 2
     if not uses_queue(settings):
         print("secure-your-server worker needs SECURE_DATABASE_URL=postgresql://... (with the embedded SQLite "
               "store, `serve` runs the audits itself)", file=sys.stderr)

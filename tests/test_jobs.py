@@ -90,7 +90,7 @@ async def test_a_resumed_run_keeps_the_stored_rows_runs_only_the_rest_and_number
     keys = [(c.result.port, c.result.name) for c in done.checks]
     assert len(set(keys)) == len(keys)  # no row twice
     assert [c.result.detail for c in done.checks[:3]] == ["kept from run 1"] * 3  # the first run's rows stay
-    assert done.summary == {"relay": None, "proxy": "open"}  # the kept rows count in the summary
+    assert done.summary == {"relay": None, "proxy": "open", "blocklist": None}  # the kept rows count in the summary
     assert done.owner == worker.instance_id  # the worker that finished it owns it
 
 
@@ -350,3 +350,22 @@ def test_a_worker_refuses_to_start_on_sqlite(settings, capsys):
         patch.setenv("SECURE_DATABASE_URL", settings.database_url)
         assert main(["worker"]) == 2
     assert "SECURE_DATABASE_URL=postgresql://" in capsys.readouterr().err
+
+
+def test_a_worker_refuses_to_start_with_a_bad_blocklists_file(settings, tmp_path, capsys):
+    """The worker runs the blocklist checks: a broken SECURE_BLOCKLISTS_FILE stops it at start, as it stops serve."""
+    from app.cli import main
+    from app.config import get_settings
+
+    bad = tmp_path / "lists.toml"
+    bad.write_text('[[list]]\nid = "x"\n')
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SECURE_DATABASE_URL", settings.database_url)
+        patch.setenv("SECURE_BLOCKLISTS_FILE", str(bad))
+        get_settings.cache_clear()  # the CLI reads the environment once per process
+        try:
+            assert main(["worker"]) == 2
+        finally:
+            get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert str(bad) in err and "SECURE_DATABASE_URL" not in err

@@ -241,7 +241,7 @@ def test_a_serve_with_its_own_sink_confirms_the_relayed_probes_of_an_audit_a_wor
             data = wait_done_sync(web.url, audit_id, seconds=90)
     finally:
         instance.stop()
-    assert data["status"] == "done" and data["summary"] == {"relay": "open", "proxy": None}
+    assert data["status"] == "done" and data["summary"] == {"relay": "open", "proxy": None, "blocklist": None}
     assert len(data["checks"]) == data["planned"] == 22
     assert {(c["reason"], c["confirmed"]) for c in data["checks"]} == {("delivered", True)}
     assert query(env, "SELECT owner FROM audits WHERE id = %s", audit_id)[0][0] == worker.instance
