@@ -14,6 +14,9 @@ Two measures, each of one process beside two, in the same run:
   loopback addresses (a trusted proxy header names each requester, 127.0.0.10 onwards), each answered by a small
   SMTP server that refuses to relay on every one of those addresses. Printed: audits per minute from the first
   audit's creation to the last one's end as the site stored them, and the ratio (no goal is set for it).
+- The same burst with the job queue: Debian's PostgreSQL and Redis started on loopback (tests/servers), one
+  `serve` and one `worker`, then one `serve` and two `worker` processes, each pair on a fresh database
+  (`--no-queue` leaves it out, e.g. without PostgreSQL installed).
 
 Set SYS_ROOT to measure another checkout. Everything stays on 127.0.0.0/8; loops are bounded in count and time.
 """
@@ -35,7 +38,7 @@ from pathlib import Path
 import httpx
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE)]
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from pages import ROOT, ab, free_port, seed, served  # noqa: E402
 
@@ -163,11 +166,59 @@ async def audit_burst(url: str, count: int, seconds: float = 300.0) -> list[str]
         return ids
 
 
-def audits_per_minute(db: Path, ids: list[str]) -> float:
-    """From the first audit's creation to the last one's end, as the site stored them (not as a poller saw them)."""
-    with sqlite3.connect(db) as conn:
-        marks = [conn.execute("SELECT created_at, finished_at FROM audits WHERE id=?", (i,)).fetchone() for i in ids]
+def audits_per_minute(database: str, ids: list[str]) -> float:
+    """From the first audit's creation to the last one's end, as the site stored them (not as a poller saw them).
+    `database`: a SQLite file, or a postgresql:// URL."""
+    if database.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(database) as conn:
+            marks = [conn.execute("SELECT created_at, finished_at FROM audits WHERE id=%s", (i,)).fetchone()
+                     for i in ids]
+    else:
+        with sqlite3.connect(database) as conn:
+            marks = [conn.execute("SELECT created_at, finished_at FROM audits WHERE id=?", (i,)).fetchone()
+                     for i in ids]
     return len(ids) / (max(end for _start, end in marks) - min(start for start, _end in marks)) * 60
+
+
+def burst_settings(smtp_port: int, count: int) -> dict[str, str]:
+    return {"SECURE_ALLOW_NETWORKS": "127.0.0.0/8", "SECURE_TRUSTED_PROXIES": "127.0.0.1/32",
+            "SECURE_RELAY_PORTS": str(smtp_port), "SECURE_PROXY_PORTS": "", "SECURE_MAX_RUNNING_AUDITS": str(count),
+            "SECURE_MAX_QUEUED_AUDITS": str(count), "SECURE_CONNECT_TIMEOUT": "5"}
+
+
+async def queued_audits(count: int) -> dict[int, float]:
+    """Audits per minute of a burst of `count` through the job queue: one `serve` and one worker, then two."""
+    from servers.postgres import start_postgres
+    from servers.redis import start_redis
+    from support import AuditWorker
+
+    hosts = [f"127.0.0.{FIRST_REQUESTER + n}" for n in range(count)]
+    rates = {}
+    postgres, redis = start_postgres(), start_redis()
+    try:
+        async with RefusingSmtp(hosts) as smtp:
+            for workers in (1, 2):
+                with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+                    folder = Path(tmp)
+                    database = postgres.new_database()
+                    port = free_port()
+                    url = f"http://127.0.0.1:{port}"
+                    env = {**burst_settings(smtp.port, count), "SECURE_DATABASE_URL": database,
+                           "SECURE_LIMITS_STORAGE": redis.url_for(workers), "SECURE_LISTENERS": "external",
+                           "SECURE_SECRET_KEY": "bench-secret-shared-by-every-process"}
+                    stack.enter_context(served(serve_command(port, 1), ROOT, site_env(folder / "unused.db", url, env),
+                                               url + "/healthz", folder / "site.log"))
+                    for n in range(workers):
+                        worker = AuditWorker(folder / f"worker{n}", {**env, "SECURE_LOG_LEVEL": "INFO"})
+                        stack.callback(worker.stop)
+                    ids = await audit_burst(url, count)
+                    rates[workers] = audits_per_minute(database, ids)
+    finally:
+        redis.stop()
+        postgres.stop()
+    return rates
 
 
 async def audits(count: int) -> dict[int, float]:
@@ -180,14 +231,10 @@ async def audits(count: int) -> dict[int, float]:
                 folder = Path(tmp)
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
-                env = site_env(folder / "site.db", url, {
-                    "SECURE_ALLOW_NETWORKS": "127.0.0.0/8", "SECURE_TRUSTED_PROXIES": "127.0.0.1/32",
-                    "SECURE_RELAY_PORTS": str(smtp.port), "SECURE_PROXY_PORTS": "",
-                    "SECURE_MAX_RUNNING_AUDITS": str(count), "SECURE_MAX_QUEUED_AUDITS": str(count),
-                    "SECURE_CONNECT_TIMEOUT": "5"})
+                env = site_env(folder / "site.db", url, burst_settings(smtp.port, count))
                 with served(serve_command(port, workers), ROOT, env, url + "/healthz", folder / "site.log"):
                     ids = await audit_burst(url, count)
-                rates[workers] = audits_per_minute(folder / "site.db", ids)
+                rates[workers] = audits_per_minute(str(folder / "site.db"), ids)
     return rates
 
 
@@ -195,6 +242,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--audits", type=int, default=100, help="audits per burst (at most 200)")
+    parser.add_argument("--no-queue", action="store_true", help="leave out the job queue's burst (PostgreSQL)")
     args = parser.parse_args()
     if shutil.which("ab") is None:
         raise SystemExit("ab is missing: apt-get install apache2-utils")
@@ -211,6 +259,11 @@ def main() -> int:
     print(f"audits: a burst of {count} relay audits (SQLite, serve --workers N)")
     print(f"  1 process {rates[1]:7.1f} audits/min   2 processes {rates[2]:7.1f} audits/min   "
           f"{rates[2] / rates[1]:5.2f}x")
+    if not args.no_queue:
+        rates = asyncio.run(queued_audits(count))
+        print("audits: the same burst through the job queue (PostgreSQL, Redis; one serve, N workers)")
+        print(f"  1 worker  {rates[1]:7.1f} audits/min   2 workers   {rates[2]:7.1f} audits/min   "
+              f"{rates[2] / rates[1]:5.2f}x")
     print("all goals met" if not missed else f"goals not met: {', '.join(missed)}")
     return 0 if not missed else 1
 
