@@ -31,7 +31,7 @@ from app.probes import PLANNERS, PlannedCheck, Planner, ProbeOptions
 from app.probes.base import SlotFactory
 from app.probes.proxy import CanaryTargets
 from app.probes.smtp import TAGGED_REASONS
-from app.store import Audit, Derived, Store, StoredCheck, new_id
+from app.store import Audit, AuditTakenOver, Derived, Store, StoredCheck, new_id
 from app.verdicts import CheckResult, TranscriptLine, Verdict, summarize_audit
 
 log = get_logger("audits")
@@ -206,10 +206,13 @@ class AuditRun:
     `inconclusive` (`audit_deadline`) when the deadline cut it."""
 
     def __init__(self, audit_id: str, planned: Sequence[PlannedCheck], store: Store, events: EventHub,
-                 address_slots: ConnectionSlots, stored: Sequence[StoredCheck] = ()) -> None:
+                 address_slots: ConnectionSlots, stored: Sequence[StoredCheck] = (), owner: str | None = None) -> None:
         """`stored`: the rows a previous run of this audit stored (a worker that died or stopped): they are kept,
-        count against the evidence budget, and their checks are not run again; new rows follow their seq."""
+        count against the evidence budget, and their checks are not run again; new rows follow their seq.
+        `owner`: rows are stored only while the audit is that instance's; once another worker has taken it over,
+        run() stops every unit and raises AuditTakenOver."""
         self.audit_id = audit_id
+        self.owner = owner
         self.planned = planned
         self.store = store
         self.events = events
@@ -237,11 +240,12 @@ class AuditRun:
         if not tasks:
             return
         try:
-            _done, pending = await asyncio.wait(tasks, timeout=deadline)
-        except asyncio.CancelledError:  # the process stops (or a worker hands the audit back): no unit outlives it
-            for task in tasks:
+            pending = await self._wait(set(tasks), deadline)
+        except (asyncio.CancelledError, AuditTakenOver):  # the process stops, the audit is handed back or taken
+            for task in tasks:  # over: no unit outlives this run, nor a row on its way to the store
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*self._writes, return_exceptions=True)
             raise
         for task in pending:
             task.cancel()
@@ -251,6 +255,22 @@ class AuditRun:
             log.warning("audit.deadline", extra={"audit": self.audit_id, "unfinished": len(pending)})
             for task in pending:
                 await self._cut_by_deadline(tasks[task], deadline)
+
+    async def _wait(self, pending: set[asyncio.Task[None]], deadline: float) -> set[asyncio.Task[None]]:
+        """Until every unit ended or the deadline came: the units still running. A unit that stored a row after
+        another worker took the audit over (AuditTakenOver) ends the wait at once, with that error."""
+        end = time.monotonic() + deadline
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=max(0.0, end - time.monotonic()),
+                                               return_when=asyncio.FIRST_EXCEPTION)
+            failed = [error for task in done if not task.cancelled() and (error := task.exception()) is not None]
+            for error in failed:
+                if isinstance(error, AuditTakenOver):
+                    raise error
+                log.error("audit.unit_failed", extra={"audit": self.audit_id, "error": repr(error)})
+            if not failed:  # every unit ended, or the deadline came
+                break
+        return pending
 
     async def _record(self, result: CheckResult) -> None:
         async with self._record_lock:  # seq follows the order in which results are stored
@@ -262,7 +282,7 @@ class AuditRun:
                 log.warning("audit.evidence_cut",
                             extra={"audit": self.audit_id, "seq": seq, "bytes": self.budget.spent})
             derived = self.store.derived(result)  # made once here, stored, and sent to every follower
-            await self.store.add_check(self.audit_id, seq, result, derived)
+            await self.store.add_check(self.audit_id, seq, result, derived, owner=self.owner)
             self.results[seq] = result
             self.events.publish(self.audit_id, Event("check", seq, result, derived))
 
@@ -296,6 +316,8 @@ class AuditRun:
     async def _run_unit(self, unit: PlannedCheck) -> None:
         try:
             await unit.run(functools.partial(self._emit, unit), self._slot(unit))
+        except AuditTakenOver:
+            raise  # not the check's fault: run() stops every unit
         except Exception as exc:
             log.exception("check.crashed", extra={"audit": self.audit_id, "host": unit.host, "port": unit.port})
             await self._fill_in_errors(unit, f"the check crashed: {type(exc).__name__}")
@@ -473,7 +495,8 @@ class Auditor:
     async def run_job(self, request: AuditRequest) -> str:
         """A worker runs a job of the queue: the audit's checks planned again from `request`, the rows a previous
         run stored kept (their checks are not run again), the rest run; this instance becomes its owner. Returns
-        what became of it: `done`/`failed`, or `skipped` (no longer unfinished: nothing to do)."""
+        what became of it: `done`/`failed`, `skipped` (no longer unfinished: nothing to do) or `taken_over`
+        (another worker resumed it while this one was taken for dead)."""
         audit = await self.store.get_audit(request.audit_id)
         if audit is None or audit.finished or not await self.store.claim(audit.id, self.instance_id):
             log.info("audit.job_skipped", extra={"audit": request.audit_id})
@@ -508,6 +531,9 @@ class Auditor:
             await asyncio.shield(self.store.finish_audit(audit.id, "interrupted", None, "the site shut down"))
             self.events.publish(audit.id, Event("done", -1, {"status": "interrupted", "summary": None}))
             raise
+        except AuditTakenOver:  # this worker was taken for dead: the worker that resumed the audit ends it
+            log.warning("audit.taken_over", extra={"audit": audit.id, "instance": self.instance_id})
+            return "taken_over"
         except Exception as exc:  # a bug of ours: say so, never leave the audit hanging
             log.exception("audit.failed", extra={"audit": audit.id})
             await self.store.finish_audit(audit.id, "failed", None, f"internal error: {type(exc).__name__}",
@@ -523,7 +549,7 @@ class Auditor:
 
     async def _run_checks(self, audit_id: str, planned: list[PlannedCheck],
                           stored: Sequence[StoredCheck] = ()) -> list[CheckResult]:
-        run = AuditRun(audit_id, planned, self.store, self.events, self.address_slots, stored)
+        run = AuditRun(audit_id, planned, self.store, self.events, self.address_slots, stored, self._fence)
         await run.run(self.settings.audit_deadline)
         await self._await_deliveries(audit_id, run.results)
         return list(run.results.values())

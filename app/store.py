@@ -195,6 +195,10 @@ ALL_ROWS = 2**62  # a LIMIT that bounds nothing (SQLite's LIMIT -1, PostgreSQL's
 TRIM_EVERY = 100  # the count bound is enforced every TRIM_EVERY records of a process (a cheap write otherwise)
 
 
+class AuditTakenOver(Exception):
+    """The audit is no longer this instance's: another worker took it over (this one was taken for dead)."""
+
+
 def new_id() -> str:
     """A random, URL-safe id of 128 bits (22 characters)."""
     return secrets.token_urlsafe(16)
@@ -596,9 +600,12 @@ class Store:
         """What the site shows of `result` (None without a deriver): made once, stored with the row."""
         return self.derive(result) if self.derive is not None else None
 
-    async def add_check(self, audit_id: str, seq: int, result: CheckResult, derived: Derived | None = None) -> float:
+    async def add_check(self, audit_id: str, seq: int, result: CheckResult, derived: Derived | None = None,
+                        owner: str | None = None) -> float:
         """The row with its own lines; its shared opening goes to `openings` with the first row that uses it.
-        `derived`: what the site shows of it, if the caller made it already (otherwise made here)."""
+        `derived`: what the site shows of it, if the caller made it already (otherwise made here). `owner`: only
+        while the audit is still that instance's, else AuditTakenOver (a worker taken for dead whose audit another
+        worker resumed must not write rows beside the new ones: their seq would collide)."""
         finished_at = time.time()
         fingerprint = json.dumps(result.fingerprint) if result.fingerprint is not None else None
         data = json.dumps(result.data) if result.data is not None else None
@@ -607,6 +614,9 @@ class Store:
         shown = _derived_values(derived or self.derived(result))
 
         def _insert(c: Conn) -> None:
+            if owner is not None and not c.execute("SELECT 1 FROM audits WHERE id=? AND owner=?",
+                                                   (audit_id, owner)).fetchone():
+                raise AuditTakenOver(audit_id)
             if opening is not None and not c.execute("SELECT 1 FROM openings WHERE audit_id=? AND key=?",
                                                      (audit_id, opening.key)).fetchone():
                 c.execute("INSERT INTO openings(audit_id, key, lines) VALUES (?,?,?)",

@@ -355,9 +355,9 @@ async def test_a_row_being_stored_when_the_deadline_strikes_is_kept_once(setting
     settings.audit_deadline = 0.3
     real_add = store.add_check
 
-    async def slow_add(*args):
+    async def slow_add(*args, **kwargs):
         await asyncio.sleep(0.6)  # the deadline strikes in the middle of this write
-        await real_add(*args)
+        await real_add(*args, **kwargs)
 
     monkeypatch.setattr(store, "add_check", slow_add)
     auditor = Auditor(settings, store, planners={"proxy": fake_planner(lambda p: 0.0)})

@@ -133,21 +133,25 @@ async def test_a_stopping_worker_leaves_its_audit_running_for_the_next_one_and_i
     assert stored.owner == worker.instance_id  # until the next worker claims it
 
 
+@pytest.mark.both_stores
 async def test_a_worker_taken_for_dead_does_not_end_the_audit_another_worker_took_over(settings, store):
     jobs, ran = FakeJobs(), []
     audit, request = await queued_audit(settings, store, jobs, ran)
     hold = asyncio.Event()
     slow = Auditor(settings, store, planners={"proxy": counting_planner(ran, hold)}, jobs=jobs)
     first = asyncio.create_task(slow.run_job(request))
-    for _ in range(200):
-        if len(ran) == len(PORTS):
+    for _ in range(200):  # every unit held, and the guard's row (not held) stored while the audit was still its
+        if len(ran) == len(PORTS) and (await store.get_audit(audit.id)).checks:
             break
         await asyncio.sleep(0.01)
     assert await store.claim(audit.id, "the-next-worker")  # its job was put back and taken meanwhile
+    rows_before = [(c.seq, c.result.name) for c in (await store.get_audit(audit.id)).checks]
     hold.set()
-    await asyncio.wait_for(first, 10)
-    stored = await store.get_audit(audit.id, with_checks=False)
+    assert await asyncio.wait_for(first, 10) == "taken_over"
+    stored = await store.get_audit(audit.id)
     assert (stored.status, stored.owner) == ("running", "the-next-worker")  # not ended by the first worker
+    # nor written to: its rows would take the seq numbers of the worker that resumed the audit
+    assert [(c.seq, c.result.name) for c in stored.checks] == rows_before
 
 
 async def test_with_the_queue_recovery_spares_what_the_queue_says_and_queue_position_asks_it(settings, store):
