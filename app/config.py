@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")  # SECURE_DATABASE_URL forms that select PostgreSQL
+
 DEFAULT_PROXY_PORTS = [23, 80, 443, 1080, 3128, 6588, 8000, 8080, 8118, 8123, 8888, 9050]
 
 
@@ -237,7 +239,12 @@ class Settings(BaseSettings):
     @property
     def database_location(self) -> str:
         """What app.store.Store opens: the SQLite file's path, or the PostgreSQL URL as given."""
-        return self.database_url if self.database_url.startswith(("postgresql://", "postgres://")) else self.sqlite_path
+        return self.database_url if self.uses_postgres else self.sqlite_path
+
+    @property
+    def uses_postgres(self) -> bool:
+        """PostgreSQL is the store (and the job queue's database)."""
+        return self.database_url.startswith(POSTGRES_SCHEMES)
 
     @property
     def sqlite_path(self) -> str:

@@ -70,7 +70,7 @@ RunAudit = Callable[[AuditRequest], Awaitable[str]]
 
 def uses_queue(settings: Settings) -> bool:
     """PostgreSQL as the store: audits run through the job queue, in worker processes."""
-    return settings.database_url.startswith(("postgresql://", "postgres://"))
+    return settings.uses_postgres
 
 
 def hand_back() -> Any:

@@ -21,11 +21,11 @@ from functools import lru_cache
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+from app.config import POSTGRES_SCHEMES
 from app.logs import get_logger
 
 log = get_logger("store")
 
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 DEFAULT_POOL_SIZE = 5
 # advisory lock keys (pg_advisory_xact_lock takes a bigint): any fixed numbers of our own
 ADMISSION_LOCK = 0x5359_5301  # admit(): one admission at a time, site-wide, as SQLite's BEGIN IMMEDIATE does
