@@ -40,26 +40,42 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._timer: asyncio.TimerHandle | None = None
+        self._counted = True
         self._peer = self.client[0] if self.client else ""
         self.peers[self._peer] = self.peers.get(self._peer, 0) + 1
         if self.peers[self._peer] > self.per_peer and not self._exempt():
             log.debug("connection.refused", extra={"reason": "per_peer", "peer": self._peer})
-            transport.close()
+            self._close()
             return
         if len(self.connections) > self.max_connections and not self._evict_oldest_waiting():
             log.debug("connection.refused", extra={"reason": "max_connections", "peer": self._peer})
-            transport.close()
+            self._close()
             return
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._uncount()
+        super().connection_lost(exc)
+
+    def _close(self) -> None:
+        """Close, and stop counting this connection now: `connection_lost` only comes on a later turn of the loop,
+        and a burst accepted in one turn would otherwise see refused connections as held ones and evict a kept
+        one (or refuse a newcomer) to make room for them."""
+        self._disarm()
+        self._uncount()
+        self.transport.close()
+
+    def _uncount(self) -> None:
+        if not self._counted:
+            return
+        self._counted = False
+        self.connections.discard(self)
         count = self.peers.get(self._peer, 0) - 1
         if count > 0:
             self.peers[self._peer] = count
         else:
             self.peers.pop(self._peer, None)
-        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self.conn.their_state is h11.IDLE and self._head_too_large(data):
@@ -84,7 +100,7 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; "
                              b"charset=utf-8\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
                              % (len(body), body))
-        self.transport.close()
+        self._close()
         return True
 
     def _exempt(self) -> bool:
@@ -108,16 +124,14 @@ class GuardedH11Protocol(H11Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
-        self.waiting.pop(self, None)
         if not self.transport.is_closing():
-            self.transport.close()
+            self._close()
 
     def _evict_oldest_waiting(self) -> bool:
         """At the cap, the connection that has waited longest for its request makes room (slowloris first)."""
         for other in self.waiting:
             if other is not self:
-                other._disarm()
-                other.transport.close()
+                other._close()
                 log.debug("connection.evicted", extra={"peer": other._peer})
                 return True
         return False
