@@ -418,8 +418,10 @@ class Store:
         def configure(raw: Any) -> None:
             raw.row_factory = row_factory
 
+        # check: a pooled session that died under us (a database restart, a failover, a proxy's idle timeout) is
+        # found by a round-trip when handed out and replaced, instead of failing the call that got it
         pool = ConnectionPool(self.path, min_size=self._pool_size, max_size=self._pool_size, open=False,
-                              configure=configure, timeout=30, name="store")
+                              configure=configure, check=ConnectionPool.check_connection, timeout=30, name="store")
         try:
             pool.open(wait=True, timeout=30)
             with pool.connection() as raw:
