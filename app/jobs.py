@@ -160,15 +160,30 @@ class AuditQueue:
         return self._locks
 
     async def _try_lock(self, key: int) -> bool:
+        import psycopg
+
         async with self._locks_lock:
-            connection = await self._lock_connection()
-            row = await (await connection.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCKS, key))).fetchone()
-            return bool(row and row[0])
+            for attempt in (1, 2):
+                connection = await self._lock_connection()
+                try:
+                    cursor = await connection.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCKS, key))
+                    row = await cursor.fetchone()
+                    return bool(row and row[0])
+                except psycopg.OperationalError:
+                    # the session was ended (a database restart, a failover; its locks went with it): once, on a
+                    # new one, rather than failing the job that asked
+                    if attempt == 2 or not connection.closed:
+                        raise
+                    log.warning("job.locks_reconnected", extra={"key": key})
+            return False  # not reached: the second attempt returns or raises
 
     async def _unlock(self, key: int) -> None:
+        import psycopg
+
         async with self._locks_lock:
             if self._locks is not None and not self._locks.closed:
-                await self._locks.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCKS, key))
+                with contextlib.suppress(psycopg.OperationalError):  # the session ended, and its locks with it
+                    await self._locks.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCKS, key))
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[int]:

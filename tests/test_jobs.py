@@ -220,6 +220,31 @@ async def test_requesters_take_turns_in_the_queue_and_the_position_says_so(queue
     assert [job.task_kwargs["audit_id"] for job in fetched] == ["a1", "b1", "a2", "a3"]
 
 
+async def test_the_queue_replaces_connections_a_database_restart_ended(queue, pg_settings, postgres_server):
+    """Every session of the queue's pool ended under it (a restart, a failover): deferring and asking a position go
+    on with fresh connections instead of failing a request for each dead one the pool hands out."""
+    await queue.defer(request_for("before", "A"))
+    assert postgres_server.end_sessions(pg_settings.database_url) >= 1
+    for n in range(6):  # more calls than the pool holds (4)
+        await queue.defer(request_for(f"after{n}", "B", f"192.0.2.{10 + n}"))
+    assert [await queue.position(a) for a in ("before", "after5")] == [1, 7]
+
+
+async def test_a_worker_takes_running_slots_again_after_its_lock_session_was_ended(queue, pg_settings,
+                                                                                  postgres_server):
+    """The session holding a worker's running slots ended (a restart: its locks went with it): the next slot is
+    taken on a new session instead of failing the job that asked for it."""
+    async with queue.slot() as first:
+        assert postgres_server.end_sessions(pg_settings.database_url) >= 1
+        async with queue.slot() as second:
+            assert {first, second} == {0, 1}
+    async with queue.slot():
+        assert postgres_server.end_sessions(pg_settings.database_url) >= 1
+    # ...and a slot whose session ended before it was given back leaves without an error
+    async with queue.slot() as again:
+        assert again == 0
+
+
 async def test_one_address_is_not_audited_by_two_workers_at_once(queue):
     await queue.defer(request_for("first", "A"))
     await queue.defer(request_for("second", "B"))  # the same address: waits for the first

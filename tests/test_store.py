@@ -413,19 +413,13 @@ async def test_a_lost_listen_connection_is_made_again_and_wakes_the_followers(po
 async def test_pooled_connections_killed_by_a_restart_are_replaced_before_use(postgres_server):
     """PostgreSQL: every pooled session ended under the store (a database restart, a failover, a proxy's idle
     timeout); the next calls get fresh connections instead of an error for each dead one the pool hands out."""
-    import psycopg
-
     location = postgres_server.new_database()
     store = Store(location, pool_size=3)
     await store.open()
     try:
         audit = make_audit()
         await store.create_audit(audit)
-        with psycopg.connect(postgres_server.admin_dsn, autocommit=True) as admin:
-            killed = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                                   " WHERE datname=%s AND pid <> pg_backend_pid()",
-                                   (location.rsplit("/", 1)[1],)).fetchone()[0]
-        assert killed == 3
+        assert postgres_server.end_sessions(location) == 3
         for _ in range(6):  # more calls than pooled connections: each dead one would fail one call
             found = await store.get_audit(audit.id)
             assert found is not None and found.id == audit.id
