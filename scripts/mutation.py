@@ -49,6 +49,12 @@ SCOPE: dict[str, list[str]] = {
     # the one mapping of connection failures to verdicts, and the row every probe emits
     "app.probes.base": ["x_connect_failure", "x_check_result"],
     "app.probes.sink": ["*"],
+    # blocklist proof: which answers are a listing (loopback codes, never a refusal code), what a code means, the
+    # name asked (reversed octets, IPv6 nibbles), and that only real answers are cached
+    "app.probes.blocklist": ["xǁCodeǁcovers", "xǁBlocklistǁcode", "xǁBlocklistǁquery_name", "x__answer_range",
+                             "x_ask", "x__listed_reason", "x_run_address"],
+    # the summary rules: what one service's rows add up to
+    "app.verdicts": ["x_summarize", "x_summarize_blocklist", "x_summarize_service", "x_summarize_audit"],
     "app.access.targets": ["*"],
     "app.access.addresses": ["*"],
     "app.access.requester": ["*"],

@@ -78,3 +78,9 @@ def test_the_blocklist_summary_rule():
     assert summarize_blocklist([(U, "forbidden_address")]) is U
     assert summarize_audit([("blocklist", L, "listed_proxy"), ("proxy", Verdict.OPEN, "token_returned")],
                            ["proxy", "blocklist"]) == {"relay": None, "proxy": "open", "blocklist": "listed"}
+
+
+def test_rows_of_a_service_the_audit_does_not_know_are_left_out_of_the_summary():
+    # e.g. an old audit's rows of a service since renamed: they change no summary and break none
+    rows = [("relay", "closed", "relay_denied"), ("finger", "open", "whatever")]
+    assert summarize_audit(rows, ["relay"]) == {"relay": "closed", "proxy": None, "blocklist": None}

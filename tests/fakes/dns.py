@@ -5,6 +5,7 @@
         resolver = Resolver([dns_server.server])            # "127.0.0.1:PORT"
         dns_server.set("example.test", "A", ["10.0.0.1"])   # change an answer at runtime (rebinding)
         dns_server.servfail.add("broken.test")              # answered with SERVFAIL
+        dns_server.servfail_types.add(("x.test", "TXT"))    # SERVFAIL for that type only
         dns_server.slow.add("slow.test")                    # never answered (timeouts)
         assert ("example.test", "A") in dns_server.queries  # every question asked, lower case, no final dot
 
@@ -73,6 +74,7 @@ class FakeDns:
         for (name, rdtype), values in (records or {}).items():
             self.set(name, rdtype, values)
         self.servfail: set[str] = set()
+        self.servfail_types: set[tuple[str, str]] = set()  # (name, TYPE): SERVFAIL for that type only
         self.slow: set[str] = set()
         self.queries: list[tuple[str, str]] = []
         self.tcp_queries: list[tuple[str, str]] = []  # the subset asked over TCP
@@ -130,7 +132,7 @@ class FakeDns:
         response = dns.message.make_response(query)
         response.flags |= dns.flags.AA
         response.flags &= ~dns.flags.RA
-        if qname in self.servfail:
+        if qname in self.servfail or (qname, qtype) in self.servfail_types:
             response.set_rcode(dns.rcode.SERVFAIL)
             return response.to_wire()
         current = qname

@@ -14,8 +14,9 @@ import pytest
 from fakes.dns import FakeDns
 from support import free_port
 
+from app.access.resolver import Resolver
 from app.probes.blocklist import (
-    Blocklist, BlocklistFileError, BlocklistOptions, MemoryCache, load_lists, parse_lists, run_address,
+    Blocklist, BlocklistFileError, BlocklistOptions, MemoryCache, ask, load_lists, parse_lists, run_address,
 )
 from app.verdicts import CheckResult, Verdict
 
@@ -89,6 +90,8 @@ sources = ["https://example.test/"]
     (('zone = "bl.example.test"', 'zone = "bl example"'), "'zone' is not valid"),
     (('answer = "127.0.0.2"', 'answer = "10.0.0.2"'), "inside 127.0.0.0/8"),
     (('answer = "127.0.0.2"', 'answer = "127.0.0.9-127.0.0.3"'), "first <= last"),
+    (('answer = "127.0.0.2"', 'answer = "127.0.0.2-128.0.0.1"'), "inside 127.0.0.0/8"),  # the end outside
+    (('answer = "127.0.0.2"', 'answer = "127.0.0.x"'), "'answer' must be an IPv4 address or a range a-b"),
     (('kind = "spam"', 'kind = "evil"'), "'kind' must be one of"),
     (('sources = ["https://example.test/"]', "sources = []"), "'sources' must be"),
     (('source = "https://example.test/codes"', 'source = "nowhere"'), "'source' is not valid"),
@@ -138,6 +141,8 @@ async def test_every_documented_code_of_every_list_is_read_as_the_list_means_it(
     if code.kind == "refused":  # never a listing: the list refused our resolver
         assert (result.verdict, result.reason) == (Verdict.INCONCLUSIVE, "list_refused_query")
         assert "refused the query" in result.detail and (name, "TXT") not in dns_server.queries
+        assert code.meaning in result.detail  # why: the list's own words for its refusal code
+        assert result.data is not None and result.data["codes"] == [str(code.first)]
     else:
         assert result.verdict is Verdict.LISTED
         assert result.reason == {"spam": "listed_spam", "exploited": "listed_exploited", "proxy": "listed_proxy",
@@ -149,6 +154,61 @@ async def test_every_documented_code_of_every_list_is_read_as_the_list_means_it(
     others = [r for i, r in rows.items() if i != list_id]
     assert all((r.verdict, r.reason) == (Verdict.NOT_LISTED, "not_listed") for r in others)  # NXDOMAIN
     assert result.host == ADDRESS and result.port == 0 and result.service == "blocklist"
+
+
+def test_the_name_asked_is_the_address_reversed_under_the_zone():
+    zen = BY_ID["spamhaus-zen"]
+    assert zen.query_name("192.0.2.7") == "7.2.0.192.zen.spamhaus.org"
+    assert zen.query_name("2001:db8::1") == "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.zen.spamhaus.org"
+    assert BY_ID["spamcop"].query_name("2001:db8::1") is None  # SpamCop publishes no IPv6
+
+
+def test_a_code_covers_only_ipv4_answers_in_its_range():
+    pbl = next(c for c in BY_ID["spamhaus-zen"].codes if c.part.startswith("PBL"))
+    assert pbl.covers(str(pbl.first)) and pbl.covers(str(pbl.last))
+    assert not pbl.covers("127.0.0.2") and not pbl.covers("not an address") and not pbl.covers("::1")
+
+
+async def test_a_row_shows_the_question_and_the_list_s_answer():
+    zen = BY_ID["spamhaus-zen"]
+    async with FakeDns({("7.2.0.192.zen.spamhaus.org", "A"): ["127.0.0.2"],
+                        ("7.2.0.192.zen.spamhaus.org", "TXT"): ['"https://check.spamhaus.org/" "query/ip/192.0.2.7"',
+                                                                '"\\255\\254 not UTF-8"']}) as dns_server:
+        rows = await probe(dns_server.server)
+    row = rows["spamhaus-zen"]
+    assert (row.verdict, row.host) == (Verdict.LISTED, ADDRESS)
+    assert row.transcript[0].text == "A? 7.2.0.192.zen.spamhaus.org" and row.transcript[0].dir == "out"
+    # a TXT record's strings are one text; bytes that are not UTF-8 are replaced, not a failed lookup
+    assert row.data is not None
+    assert row.data["txt"] == ["https://check.spamhaus.org/query/ip/192.0.2.7", "\ufffd\ufffd not UTF-8"]
+    assert zen.query_name(ADDRESS) in {q[0] for q in dns_server.queries}
+
+
+async def test_a_listing_stands_when_its_reason_text_cannot_be_read():
+    zen = BY_ID["spamhaus-zen"]
+    name = reversed_name(zen)
+    async with FakeDns({(name, "A"): ["127.0.0.4"], (name, "TXT"): ['"XBL"']}) as dns_server:
+        dns_server.servfail_types.add((name, "TXT"))
+        rows = await probe(dns_server.server)
+    row = rows["spamhaus-zen"]
+    assert (row.verdict, row.reason) == (Verdict.LISTED, "listed_exploited")
+    assert row.data is not None and row.data["codes"] == ["127.0.0.4"] and row.data["txt"] == []
+
+
+async def test_a_failed_and_a_timed_out_lookup_say_which_and_why():
+    dronebl, efnet = BY_ID["dronebl"], BY_ID["efnet-rbl"]
+    async with FakeDns({}) as dns_server:
+        dns_server.servfail.add(reversed_name(dronebl))
+        dns_server.slow.add(reversed_name(efnet))
+        resolver = Resolver([dns_server.server], timeout=0.5)
+        failed = await ask(resolver, dronebl, reversed_name(dronebl))
+        timed_out = await ask(resolver, efnet, reversed_name(efnet))
+    assert failed.status == "failed" and "failed to answer" in (failed.note or "")
+    assert timed_out.status == "timeout" and "timed out" in (timed_out.note or "")
+    async with FakeDns({}) as dns_server:
+        dns_server.servfail.add(reversed_name(dronebl))
+        rows = await probe(dns_server.server)
+    assert "failed to answer" in rows["dronebl"].detail  # the reason reaches the row, not just "no answer"
 
 
 async def test_zen_with_several_codes_takes_the_most_pressing_reason():
@@ -168,6 +228,8 @@ async def test_an_undocumented_code_and_an_answer_outside_loopback():
         rows = await probe(dns_server.server)
     assert (rows["spamcop"].verdict, rows["spamcop"].reason) == (Verdict.LISTED, "listed_other")
     assert (rows["psbl"].verdict, rows["psbl"].reason) == (Verdict.INCONCLUSIVE, "list_bad_answer")
+    assert rows["psbl"].data is not None and rows["psbl"].data["codes"] == ["198.51.100.1"]
+    assert "198.51.100.1" in rows["psbl"].detail  # what the list answered, for the visitor to see
 
 
 async def test_servfail_and_a_list_that_never_answers_are_inconclusive_within_the_time_limit():
@@ -199,7 +261,7 @@ async def test_ipv6_is_asked_in_nibble_form_of_the_lists_that_publish_it_and_not
     for blocklist in LISTS:
         if not blocklist.ipv6:
             row = rows[blocklist.id]
-            assert (row.verdict, row.reason) == (Verdict.INCONCLUSIVE, "ipv6_not_queried")
+            assert (row.verdict, row.reason, row.host) == (Verdict.INCONCLUSIVE, "ipv6_not_queried", address)
             assert not any(q[0].endswith(blocklist.zone) for q in dns_server.queries)
     assert (f"{nibbles}.zen.spamhaus.org", "A") in dns_server.queries
 
@@ -222,6 +284,15 @@ async def test_answers_are_cached_per_address_and_failures_are_not():
     async with FakeDns({}) as dns_server:  # with the cache off, every list is asked every time
         rows = await probe(dns_server.server, cache=cache, cache_seconds=0)
     assert rows["spamhaus-zen"].verdict is Verdict.NOT_LISTED and len(dns_server.queries) == len(LISTS)
+
+
+async def test_answers_are_kept_only_when_the_cache_time_is_positive():
+    async with FakeDns({}) as dns_server:
+        off, short = MemoryCache(), MemoryCache()
+        await probe(dns_server.server, cache=off, cache_seconds=0)
+        await probe(dns_server.server, cache=short, cache_seconds=1)
+    assert await off.blocklist_answers(ADDRESS, 0) == {}
+    assert len(await short.blocklist_answers(ADDRESS, 0)) == len(LISTS)
 
 
 async def test_the_store_keeps_the_answers_for_every_process(store):
