@@ -124,6 +124,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
+        self.waiting.pop(self, None)  # even when already closing: never evicted for room it does not hold
         if not self.transport.is_closing():
             self._close()
 
