@@ -14,7 +14,7 @@ from typing import AsyncIterator, Iterator
 
 import httpx
 import pytest
-from support import free_port, running_app, skip_or_fail
+from support import free_port, quiet_dns, running_app, skip_or_fail
 
 from app.config import Settings
 
@@ -105,9 +105,9 @@ def settings(request, store_kind: str, tmp_path: Path, refused_port: int, open_p
         audit_deadline=20,
         target_cooldown=0,  # the cooldown tests turn it on
         verification_check_interval=0,  # the limit tests turn it on
-        # the blocklist service (on by default) asks a dead loopback port: never a DNS query off the machine;
-        # the blocklist tests point it at their own server (tests/fakes/dns.py)
-        dns_servers=[f"127.0.0.1:{free_port()}"],
+        # the blocklist service (on by default) asks a loopback server that knows no name: never a DNS query off
+        # the machine; the blocklist tests point it at their own server (tests/fakes/dns.py)
+        dns_servers=[quiet_dns()],
         blocklist_timeout=1,
     )
 

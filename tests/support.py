@@ -7,9 +7,10 @@ import contextlib
 import os
 import shutil
 import socket
+import threading
 from contextlib import asynccontextmanager, closing
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator, NoReturn
+from typing import TYPE_CHECKING, Any, AsyncIterator, NoReturn
 
 import httpx
 import pytest
@@ -49,6 +50,67 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
+
+
+class ThreadedServer:
+    """An asyncio fake (an async context manager with .port) served from its own thread and event loop."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            async with self.server:
+                self._ready.set()
+                await self._stop.wait()
+        self.loop.run_until_complete(main())
+
+    def __enter__(self) -> "ThreadedServer":
+        self.thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the fake did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._stop is not None
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(10)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+
+_quiet_dns: ThreadedServer | None = None
+
+
+def quiet_dns() -> str:
+    """`127.0.0.1:PORT` of a DNS server that knows no name (NXDOMAIN at once), started once per test run in a thread
+    of its own. Every test audit's blocklist queries go there unless the test names its own server: no query ever
+    leaves the machine, and none waits for a time limit (a dead port did: dnspython misses the ICMP refusal)."""
+    global _quiet_dns
+    if _quiet_dns is None:
+        from fakes.dns import FakeDns
+
+        _quiet_dns = ThreadedServer(FakeDns()).__enter__()
+    return f"127.0.0.1:{_quiet_dns.port}"
+
+
+def require_loopback_dns(env: dict[str, str]) -> dict[str, str]:
+    """A process the tests start asks DNS on loopback only (SECURE_DNS_SERVERS, which the blocklists use)."""
+    import ipaddress
+
+    servers = [s.strip() for s in env.get("SECURE_DNS_SERVERS", "").split(",") if s.strip()]
+    assert servers and all(ipaddress.ip_address(s.rsplit(":", 1)[0].strip("[]")).is_loopback for s in servers), \
+        f"a test process would ask DNS off the machine: SECURE_DNS_SERVERS={env.get('SECURE_DNS_SERVERS')!r}"
+    return env
 
 @asynccontextmanager
 async def running_app(settings: Settings, peer: str = "127.0.0.1") -> AsyncIterator[httpx.AsyncClient]:
@@ -105,10 +167,11 @@ class ServedSite:
         self.url = f"http://{host}:{self.port}"
         self.db = tmp_path / "site.db"
         self.log = tmp_path / "site.log"
-        # the blocklist service asks a dead loopback port unless the test names its own DNS server: never a query
-        # off the machine
-        full_env = {**os.environ, "SECURE_DATABASE_URL": f"sqlite:///{self.db}", "SECURE_PUBLIC_URL": self.url,
-                    "SECURE_DNS_SERVERS": f"127.0.0.1:{free_port()}", "SECURE_BLOCKLIST_TIMEOUT": "1", **env}
+        # the blocklist service asks the quiet loopback DNS server unless the test names its own: never a query off
+        # the machine
+        full_env = require_loopback_dns({**os.environ, "SECURE_DATABASE_URL": f"sqlite:///{self.db}",
+                                         "SECURE_PUBLIC_URL": self.url, "SECURE_DNS_SERVERS": quiet_dns(),
+                                         "SECURE_BLOCKLIST_TIMEOUT": "1", **env})
         self._log_file = open(self.log, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve", "--host", host, "--port", str(self.port)],
@@ -159,8 +222,10 @@ class AuditWorker:
         folder.mkdir()
         self.log = folder / "worker.log"
         self._log_file = open(self.log, "wb")
+        full_env = require_loopback_dns({**os.environ, "SECURE_DNS_SERVERS": quiet_dns(),
+                                         "SECURE_BLOCKLIST_TIMEOUT": "1", **env})
         self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], cwd=ROOT,
-                                        env={**os.environ, **env}, stdout=self._log_file, stderr=subprocess.STDOUT)
+                                        env=full_env, stdout=self._log_file, stderr=subprocess.STDOUT)
         self.instance = self._wait_started()
 
     def _wait_started(self, seconds: float = 30.0) -> str:

@@ -15,7 +15,7 @@ async def test_self_audit_runs_end_to_end(client, refused_port, open_port):
     assert body["status"] == "queued" and body["url"] == f"http://testserver/audits/{body['id']}"
     data = await wait_done(client, body["id"])
     assert data["status"] == "done" and data["target"] == "self" and data["hosts"] == ["127.0.0.1"]
-    assert data["summary"] == {"relay": "unreachable", "proxy": "inconclusive", "blocklist": "inconclusive"}
+    assert data["summary"] == {"relay": "unreachable", "proxy": "inconclusive", "blocklist": "not_listed"}
     rows = {(c["service"], c["port"]): c for c in data["checks"]}
     assert rows[("relay", refused_port)]["reason"] == "refused"
     assert rows[("proxy", open_port)]["verdict"] == "inconclusive"
