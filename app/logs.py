@@ -30,10 +30,14 @@ class JsonFormatter(logging.Formatter):
 def configure(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("secure")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    ours = logging.getLogger("secure")
+    ours.handlers[:] = [handler]
+    ours.setLevel(level.upper())
+    ours.propagate = False
+    # the libraries' warnings and errors (psycopg's pool, procrastinate, asyncio, redis) as JSON lines too, instead of
+    # Python's plain-text last resort; handlers others put on the root (a test runner's) are kept
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h.formatter, JsonFormatter)] + [handler]
 
 
 def get_logger(name: str) -> logging.Logger:
