@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import shutil
@@ -49,7 +50,6 @@ def free_port() -> int:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
 
 
 class ThreadedServer:
@@ -100,6 +100,7 @@ def quiet_dns() -> str:
         from fakes.dns import FakeDns
 
         _quiet_dns = ThreadedServer(FakeDns()).__enter__()
+        atexit.register(_quiet_dns.__exit__)  # stopped with the test run
     return f"127.0.0.1:{_quiet_dns.port}"
 
 
