@@ -7,14 +7,14 @@ import atexit
 import contextlib
 import os
 import shutil
-import socket
 import threading
-from contextlib import asynccontextmanager, closing
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, NoReturn
 
 import httpx
 import pytest
+from ports import free_port  # the tests import it from here too
 
 from app.config import Settings
 
@@ -44,12 +44,6 @@ def require_binary(path: str, package: str) -> str:
     if found:
         return found
     skip_or_fail(f"{path} is missing: install the Debian package {package} (make test does it as root)")
-
-
-def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ThreadedServer:

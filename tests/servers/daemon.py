@@ -13,16 +13,17 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from contextlib import closing, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+from ports import free_port  # noqa: F401 (the fixtures import it from here)
 
 from servers.processes import (
     StopAtExit,
@@ -146,12 +147,6 @@ def _stop_process(process: subprocess.Popen, stop_signal: int, known: list[tuple
 def new_directory(name: str, parent: str | None = None) -> Path:
     """A private temporary folder (0700) for one instance; under /tmp unless `parent` says otherwise."""
     return Path(tempfile.mkdtemp(prefix=f"{name}-fixture-", dir=parent))
-
-
-def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def launch(instance: DaemonInstance, argv: list[str], **popen: object) -> None:

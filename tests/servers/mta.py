@@ -30,10 +30,11 @@ import socket
 import subprocess
 import threading
 import time
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import ports
 
 from servers.netns import LOOPBACK_PLACE, Place
 from servers.processes import StopAtExit, group_pids, stop_group
@@ -178,13 +179,11 @@ def new_directory(base: Path, name: str) -> Path:
 
 
 def free_port(avoid: int = 0) -> int:
-    for _ in range(10):  # bounded
-        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-            sock.bind((LOOPBACK, 0))
-            port = int(sock.getsockname()[1])
-        if port != avoid:
-            return port
-    raise MtaStartError("no free loopback port")
+    """A loopback port (tests/ports.py: never one handed out before, so never `avoid` either)."""
+    port = ports.free_port(LOOPBACK)
+    if port == avoid:
+        raise MtaStartError("no free loopback port")
+    return port
 
 
 def launch(instance: MtaInstance, argv: list[str], *, env: dict[str, str] | None = None,

@@ -48,11 +48,11 @@ import subprocess
 import tempfile
 import threading
 import time
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ports import free_port
 from servers.netns import LOOPBACK_PLACE, Place
 from servers.processes import StopAtExit, wait_until
 
@@ -131,9 +131,7 @@ def postfix_available() -> None:
 
 
 def _free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+    return free_port(LOOPBACK)
 
 
 def master_cf(port: int, host: str = LOOPBACK, overrides: tuple[str, ...] = ()) -> str:

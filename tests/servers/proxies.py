@@ -48,16 +48,15 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
 import time
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Sequence
 
+from ports import free_port
 from servers.netns import LOOPBACK_PLACE, Place
 from servers.processes import StopAtExit, accepts, group_pids, kill_group, socket_inodes, wait_until
 
@@ -1106,9 +1105,7 @@ def _dns_fence_possible() -> bool:
 # --- /proc helpers ---------------------------------------------------------------------------------------------
 
 def _free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+    return free_port(LOOPBACK)
 
 
 def _children(pid: int) -> list[int]:
