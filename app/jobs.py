@@ -163,19 +163,21 @@ class AuditQueue:
         import psycopg
 
         async with self._locks_lock:
-            for attempt in (1, 2):
-                connection = await self._lock_connection()
-                try:
-                    cursor = await connection.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCKS, key))
-                    row = await cursor.fetchone()
-                    return bool(row and row[0])
-                except psycopg.OperationalError:
-                    # the session was ended (a database restart, a failover; its locks went with it): once, on a
-                    # new one, rather than failing the job that asked
-                    if attempt == 2 or not connection.closed:
-                        raise
-                    log.warning("job.locks_reconnected", extra={"key": key})
-            return False  # not reached: the second attempt returns or raises
+            try:
+                return await self._lock_on(await self._lock_connection(), key)
+            except psycopg.OperationalError:
+                # the session was ended (a database restart, a failover; its locks went with it): once more, on a
+                # new one (_lock_connection makes it), rather than failing the job that asked
+                if not self._locks.closed:
+                    raise
+                log.warning("job.locks_reconnected", extra={"key": key})
+            return await self._lock_on(await self._lock_connection(), key)
+
+    @staticmethod
+    async def _lock_on(connection: Any, key: int) -> bool:
+        cursor = await connection.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCKS, key))
+        row = await cursor.fetchone()
+        return bool(row and row[0])
 
     async def _unlock(self, key: int) -> None:
         import psycopg

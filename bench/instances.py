@@ -169,16 +169,16 @@ async def audit_burst(url: str, count: int, seconds: float = 300.0) -> list[str]
 def audits_per_minute(database: str, ids: list[str]) -> float:
     """From the first audit's creation to the last one's end, as the site stored them (not as a poller saw them).
     `database`: a SQLite file, or a postgresql:// URL."""
-    if database.startswith("postgresql://"):
+    from app.config import POSTGRES_SCHEMES
+    from app.store_sql import postgres_sql
+
+    sql, connect = "SELECT created_at, finished_at FROM audits WHERE id=?", sqlite3.connect
+    if database.startswith(POSTGRES_SCHEMES):
         import psycopg
 
-        with psycopg.connect(database) as conn:
-            marks = [conn.execute("SELECT created_at, finished_at FROM audits WHERE id=%s", (i,)).fetchone()
-                     for i in ids]
-    else:
-        with sqlite3.connect(database) as conn:
-            marks = [conn.execute("SELECT created_at, finished_at FROM audits WHERE id=?", (i,)).fetchone()
-                     for i in ids]
+        sql, connect = postgres_sql(sql), psycopg.connect
+    with connect(database) as conn:
+        marks = [conn.execute(sql, (i,)).fetchone() for i in ids]
     return len(ids) / (max(end for _start, end in marks) - min(start for start, _end in marks)) * 60
 
 

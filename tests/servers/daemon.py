@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from ports import free_port  # noqa: F401 (the fixtures import it from here)
+from ports import free_port
 
 from servers.processes import (
     StopAtExit,

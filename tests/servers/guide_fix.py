@@ -28,16 +28,15 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socket
 import subprocess
 import time
 from collections.abc import Callable
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from markdown_it import MarkdownIt
+from ports import free_port
 from support import running_app, wait_done
 
 from app.config import Settings
@@ -593,12 +592,6 @@ class Proof:
         return found
 
 
-def _free_port(host: str) -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def site_settings(base: Path, place: Place, service: str, port: int, sink_port: int) -> Settings:
     """The site for one fixture in a namespace: 198.18.0.0/15 may be tested (as 127.0.0.0/8 elsewhere in the
     tests), the sink and the canaries listen on our side of the veth pair."""
@@ -649,7 +642,7 @@ async def prove_fix(product: Product, base: Path, guide: Path | None = None) -> 
 
 
 async def _prove_in(proof: Proof, steps: GuideSteps, product: Product, base: Path, place: Place) -> None:
-    sink_port = _free_port(place.peer)
+    sink_port = free_port(place.peer)
     fixture = await asyncio.to_thread(product.start, base, place, sink_port)
     try:
         settings = site_settings(base, place, product.service, fixture.port, sink_port)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import ports
+from ports import free_port
 
 from servers.netns import LOOPBACK_PLACE, Place
 from servers.processes import StopAtExit, group_pids, stop_group
@@ -178,14 +178,6 @@ def new_directory(base: Path, name: str) -> Path:
     raise MtaStartError(f"no free instance folder for {name} under {base}")
 
 
-def free_port(avoid: int = 0) -> int:
-    """A loopback port (tests/ports.py: never one handed out before, so never `avoid` either)."""
-    port = ports.free_port(LOOPBACK)
-    if port == avoid:
-        raise MtaStartError("no free loopback port")
-    return port
-
-
 def launch(instance: MtaInstance, argv: list[str], *, env: dict[str, str] | None = None,
            timeout: float = START_TIMEOUT) -> MtaInstance:
     """Start argv for `instance` (output captured in its folder; in its place's network namespace) and wait for its
@@ -273,21 +265,22 @@ def banner(port: int, hostname: str, host: str = LOOPBACK) -> bytes | None:
 
 
 def start_kind(kind: str, kinds: tuple[str, ...], available: Callable[[], None],
-               start: Callable[[int], MtaInstance], sink_port: int) -> MtaInstance:
+               start: Callable[[int], MtaInstance]) -> MtaInstance:
     """What every MTA's start function does: refuse an unknown kind, check the MTA can run here, then start it on a
     free port (start_with_port)."""
     if kind not in kinds:
         raise ValueError(f"kind must be one of {kinds}, not {kind!r}")
     available()
-    return start_with_port(start, sink_port)
+    return start_with_port(start)
 
 
-def start_with_port(start: Callable[[int], MtaInstance], sink_port: int) -> MtaInstance:
-    """start(port) with a free port, chosen again when another process took it first (bounded)."""
+def start_with_port(start: Callable[[int], MtaInstance]) -> MtaInstance:
+    """start(port) with a free port (never the sink's: tests/ports.py hands out no port twice, nor a bound one),
+    chosen again when another process took it first (bounded)."""
     error: MtaStartError | None = None
     for _ in range(PORT_ATTEMPTS):
         try:
-            return start(free_port(avoid=sink_port))
+            return start(free_port())
         except MtaStartError as exc:
             error = exc
             if "in use" not in str(exc).lower():

@@ -130,10 +130,6 @@ def postfix_available() -> None:
         raise PostfixUnavailable(f"the postfix user or postdrop group is missing: {exc}") from None
 
 
-def _free_port() -> int:
-    return free_port(LOOPBACK)
-
-
 def master_cf(port: int, host: str = LOOPBACK, overrides: tuple[str, ...] = ()) -> str:
     """master.cf: Debian's stock services we need, chroot off, plus smtpd on HOST:PORT only (127.0.0.1), with `-o`
     overrides, as a submission service has them."""
@@ -441,7 +437,7 @@ def start_postfix(base: Path, kind: Kind, *, sink_port: int, port: int | None = 
     attempts = 3 if port is None else 1
     error: PostfixStartError | None = None
     for _ in range(attempts):
-        chosen = port if port is not None else _free_port()
+        chosen = port if port is not None else free_port()
         if chosen == sink_port:
             if port is not None:
                 raise ValueError("port and sink_port must differ (Postfix would see mail loop back to itself)")

@@ -119,7 +119,6 @@ class PostgresInstance(DaemonInstance):
         self.psql('CREATE DATABASE :"db" OWNER :"role";\n', db=name, role=self.user)
         return self.dsn_for(name)
 
-
     def end_sessions(self, dsn: str) -> int:
         """Ends every session on the database `dsn` names (what a restart or a failover does to its clients);
         returns how many there were."""
@@ -128,6 +127,7 @@ class PostgresInstance(DaemonInstance):
         ended = self.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                           " WHERE datname = :'db' AND pid <> pg_backend_pid();\n", db=database)
         return int(ended.strip())
+
 
 def bin_dir() -> Path:
     """/usr/lib/postgresql/<newest major>/bin, or PostgresUnavailable."""

@@ -928,7 +928,7 @@ def _start(base: Path, name: str, prepare: Callable[[Path, int], tuple[list[str]
     directory = _new_directory(base.resolve(), name)
     error: ProxyStartError | None = None
     for _ in range(PORT_ATTEMPTS):  # bounded: a new port only when the chosen one was taken meanwhile
-        port = _free_port()
+        port = free_port()
         argv, extra = prepare(directory, port)
         instance = _launch(name, directory, port, argv, place=place, **extra)
         try:
@@ -1103,10 +1103,6 @@ def _dns_fence_possible() -> bool:
 
 
 # --- /proc helpers ---------------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    return free_port(LOOPBACK)
-
 
 def _children(pid: int) -> list[int]:
     try:

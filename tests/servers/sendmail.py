@@ -150,7 +150,7 @@ def start_sendmail(base: Path, kind: Kind, *, sink_port: int, timeout: float = 1
     """A private Sendmail of `kind` on a free port of 127.0.0.1 (or of place.host in place's network namespace),
     relaying what it relays to our sink on 127.0.0.1:sink_port (place.peer)."""
     return start_kind(kind, KINDS, sendmail_available,
-                      lambda port: _start(Path(base), kind, port, sink_port, timeout, place), sink_port)
+                      lambda port: _start(Path(base), kind, port, sink_port, timeout, place))
 
 
 def _start(base: Path, kind: Kind, port: int, sink_port: int, timeout: float, place: Place) -> MtaInstance:
