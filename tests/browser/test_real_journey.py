@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from browser_support import CHROMIUM_ARGS, chromium_inside, screenshot
-from support import ServedSite, require_binary, skip_or_fail
+from support import ServedSite, free_port, require_binary, skip_or_fail
 
 from app.config import Settings
 from servers import guide_fix
@@ -103,11 +103,11 @@ def test_real_open_postfix_then_its_guides_fix_then_retest_shows_fixed(tmp_path)
     product = PRODUCTS["Postfix"]
     with Netns.create() as netns:
         place = netns.place
-        sink_port = guide_fix._free_port(place.peer)
+        sink_port = free_port(place.peer)
         fixture = product.start(tmp_path / "server", place, sink_port)
         try:
             env = served_env(site_settings(tmp_path, place, "relay", fixture.port, sink_port))
-            with ServedSite(tmp_path, env, port=guide_fix._free_port(place.peer), host=place.peer) as site, \
+            with ServedSite(tmp_path, env, port=free_port(place.peer), host=place.peer) as site, \
                     sync_playwright() as playwright:
                 browser = playwright.chromium.launch(
                     executable_path=str(chromium_inside(place.wrap([]), tmp_path)), headless=True,

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from browser_support import ThreadedServer
 from fakes import proxy as proxy_fakes
 from fakes import smtp as fakes
 from support import ARTIFACTS, ServedSite, free_port, running_app, wait_done
